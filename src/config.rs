@@ -1,0 +1,703 @@
+//! Plugin configuration: JSON → serde structs (`Raw*`) → a validated, compiled [`Config`].
+//!
+//! Every error names the field (as a path such as `rules[1].window`) and the bad value, so
+//! `on_configure` can log one line that tells the operator exactly what to fix.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::duration::parse_duration;
+
+/// Longest rule name, policy name or key prefix we accept (they end up in every Redis key).
+const MAX_NAME_LEN: usize = 64;
+/// Most rules per configuration: the shim takes at most 32 checks per request.
+pub const MAX_RULES: usize = 32;
+/// Most descriptors per rule, which bounds the key length.
+const MAX_DESCRIPTORS: usize = 8;
+/// Largest limit per window; the shim enforces the same bound.
+const MAX_LIMIT: u64 = 1_000_000_000_000;
+const MIN_WINDOW: Duration = Duration::from_secs(1);
+const MAX_WINDOW: Duration = Duration::from_secs(24 * 60 * 60);
+const MAX_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why a configuration was rejected. The `Display` form is the line `on_configure` logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigError {
+    /// The JSON did not parse or did not fit the schema (unknown field, wrong type, …).
+    Syntax { field: String, message: String },
+    /// The JSON parsed but a value is not acceptable.
+    Invalid {
+        field: String,
+        value: String,
+        reason: String,
+    },
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Syntax { field, message } => {
+                write!(f, "invalid plugin configuration: {field}: {message}")
+            }
+            ConfigError::Invalid {
+                field,
+                value,
+                reason,
+            } => write!(
+                f,
+                "invalid plugin configuration: {field}: {reason} (got {value})"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn invalid(field: impl Into<String>, value: impl fmt::Display, reason: &str) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        value: value.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Phase 1: the JSON schema.
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    shim: RawShim,
+    #[serde(default)]
+    failure_mode: FailureMode,
+    #[serde(default = "default_key_prefix")]
+    key_prefix: String,
+    #[serde(default)]
+    deny: RawResponse,
+    #[serde(default = "default_failure_response")]
+    failure_response: RawResponse,
+    #[serde(default = "default_true")]
+    headers_on_allow: bool,
+    rules: Vec<RawRule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShim {
+    upstream: String,
+    #[serde(default = "default_shim_path")]
+    path: String,
+    #[serde(default = "default_shim_authority")]
+    authority: String,
+    #[serde(default = "default_timeout")]
+    timeout: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawResponse {
+    status: u32,
+    #[serde(default)]
+    body: Option<String>,
+    #[serde(default)]
+    content_type: Option<String>,
+}
+
+impl Default for RawResponse {
+    fn default() -> Self {
+        RawResponse {
+            status: 429,
+            body: None,
+            content_type: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: String,
+    #[serde(default, rename = "match")]
+    matcher: RawMatch,
+    #[serde(default)]
+    descriptors: Vec<String>,
+    #[serde(default)]
+    on_missing: OnMissing,
+    limit: u64,
+    window: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMatch {
+    #[serde(default)]
+    policies: Vec<String>,
+    #[serde(default)]
+    routes: Vec<String>,
+    #[serde(default)]
+    path_prefix: Option<String>,
+    #[serde(default)]
+    methods: Vec<String>,
+    #[serde(default)]
+    hosts: Vec<String>,
+}
+
+fn default_key_prefix() -> String {
+    "tollgate".to_string()
+}
+fn default_shim_path() -> String {
+    "/v1/check".to_string()
+}
+fn default_shim_authority() -> String {
+    "tollgate-shim".to_string()
+}
+fn default_timeout() -> String {
+    "50ms".to_string()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_failure_response() -> RawResponse {
+    RawResponse {
+        status: 503,
+        body: None,
+        content_type: None,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Phase 2: the compiled configuration the filter runs on.
+// ---------------------------------------------------------------------------------------------
+
+/// What to do when the shim cannot give an answer (unreachable, slow, broken reply).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureMode {
+    /// Let the request through: availability over protection.
+    #[default]
+    Allow,
+    /// Refuse the request with `failure_response`: protection over availability.
+    Deny,
+}
+
+/// What to do when a rule's descriptor has no value on a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnMissing {
+    /// The rule does not apply to this request.
+    #[default]
+    Skip,
+    /// Count the request in one shared bucket for everyone without a value.
+    Anonymous,
+}
+
+/// Where the filter sends its checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShimTarget {
+    /// Envoy cluster name (on Kong: `host:port`).
+    pub upstream: String,
+    pub path: String,
+    pub authority: String,
+    pub timeout: Duration,
+}
+
+/// A local reply the filter sends (deny or fail-closed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalResponse {
+    pub status: u32,
+    /// `None`: the built-in `application/problem+json` body.
+    pub body: Option<String>,
+    pub content_type: String,
+}
+
+/// One piece of a counter's identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Descriptor {
+    /// A request header, by lower-case name.
+    Header(String),
+    /// The downstream peer's IP address (without port).
+    ClientIp,
+    /// The request path without its query string.
+    Path,
+    Method,
+    /// `:authority` without the port, lower-cased.
+    Host,
+    /// The route name Envoy matched (`xds.route_name`).
+    Route,
+    /// A query-string parameter, by name.
+    Query(String),
+    /// A fixed value.
+    Const(String),
+}
+
+/// Which requests a rule applies to. Every condition given must hold; an empty list means "any".
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Matcher {
+    /// The route's policy (route metadata `filter_metadata.tollgate.policy`) is one of these.
+    pub policies: Vec<String>,
+    /// The route name is one of these.
+    pub routes: Vec<String>,
+    pub path_prefix: Option<String>,
+    /// Upper-case method names.
+    pub methods: Vec<String>,
+    /// Lower-case host names, compared without port.
+    pub hosts: Vec<String>,
+}
+
+/// A compiled rate-limit rule: `limit` requests per `window_ms` per distinct descriptor tuple.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub name: String,
+    pub matcher: Matcher,
+    pub descriptors: Vec<Descriptor>,
+    pub on_missing: OnMissing,
+    pub limit: u64,
+    pub window_ms: u64,
+}
+
+/// The validated plugin configuration, shared by every HTTP context of a plugin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub shim: ShimTarget,
+    pub failure_mode: FailureMode,
+    pub key_prefix: String,
+    pub deny: LocalResponse,
+    pub failure_response: LocalResponse,
+    pub headers_on_allow: bool,
+    pub rules: Vec<Rule>,
+    /// Some rule needs the route name (matcher or descriptor): read it once per request.
+    pub needs_route_name: bool,
+    /// Some rule matches on policies: read the route metadata once per request.
+    pub needs_policy: bool,
+}
+
+impl Config {
+    /// Parses and validates the plugin configuration bytes.
+    pub fn from_json(bytes: &[u8]) -> Result<Config, ConfigError> {
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let raw: RawConfig = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let path = e.path().to_string();
+            ConfigError::Syntax {
+                field: if path == "." {
+                    "(top level)".to_string()
+                } else {
+                    path
+                },
+                message: e.into_inner().to_string(),
+            }
+        })?;
+        de.end().map_err(|e| ConfigError::Syntax {
+            field: "(top level)".to_string(),
+            message: e.to_string(),
+        })?;
+        Config::try_from(raw)
+    }
+}
+
+impl TryFrom<RawConfig> for Config {
+    type Error = ConfigError;
+
+    fn try_from(raw: RawConfig) -> Result<Self, Self::Error> {
+        let shim = compile_shim(raw.shim)?;
+        check_name("key_prefix", &raw.key_prefix)?;
+        let deny = compile_response("deny", raw.deny)?;
+        let failure_response = compile_response("failure_response", raw.failure_response)?;
+
+        if raw.rules.is_empty() {
+            return Err(invalid("rules", "[]", "at least one rule is required"));
+        }
+        if raw.rules.len() > MAX_RULES {
+            return Err(invalid(
+                "rules",
+                format!("{} rules", raw.rules.len()),
+                "at most 32 rules are allowed",
+            ));
+        }
+        let mut names = HashSet::new();
+        let mut rules = Vec::with_capacity(raw.rules.len());
+        for (i, raw_rule) in raw.rules.into_iter().enumerate() {
+            let rule = compile_rule(i, raw_rule)?;
+            if !names.insert(rule.name.clone()) {
+                return Err(invalid(
+                    format!("rules[{i}].name"),
+                    format!("{:?}", rule.name),
+                    "rule names must be unique",
+                ));
+            }
+            rules.push(rule);
+        }
+
+        let needs_route_name = rules.iter().any(|r| {
+            !r.matcher.routes.is_empty() || r.descriptors.contains(&Descriptor::Route)
+        });
+        let needs_policy = rules.iter().any(|r| !r.matcher.policies.is_empty());
+        Ok(Config {
+            shim,
+            failure_mode: raw.failure_mode,
+            key_prefix: raw.key_prefix,
+            deny,
+            failure_response,
+            headers_on_allow: raw.headers_on_allow,
+            rules,
+            needs_route_name,
+            needs_policy,
+        })
+    }
+}
+
+fn compile_shim(raw: RawShim) -> Result<ShimTarget, ConfigError> {
+    if raw.upstream.trim().is_empty() {
+        return Err(invalid(
+            "shim.upstream",
+            "\"\"",
+            "must name the shim's Envoy cluster (or host:port on Kong)",
+        ));
+    }
+    if !raw.path.starts_with('/') || raw.path.chars().any(|c| c.is_whitespace()) {
+        return Err(invalid(
+            "shim.path",
+            format!("{:?}", raw.path),
+            "must be an absolute path without spaces",
+        ));
+    }
+    if raw.authority.is_empty() || raw.authority.chars().any(|c| c.is_whitespace()) {
+        return Err(invalid(
+            "shim.authority",
+            format!("{:?}", raw.authority),
+            "must be a non-empty host name",
+        ));
+    }
+    let timeout = parse_duration(&raw.timeout)
+        .map_err(|reason| invalid("shim.timeout", format!("{:?}", raw.timeout), reason))?;
+    if timeout.is_zero() || timeout > MAX_TIMEOUT {
+        return Err(invalid(
+            "shim.timeout",
+            format!("{:?}", raw.timeout),
+            "must be between 1ms and 60s",
+        ));
+    }
+    Ok(ShimTarget {
+        upstream: raw.upstream,
+        path: raw.path,
+        authority: raw.authority,
+        timeout,
+    })
+}
+
+fn compile_response(field: &str, raw: RawResponse) -> Result<LocalResponse, ConfigError> {
+    if !(400..=599).contains(&raw.status) {
+        return Err(invalid(
+            format!("{field}.status"),
+            raw.status,
+            "must be an HTTP error status (400..599)",
+        ));
+    }
+    let content_type = match (&raw.body, raw.content_type) {
+        (_, Some(ct)) if ct.trim().is_empty() || ct.contains(['\r', '\n']) => {
+            return Err(invalid(
+                format!("{field}.content_type"),
+                format!("{ct:?}"),
+                "must be a media type such as text/plain",
+            ));
+        }
+        (_, Some(ct)) => ct,
+        (Some(_), None) => "text/plain; charset=utf-8".to_string(),
+        (None, None) => "application/problem+json".to_string(),
+    };
+    Ok(LocalResponse {
+        status: raw.status,
+        body: raw.body,
+        content_type,
+    })
+}
+
+fn compile_rule(i: usize, raw: RawRule) -> Result<Rule, ConfigError> {
+    let at = |field: &str| format!("rules[{i}].{field}");
+    check_name(&at("name"), &raw.name)?;
+
+    if raw.descriptors.len() > MAX_DESCRIPTORS {
+        return Err(invalid(
+            at("descriptors"),
+            format!("{} descriptors", raw.descriptors.len()),
+            "at most 8 descriptors are allowed",
+        ));
+    }
+    let descriptors = raw
+        .descriptors
+        .iter()
+        .enumerate()
+        .map(|(j, d)| parse_descriptor(d).map_err(|r| invalid(at(&format!("descriptors[{j}]")), format!("{d:?}"), r)))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    if raw.limit == 0 || raw.limit > MAX_LIMIT {
+        return Err(invalid(at("limit"), raw.limit, "must be between 1 and 10^12"));
+    }
+    let window = parse_duration(&raw.window)
+        .map_err(|reason| invalid(at("window"), format!("{:?}", raw.window), reason))?;
+    if window < MIN_WINDOW || window > MAX_WINDOW {
+        return Err(invalid(
+            at("window"),
+            format!("{:?}", raw.window),
+            "must be between 1s and 1d",
+        ));
+    }
+    if window.as_millis() % 1000 != 0 {
+        return Err(invalid(
+            at("window"),
+            format!("{:?}", raw.window),
+            "must be a whole number of seconds",
+        ));
+    }
+
+    Ok(Rule {
+        name: raw.name,
+        matcher: compile_match(&at("match"), raw.matcher)?,
+        descriptors,
+        on_missing: raw.on_missing,
+        limit: raw.limit,
+        window_ms: window.as_millis() as u64,
+    })
+}
+
+fn compile_match(at: &str, raw: RawMatch) -> Result<Matcher, ConfigError> {
+    for (j, p) in raw.policies.iter().enumerate() {
+        check_name(&format!("{at}.policies[{j}]"), p)?;
+    }
+    for (j, r) in raw.routes.iter().enumerate() {
+        if r.is_empty() {
+            return Err(invalid(format!("{at}.routes[{j}]"), "\"\"", "must not be empty"));
+        }
+    }
+    if let Some(prefix) = &raw.path_prefix {
+        if !prefix.starts_with('/') {
+            return Err(invalid(
+                format!("{at}.path_prefix"),
+                format!("{prefix:?}"),
+                "must start with '/'",
+            ));
+        }
+    }
+    let mut methods = Vec::with_capacity(raw.methods.len());
+    for (j, m) in raw.methods.iter().enumerate() {
+        if !is_token(m) {
+            return Err(invalid(
+                format!("{at}.methods[{j}]"),
+                format!("{m:?}"),
+                "must be an HTTP method such as GET",
+            ));
+        }
+        methods.push(m.to_ascii_uppercase());
+    }
+    let mut hosts = Vec::with_capacity(raw.hosts.len());
+    for (j, h) in raw.hosts.iter().enumerate() {
+        if h.is_empty() || h.chars().any(|c| c.is_whitespace() || c == '/') {
+            return Err(invalid(
+                format!("{at}.hosts[{j}]"),
+                format!("{h:?}"),
+                "must be a host name without scheme or path",
+            ));
+        }
+        hosts.push(h.to_ascii_lowercase());
+    }
+    Ok(Matcher {
+        policies: raw.policies,
+        routes: raw.routes,
+        path_prefix: raw.path_prefix,
+        methods,
+        hosts,
+    })
+}
+
+/// Parses `header:NAME`, `client_ip`, `path`, `method`, `host`, `route`, `query:NAME`, `const:VALUE`.
+fn parse_descriptor(s: &str) -> Result<Descriptor, &'static str> {
+    let (kind, arg) = match s.split_once(':') {
+        Some((kind, arg)) => (kind, Some(arg)),
+        None => (s, None),
+    };
+    match (kind, arg) {
+        ("header", Some(name)) if is_token(name) => Ok(Descriptor::Header(name.to_ascii_lowercase())),
+        ("header", _) => Err("header:NAME needs a valid header name"),
+        ("query", Some(name)) if !name.is_empty() => Ok(Descriptor::Query(name.to_string())),
+        ("query", _) => Err("query:NAME needs a parameter name"),
+        ("const", Some(value)) if !value.is_empty() => Ok(Descriptor::Const(value.to_string())),
+        ("const", _) => Err("const:VALUE needs a value"),
+        ("client_ip", None) => Ok(Descriptor::ClientIp),
+        ("path", None) => Ok(Descriptor::Path),
+        ("method", None) => Ok(Descriptor::Method),
+        ("host", None) => Ok(Descriptor::Host),
+        ("route", None) => Ok(Descriptor::Route),
+        _ => Err("unknown descriptor; expected header:NAME, client_ip, path, method, host, route, query:NAME or const:VALUE"),
+    }
+}
+
+/// Names that go into Redis keys: 1..=64 of `[A-Za-z0-9_.-]`, so they never contain a key separator.
+fn check_name(field: &str, name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            format!("{name:?}"),
+            "must be 1 to 64 characters of A-Z a-z 0-9 _ - .",
+        ))
+    }
+}
+
+/// An HTTP token (RFC 9110 §5.6.2): what header names and methods are made of.
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"{
+        "shim": {"upstream": "tollgate_shim"},
+        "rules": [{"name": "per_ip", "descriptors": ["client_ip"], "limit": 10, "window": "1m"}]
+    }"#;
+
+    /// Applies `edit` to the minimal config and returns the error line.
+    fn error_for(edit: impl FnOnce(&mut serde_json::Value)) -> String {
+        let mut v: serde_json::Value = serde_json::from_str(MINIMAL).unwrap();
+        edit(&mut v);
+        let bytes = serde_json::to_vec(&v).unwrap();
+        Config::from_json(&bytes).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn minimal_config_gets_the_defaults() {
+        let c = Config::from_json(MINIMAL.as_bytes()).unwrap();
+        assert_eq!(c.shim.path, "/v1/check");
+        assert_eq!(c.shim.authority, "tollgate-shim");
+        assert_eq!(c.shim.timeout, Duration::from_millis(50));
+        assert_eq!(c.failure_mode, FailureMode::Allow);
+        assert_eq!(c.key_prefix, "tollgate");
+        assert_eq!(c.deny.status, 429);
+        assert_eq!(c.deny.content_type, "application/problem+json");
+        assert_eq!(c.failure_response.status, 503);
+        assert!(c.headers_on_allow);
+        let rule = &c.rules[0];
+        assert_eq!(rule.window_ms, 60_000);
+        assert_eq!(rule.descriptors, vec![Descriptor::ClientIp]);
+        assert_eq!(rule.on_missing, OnMissing::Skip);
+        assert!(!c.needs_route_name && !c.needs_policy);
+    }
+
+    #[test]
+    fn full_config_compiles() {
+        let json = r#"{
+            "shim": {"upstream": "shim", "path": "/v1/check", "authority": "s", "timeout": "20ms"},
+            "failure_mode": "deny",
+            "key_prefix": "tg",
+            "deny": {"status": 403, "body": "slow down"},
+            "failure_response": {"status": 500, "body": "{}", "content_type": "application/json"},
+            "headers_on_allow": false,
+            "rules": [{
+                "name": "search",
+                "match": {"policies": ["search"], "routes": ["r1"], "path_prefix": "/v1/",
+                          "methods": ["get"], "hosts": ["API.example.com"]},
+                "descriptors": ["header:X-Api-Key", "route", "query:q", "const:v1", "path", "method", "host"],
+                "on_missing": "anonymous",
+                "limit": 100, "window": "1h"
+            }]
+        }"#;
+        let c = Config::from_json(json.as_bytes()).unwrap();
+        assert_eq!(c.failure_mode, FailureMode::Deny);
+        assert_eq!(c.deny.content_type, "text/plain; charset=utf-8");
+        assert_eq!(c.failure_response.content_type, "application/json");
+        let r = &c.rules[0];
+        assert_eq!(r.matcher.methods, vec!["GET"]);
+        assert_eq!(r.matcher.hosts, vec!["api.example.com"]);
+        assert_eq!(r.descriptors[0], Descriptor::Header("x-api-key".into()));
+        assert_eq!(r.descriptors[2], Descriptor::Query("q".into()));
+        assert_eq!(r.descriptors[3], Descriptor::Const("v1".into()));
+        assert_eq!(r.window_ms, 3_600_000);
+        assert!(c.needs_route_name && c.needs_policy);
+    }
+
+    /// Every rejection path: (what to change, text the error must contain).
+    #[test]
+    fn every_error_names_the_field_and_value() {
+        use serde_json::json;
+        type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;
+        let cases: Vec<(Edit, &str)> = vec![
+            (Box::new(|v| v["bogus"] = json!(1)), "bogus: unknown field `bogus`, expected one of"),
+            (Box::new(|v| v["shim"]["port"] = json!(1)), "shim.port: unknown field `port`"),
+            (Box::new(|v| { v.as_object_mut().unwrap().remove("shim"); }), "missing field `shim`"),
+            (Box::new(|v| { v.as_object_mut().unwrap().remove("rules"); }), "missing field `rules`"),
+            (Box::new(|v| v["shim"]["upstream"] = json!(" ")), "shim.upstream: must name"),
+            (Box::new(|v| v["shim"]["upstream"] = json!(7)), "shim.upstream: invalid type: integer `7`"),
+            (Box::new(|v| v["shim"]["path"] = json!("v1")), "shim.path: must be an absolute path without spaces (got \"v1\")"),
+            (Box::new(|v| v["shim"]["authority"] = json!("")), "shim.authority: must be a non-empty host name"),
+            (Box::new(|v| v["shim"]["timeout"] = json!("fast")), "shim.timeout: "),
+            (Box::new(|v| v["shim"]["timeout"] = json!("0ms")), "shim.timeout: must be between 1ms and 60s (got \"0ms\")"),
+            (Box::new(|v| v["shim"]["timeout"] = json!("2m")), "shim.timeout: must be between 1ms and 60s (got \"2m\")"),
+            (Box::new(|v| v["failure_mode"] = json!("open")), "failure_mode: unknown variant `open`"),
+            (Box::new(|v| v["key_prefix"] = json!("a{b}")), "key_prefix: must be 1 to 64 characters"),
+            (Box::new(|v| v["key_prefix"] = json!("")), "key_prefix: must be 1 to 64 characters"),
+            (Box::new(|v| v["deny"] = json!({"status": 200})), "deny.status: must be an HTTP error status (400..599) (got 200)"),
+            (Box::new(|v| v["deny"] = json!({"status": 429, "content_type": "a\nb"})), "deny.content_type: must be a media type"),
+            (Box::new(|v| v["failure_response"] = json!({"status": 302})), "failure_response.status: must be an HTTP error status"),
+            (Box::new(|v| v["headers_on_allow"] = json!("yes")), "headers_on_allow: invalid type: string"),
+            (Box::new(|v| v["rules"] = json!([])), "rules: at least one rule is required"),
+            (Box::new(|v| v["rules"] = json!(vec![v["rules"][0].clone(); 33])), "rules: at most 32 rules are allowed (got 33 rules)"),
+            (Box::new(|v| { let r = v["rules"][0].clone(); v["rules"] = json!([r.clone(), r]); }), "rules[1].name: rule names must be unique (got \"per_ip\")"),
+            (Box::new(|v| v["rules"][0]["name"] = json!("a b")), "rules[0].name: must be 1 to 64 characters"),
+            (Box::new(|v| v["rules"][0]["name"] = json!("x".repeat(65))), "rules[0].name: must be 1 to 64 characters"),
+            (Box::new(|v| v["rules"][0]["limit"] = json!(0)), "rules[0].limit: must be between 1 and 10^12 (got 0)"),
+            (Box::new(|v| v["rules"][0]["limit"] = json!(-1)), "rules[0].limit: invalid value: integer `-1`"),
+            (Box::new(|v| v["rules"][0]["limit"] = json!("10")), "rules[0].limit: invalid type: string \"10\""),
+            (Box::new(|v| v["rules"][0]["limit"] = json!(2_000_000_000_000u64)), "rules[0].limit: must be between 1 and 10^12"),
+            (Box::new(|v| { v["rules"][0].as_object_mut().unwrap().remove("limit"); }), "rules[0]: missing field `limit`"),
+            (Box::new(|v| v["rules"][0]["window"] = json!("500ms")), "rules[0].window: must be between 1s and 1d (got \"500ms\")"),
+            (Box::new(|v| v["rules"][0]["window"] = json!("2d")), "rules[0].window: must be between 1s and 1d (got \"2d\")"),
+            (Box::new(|v| v["rules"][0]["window"] = json!("1500ms")), "rules[0].window: must be a whole number of seconds"),
+            (Box::new(|v| v["rules"][0]["window"] = json!("1 minute")), "rules[0].window: "),
+            (Box::new(|v| v["rules"][0]["window"] = json!(60)), "rules[0].window: invalid type: integer `60`"),
+            (Box::new(|v| v["rules"][0]["on_missing"] = json!("deny")), "rules[0].on_missing: unknown variant `deny`"),
+            (Box::new(|v| v["rules"][0]["descriptors"] = json!(["cookie"])), "rules[0].descriptors[0]: unknown descriptor"),
+            (Box::new(|v| v["rules"][0]["descriptors"] = json!(["client_ip", "header:"])), "rules[0].descriptors[1]: header:NAME needs a valid header name (got \"header:\")"),
+            (Box::new(|v| v["rules"][0]["descriptors"] = json!(["header:a b"])), "rules[0].descriptors[0]: header:NAME"),
+            (Box::new(|v| v["rules"][0]["descriptors"] = json!(["query:"])), "rules[0].descriptors[0]: query:NAME needs a parameter name"),
+            (Box::new(|v| v["rules"][0]["descriptors"] = json!(["const:"])), "rules[0].descriptors[0]: const:VALUE needs a value"),
+            (Box::new(|v| v["rules"][0]["descriptors"] = json!(["path:x"])), "rules[0].descriptors[0]: unknown descriptor"),
+            (Box::new(|v| v["rules"][0]["descriptors"] = json!(vec!["path"; 9])), "rules[0].descriptors: at most 8 descriptors"),
+            (Box::new(|v| v["rules"][0]["match"] = json!({"path": "/"})), "rules[0].match.path: unknown field `path`"),
+            (Box::new(|v| v["rules"][0]["match"] = json!({"policies": ["a|b"]})), "rules[0].match.policies[0]: must be 1 to 64 characters"),
+            (Box::new(|v| v["rules"][0]["match"] = json!({"routes": [""]})), "rules[0].match.routes[0]: must not be empty"),
+            (Box::new(|v| v["rules"][0]["match"] = json!({"path_prefix": "v1"})), "rules[0].match.path_prefix: must start with '/' (got \"v1\")"),
+            (Box::new(|v| v["rules"][0]["match"] = json!({"methods": ["GE T"]})), "rules[0].match.methods[0]: must be an HTTP method"),
+            (Box::new(|v| v["rules"][0]["match"] = json!({"hosts": ["http://x"]})), "rules[0].match.hosts[0]: must be a host name"),
+        ];
+        for (edit, expected) in cases {
+            let message = error_for(edit);
+            assert!(
+                message.starts_with("invalid plugin configuration: "),
+                "{message}"
+            );
+            assert!(message.contains(expected), "expected {expected:?} in {message:?}");
+        }
+    }
+
+    #[test]
+    fn not_json_and_trailing_garbage_are_rejected() {
+        for bad in ["", "nope", "[]", "{} {}"] {
+            let err = Config::from_json(bad.as_bytes()).unwrap_err().to_string();
+            assert!(err.starts_with("invalid plugin configuration: "), "{err}");
+        }
+        let err = Config::from_json(format!("{MINIMAL} x").as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("(top level): trailing characters"), "{err}");
+    }
+}

@@ -1,0 +1,125 @@
+//! The one seam to the proxy-wasm host. Every hostcall the filter makes goes through
+//! [`WasmHost`], which maps the SDK's `Status` to [`HostError`] in one place.
+
+use std::time::UNIX_EPOCH;
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::{BufferType, MapType, Status};
+
+use crate::config::ShimTarget;
+use crate::decision::LocalReply;
+use crate::request::RequestView;
+
+/// A hostcall that did not succeed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostError(pub Status);
+
+impl std::fmt::Display for HostError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "host returned {:?}", self.0)
+    }
+}
+
+/// What the filter needs from its host, beyond reading the request.
+pub trait Host: RequestView {
+    /// Milliseconds since the Unix epoch, by the gateway clock.
+    fn now_ms(&self) -> u64;
+    fn plugin_configuration(&self) -> Vec<u8>;
+    /// Sends the checks to the shim; the reply arrives in `on_http_call_response(token, …)`.
+    fn dispatch(&self, shim: &ShimTarget, body: &[u8]) -> Result<u32, HostError>;
+    /// The `:status` of the callout reply being delivered.
+    fn callout_status(&self) -> Option<u32>;
+    fn callout_body(&self, size: usize) -> Vec<u8>;
+    fn send_local_reply(&self, reply: &LocalReply) -> Result<(), HostError>;
+    fn resume_request(&self) -> Result<(), HostError>;
+    fn add_response_header(&self, name: &str, value: &str) -> Result<(), HostError>;
+}
+
+/// The real host: Envoy (or Kong) through proxy-wasm hostcalls, for the current context.
+pub struct WasmHost;
+
+/// `filter_metadata.tollgate.policy` of the matched route (strings come back raw).
+const ROUTE_POLICY: [&str; 5] = ["xds", "route_metadata", "filter_metadata", "tollgate", "policy"];
+
+fn property(path: Vec<&str>) -> Option<Vec<u8>> {
+    hostcalls::get_property(path).ok().flatten().filter(|v| !v.is_empty())
+}
+
+impl RequestView for WasmHost {
+    fn header(&self, name: &str) -> Option<Vec<u8>> {
+        hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
+            .ok()
+            .flatten()
+    }
+
+    fn source_address(&self) -> Option<Vec<u8>> {
+        property(vec!["source", "address"])
+    }
+
+    fn route_name(&self) -> Option<Vec<u8>> {
+        property(vec!["xds", "route_name"])
+    }
+
+    fn route_policy(&self) -> Option<Vec<u8>> {
+        property(ROUTE_POLICY.to_vec())
+    }
+}
+
+impl Host for WasmHost {
+    fn now_ms(&self) -> u64 {
+        hostcalls::get_current_time()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_millis() as u64)
+    }
+
+    fn plugin_configuration(&self) -> Vec<u8> {
+        hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX)
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    }
+
+    fn dispatch(&self, shim: &ShimTarget, body: &[u8]) -> Result<u32, HostError> {
+        let headers = vec![
+            (":method", "POST"),
+            (":path", shim.path.as_str()),
+            (":authority", shim.authority.as_str()),
+            ("content-type", "application/json"),
+        ];
+        hostcalls::dispatch_http_call(&shim.upstream, headers, Some(body), vec![], shim.timeout)
+            .map_err(HostError)
+    }
+
+    fn callout_status(&self) -> Option<u32> {
+        hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
+            .ok()
+            .flatten()
+            .and_then(|v| std::str::from_utf8(&v).ok()?.parse().ok())
+    }
+
+    fn callout_body(&self, size: usize) -> Vec<u8> {
+        hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, size)
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    }
+
+    fn send_local_reply(&self, reply: &LocalReply) -> Result<(), HostError> {
+        let headers = reply
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        hostcalls::send_http_response(reply.status, headers, Some(&reply.body)).map_err(HostError)
+    }
+
+    fn resume_request(&self) -> Result<(), HostError> {
+        hostcalls::resume_http_request().map_err(HostError)
+    }
+
+    fn add_response_header(&self, name: &str, value: &str) -> Result<(), HostError> {
+        hostcalls::add_map_value(MapType::HttpResponseHeaders, name, value).map_err(HostError)
+    }
+}
+
