@@ -3,6 +3,7 @@
 //! The pure logic (config, matching, keys, wire format, decisions) is plain Rust tested on the
 //! host; only [`filter`] and [`host`] touch proxy-wasm.
 
+pub mod algorithms;
 pub mod config;
 pub mod decision;
 pub mod duration;

@@ -1,0 +1,311 @@
+//! Pure models of the rate-limit algorithms the Redis scripts run.
+//!
+//! Each model is the same arithmetic as its script under `lua-redis-shim/scripts/`, with time
+//! passed in, so table-driven tests pin the semantics (window edges, refill, retry-after) that
+//! the scripts implement. The filter itself uses [`sliding_weight_ms`] to build sliding-window
+//! checks; the rest documents and tests the contract the shim answers by.
+
+/// What one check answers, whatever the algorithm: enough for exact headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Answer {
+    pub allowed: bool,
+    pub remaining: u64,
+    /// Milliseconds until the limit is fully available again.
+    pub reset_ms: u64,
+    /// Milliseconds until this request (same cost) would be admitted; 0 when allowed.
+    pub retry_after_ms: u64,
+}
+
+// --- Fixed window -----------------------------------------------------------------------------
+
+/// Fixed window: `count` requests already in the window that ends in `window_left_ms`.
+pub fn fixed_window(count: u64, cost: u64, limit: u64, window_left_ms: u64) -> (Answer, u64) {
+    let allowed = count + cost <= limit;
+    let after = if allowed { count + cost } else { count };
+    let answer = Answer {
+        allowed,
+        remaining: limit.saturating_sub(after),
+        reset_ms: window_left_ms,
+        retry_after_ms: if allowed { 0 } else { window_left_ms },
+    };
+    (answer, after)
+}
+
+// --- Sliding window (two weighted fixed windows) ---------------------------------------------
+
+/// The previous window's weight, as milliseconds of it still inside the sliding window:
+/// `window_ms - elapsed`, where `elapsed` is how far `now_ms` is into the current window.
+pub fn sliding_weight_ms(now_ms: u64, window_ms: u64) -> u64 {
+    window_ms - now_ms % window_ms
+}
+
+/// Sliding window: estimate = `prev × weight_ms / window_ms + cur`; admitted while
+/// `estimate + cost <= limit`. Retry-after is the moment the estimate will have decayed enough
+/// (or, if the current window alone is too full, a point in the next window).
+pub fn sliding_window(prev: u64, cur: u64, cost: u64, limit: u64, weight_ms: u64, window_ms: u64) -> (Answer, u64) {
+    let estimate = |cur: u64| (prev as u128 * weight_ms as u128).div_ceil(window_ms as u128) as u64 + cur;
+    let allowed = estimate(cur) + cost <= limit;
+    let cur_after = if allowed { cur + cost } else { cur };
+    let left_in_window = weight_ms; // the current window ends when the previous one's weight hits 0
+    let retry_after_ms = if allowed {
+        0
+    } else {
+        sliding_retry_after(prev, cur_after, cost, limit, weight_ms, window_ms)
+    };
+    let answer = Answer {
+        allowed,
+        remaining: limit.saturating_sub(estimate(cur_after)),
+        // Fully available once both windows have slid out: the rest of this one, and the next.
+        reset_ms: if cur_after == 0 { left_in_window } else { left_in_window + window_ms },
+        retry_after_ms,
+    };
+    (answer, cur_after)
+}
+
+/// When `estimate + cost <= limit` first holds again, in ms from now.
+fn sliding_retry_after(prev: u64, cur: u64, cost: u64, limit: u64, weight_ms: u64, window_ms: u64) -> u64 {
+    if cost > limit {
+        return u64::MAX;
+    }
+    let room = limit - cost; // the estimate must fall to this
+    let (prev, cur, w) = (prev as u128, cur as u128, window_ms as u128);
+    if cur <= room as u128 {
+        // Still in this window: need ceil(prev × weight' / W) <= room − cur, i.e.
+        // weight' <= (room − cur) × W / prev.
+        let max_weight = ((room as u128 - cur) * w).checked_div(prev).unwrap_or(w);
+        return (weight_ms as u128).saturating_sub(max_weight) as u64;
+    }
+    // In the next window, `cur` becomes the previous window: ceil(cur × weight'' / W) <= room.
+    let max_weight = (room as u128 * w) / cur;
+    (weight_ms as u128 + w - max_weight) as u64
+}
+
+// --- Token bucket -----------------------------------------------------------------------------
+
+/// A token bucket's stored state: tokens (fractional, in thousandths) at `ts_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bucket {
+    pub milli_tokens: u64,
+    pub ts_ms: u64,
+}
+
+/// Token bucket with `capacity` tokens refilled at `rate` per `period_ms`; time from Redis.
+/// A missing bucket (`None`) is full.
+pub fn token_bucket(
+    state: Option<Bucket>,
+    now_ms: u64,
+    cost: u64,
+    capacity: u64,
+    rate: u64,
+    period_ms: u64,
+) -> (Answer, Bucket) {
+    let full = capacity * 1000;
+    let tokens = match state {
+        None => full,
+        Some(b) => {
+            let elapsed = now_ms.saturating_sub(b.ts_ms) as u128;
+            let refill = elapsed * rate as u128 * 1000 / period_ms as u128;
+            (b.milli_tokens as u128 + refill).min(full as u128) as u64
+        }
+    };
+    let need = cost * 1000;
+    let allowed = tokens >= need;
+    let after = if allowed { tokens - need } else { tokens };
+    // ms until `missing` milli-tokens have been refilled.
+    let time_for = |missing: u64| (missing as u128 * period_ms as u128).div_ceil(rate as u128 * 1000) as u64;
+    let answer = Answer {
+        allowed,
+        remaining: after / 1000,
+        reset_ms: time_for(full - after),
+        retry_after_ms: if allowed { 0 } else if need > full { u64::MAX } else { time_for(need - after) },
+    };
+    (answer, Bucket { milli_tokens: after, ts_ms: now_ms })
+}
+
+// --- GCRA -------------------------------------------------------------------------------------
+
+/// GCRA (as in redis-cell): one stored value, the theoretical arrival time (TAT). With emission
+/// interval `T = period_ms / rate`, a request of `cost` is admitted when
+/// `max(TAT, now) + cost × T − now <= burst × T`, i.e. up to `burst` back to back from idle,
+/// then one per `T`. Returns the answer and the new TAT (unchanged when denied).
+pub fn gcra(tat: Option<u64>, now_ms: u64, cost: u64, burst: u64, rate: u64, period_ms: u64) -> (Answer, u64) {
+    // Work in microseconds so T keeps precision for rates like 3 per second.
+    let t_us = period_ms as u128 * 1000 / rate as u128;
+    let now_us = now_ms as u128 * 1000;
+    let tat_us = (tat.unwrap_or(now_ms) as u128 * 1000).max(now_us);
+    let tolerance = t_us * burst as u128;
+    let new_tat = tat_us + t_us * cost as u128;
+    let allowed = new_tat - now_us <= tolerance;
+    let kept = if allowed { new_tat } else { tat_us };
+    let ms = |us: u128| us.div_ceil(1000) as u64;
+    let answer = Answer {
+        allowed,
+        remaining: ((tolerance - (kept - now_us).min(tolerance)) / t_us.max(1)) as u64,
+        reset_ms: ms(kept - now_us),
+        retry_after_ms: if allowed { 0 } else { ms(new_tat - now_us - tolerance) },
+    };
+    (answer, ms(kept))
+}
+
+// --- Sliding log ------------------------------------------------------------------------------
+
+/// Sliding log: the timestamps of admitted requests within the last `window_ms` (a sorted
+/// set in Redis). Exact; memory grows with the limit. `log` must be sorted ascending.
+pub fn sliding_log(log: &[u64], now_ms: u64, cost: u64, limit: u64, window_ms: u64) -> (Answer, Vec<u64>) {
+    let live: Vec<u64> = log.iter().copied().filter(|&t| t + window_ms > now_ms).collect();
+    let count = live.len() as u64;
+    let allowed = count + cost <= limit;
+    let mut after = live;
+    if allowed {
+        after.extend(std::iter::repeat_n(now_ms, cost as usize));
+    }
+    let expires = |t: u64| t + window_ms - now_ms;
+    let retry_after_ms = if allowed {
+        0
+    } else if cost > limit {
+        u64::MAX
+    } else {
+        // The (count + cost − limit)-th oldest entry has to slide out first.
+        let k = (count + cost - limit) as usize;
+        after.get(k - 1).map_or(0, |&t| expires(t))
+    };
+    let answer = Answer {
+        allowed,
+        remaining: limit.saturating_sub(after.len() as u64),
+        reset_ms: after.last().map_or(0, |&t| expires(t)),
+        retry_after_ms,
+    };
+    (answer, after)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fixed_window_table() {
+        // (count, cost, limit, left) → (allowed, remaining, retry_after, count after)
+        let table = [
+            (0, 1, 3, 500, true, 2, 0, 1),
+            (2, 1, 3, 500, true, 0, 0, 3),
+            (3, 1, 3, 500, false, 0, 500, 3),
+            (1, 2, 3, 500, true, 0, 0, 3),
+            (2, 2, 3, 500, false, 1, 500, 2),
+            (3, 0, 3, 500, true, 0, 0, 3),
+        ];
+        for (count, cost, limit, left, allowed, remaining, retry, after) in table {
+            let (a, n) = fixed_window(count, cost, limit, left);
+            assert_eq!((a.allowed, a.remaining, a.retry_after_ms, n), (allowed, remaining, retry, after));
+        }
+    }
+
+    #[test]
+    fn sliding_weight_at_window_edges() {
+        assert_eq!(sliding_weight_ms(60_000, 60_000), 60_000, "start: the previous window counts fully");
+        assert_eq!(sliding_weight_ms(90_000, 60_000), 30_000);
+        assert_eq!(sliding_weight_ms(119_999, 60_000), 1);
+    }
+
+    #[test]
+    fn sliding_window_table() {
+        // limit 10, window 1000 ms.
+        // (prev, cur, weight_ms) → (allowed, remaining, retry_after)
+        let table = [
+            (0, 0, 1000, true, 9, 0),
+            (10, 0, 1000, false, 0, 100), // prev fully weighted: wait until 9/10 of it remain
+            (10, 0, 500, true, 4, 0),     // ceil(10 × 0.5) + 1 = 6 ≤ 10
+            (10, 4, 500, true, 0, 0),     // 5 + 4 + 1 = 10
+            (10, 5, 500, false, 0, 100),  // need ceil(10w/1000) ≤ 4 → w ≤ 400 → wait 100 ms
+            (0, 10, 300, false, 0, 400),  // current full: next window, cur → prev, need w ≤ 900
+            (4, 3, 1, true, 5, 0),
+        ];
+        for (prev, cur, weight, allowed, remaining, retry) in table {
+            let (a, _) = sliding_window(prev, cur, 1, 10, weight, 1000);
+            assert_eq!((a.allowed, a.remaining, a.retry_after_ms), (allowed, remaining, retry), "prev={prev} cur={cur} w={weight}");
+        }
+    }
+
+    #[test]
+    fn sliding_window_retry_after_is_exact() {
+        // Whatever the state, at now + retry_after the same request is admitted, and 1 ms
+        // earlier it is not.
+        let w = 1000;
+        for prev in [0u64, 3, 10, 17] {
+            for cur in [0u64, 5, 10, 12] {
+                for weight in [1u64, 250, 999, 1000] {
+                    let (a, _) = sliding_window(prev, cur, 1, 10, weight, w);
+                    if a.allowed {
+                        continue;
+                    }
+                    let at = |dt: u64| {
+                        if dt < weight {
+                            sliding_window(prev, cur, 1, 10, weight - dt, w).0.allowed
+                        } else {
+                            sliding_window(cur, 0, 1, 10, w - (dt - weight), w).0.allowed
+                        }
+                    };
+                    assert!(at(a.retry_after_ms), "prev={prev} cur={cur} w={weight} retry={}", a.retry_after_ms);
+                    assert!(!at(a.retry_after_ms - 1), "prev={prev} cur={cur} w={weight} retry={}", a.retry_after_ms);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn token_bucket_refills_and_caps() {
+        // capacity 5, 1 token per 200 ms.
+        let tb = |s, now, cost| token_bucket(s, now, cost, 5, 1, 200);
+        let (a, s) = tb(None, 0, 1);
+        assert_eq!((a.allowed, a.remaining, a.reset_ms), (true, 4, 200));
+        let (a, s) = tb(Some(s), 0, 4);
+        assert_eq!((a.allowed, a.remaining, a.reset_ms), (true, 0, 1000));
+        let (a, s) = tb(Some(s), 100, 1);
+        assert_eq!((a.allowed, a.remaining, a.retry_after_ms), (false, 0, 100), "half a token after 100 ms");
+        let (a, s) = tb(Some(s), 200, 1);
+        assert!(a.allowed, "one token after 200 ms");
+        let (a, _) = tb(Some(s), 1_000_000, 0);
+        assert_eq!((a.allowed, a.remaining, a.reset_ms), (true, 5, 0), "refill caps at capacity");
+        assert_eq!(tb(None, 0, 6).0.retry_after_ms, u64::MAX, "cost above capacity never fits");
+    }
+
+    #[test]
+    fn gcra_matches_burst_then_rate() {
+        // burst 3, 10 per second: T = 100 ms.
+        let mut tat = None;
+        let mut admitted = Vec::new();
+        for now in [0, 0, 0, 0, 50, 100, 150, 200, 200] {
+            let (a, t) = gcra(tat, now, 1, 3, 10, 1000);
+            tat = Some(t);
+            admitted.push((now, a.allowed, a.remaining, a.retry_after_ms));
+        }
+        assert_eq!(
+            admitted,
+            [
+                (0, true, 2, 0),
+                (0, true, 1, 0),
+                (0, true, 0, 0),
+                (0, false, 0, 100),
+                (50, false, 0, 50),
+                (100, true, 0, 0),
+                (150, false, 0, 50),
+                (200, true, 0, 0),
+                (200, false, 0, 100),
+            ]
+        );
+        let (a, _) = gcra(tat, 10_000, 1, 3, 10, 1000);
+        assert_eq!((a.allowed, a.remaining, a.reset_ms), (true, 2, 100), "idle long enough: full burst again");
+    }
+
+    #[test]
+    fn sliding_log_is_exact() {
+        // limit 3 per 1000 ms.
+        let log = vec![100, 400, 900];
+        let (a, _) = sliding_log(&log, 1000, 1, 3, 1000);
+        assert_eq!((a.allowed, a.retry_after_ms), (false, 100), "the entry at 100 leaves at 1100");
+        let (a, after) = sliding_log(&log, 1100, 1, 3, 1000);
+        assert_eq!((a.allowed, a.remaining, a.reset_ms), (true, 0, 1000));
+        assert_eq!(after, [400, 900, 1100]);
+        let (a, _) = sliding_log(&after, 1100, 2, 3, 1000);
+        assert_eq!(a.retry_after_ms, 800, "two must leave: the second oldest at 900 → 1900");
+    }
+}
