@@ -42,8 +42,16 @@ pub fn sliding_weight_ms(now_ms: u64, window_ms: u64) -> u64 {
 /// Sliding window: estimate = `prev × weight_ms / window_ms + cur`; admitted while
 /// `estimate + cost <= limit`. Retry-after is the moment the estimate will have decayed enough
 /// (or, if the current window alone is too full, a point in the next window).
-pub fn sliding_window(prev: u64, cur: u64, cost: u64, limit: u64, weight_ms: u64, window_ms: u64) -> (Answer, u64) {
-    let estimate = |cur: u64| (prev as u128 * weight_ms as u128).div_ceil(window_ms as u128) as u64 + cur;
+pub fn sliding_window(
+    prev: u64,
+    cur: u64,
+    cost: u64,
+    limit: u64,
+    weight_ms: u64,
+    window_ms: u64,
+) -> (Answer, u64) {
+    let estimate =
+        |cur: u64| (prev as u128 * weight_ms as u128).div_ceil(window_ms as u128) as u64 + cur;
     let allowed = estimate(cur) + cost <= limit;
     let cur_after = if allowed { cur + cost } else { cur };
     let left_in_window = weight_ms; // the current window ends when the previous one's weight hits 0
@@ -56,14 +64,25 @@ pub fn sliding_window(prev: u64, cur: u64, cost: u64, limit: u64, weight_ms: u64
         allowed,
         remaining: limit.saturating_sub(estimate(cur_after)),
         // Fully available once both windows have slid out: the rest of this one, and the next.
-        reset_ms: if cur_after == 0 { left_in_window } else { left_in_window + window_ms },
+        reset_ms: if cur_after == 0 {
+            left_in_window
+        } else {
+            left_in_window + window_ms
+        },
         retry_after_ms,
     };
     (answer, cur_after)
 }
 
 /// When `estimate + cost <= limit` first holds again, in ms from now.
-fn sliding_retry_after(prev: u64, cur: u64, cost: u64, limit: u64, weight_ms: u64, window_ms: u64) -> u64 {
+fn sliding_retry_after(
+    prev: u64,
+    cur: u64,
+    cost: u64,
+    limit: u64,
+    weight_ms: u64,
+    window_ms: u64,
+) -> u64 {
     if cost > limit {
         return u64::MAX;
     }
@@ -112,14 +131,27 @@ pub fn token_bucket(
     let allowed = tokens >= need;
     let after = if allowed { tokens - need } else { tokens };
     // ms until `missing` milli-tokens have been refilled.
-    let time_for = |missing: u64| (missing as u128 * period_ms as u128).div_ceil(rate as u128 * 1000) as u64;
+    let time_for =
+        |missing: u64| (missing as u128 * period_ms as u128).div_ceil(rate as u128 * 1000) as u64;
     let answer = Answer {
         allowed,
         remaining: after / 1000,
         reset_ms: time_for(full - after),
-        retry_after_ms: if allowed { 0 } else if need > full { u64::MAX } else { time_for(need - after) },
+        retry_after_ms: if allowed {
+            0
+        } else if need > full {
+            u64::MAX
+        } else {
+            time_for(need - after)
+        },
     };
-    (answer, Bucket { milli_tokens: after, ts_ms: now_ms })
+    (
+        answer,
+        Bucket {
+            milli_tokens: after,
+            ts_ms: now_ms,
+        },
+    )
 }
 
 // --- GCRA -------------------------------------------------------------------------------------
@@ -128,7 +160,14 @@ pub fn token_bucket(
 /// interval `T = period_ms / rate`, a request of `cost` is admitted when
 /// `max(TAT, now) + cost × T − now <= burst × T`, i.e. up to `burst` back to back from idle,
 /// then one per `T`. Returns the answer and the new TAT (unchanged when denied).
-pub fn gcra(tat: Option<u64>, now_ms: u64, cost: u64, burst: u64, rate: u64, period_ms: u64) -> (Answer, u64) {
+pub fn gcra(
+    tat: Option<u64>,
+    now_ms: u64,
+    cost: u64,
+    burst: u64,
+    rate: u64,
+    period_ms: u64,
+) -> (Answer, u64) {
     // Work in microseconds so T keeps precision for rates like 3 per second.
     let t_us = period_ms as u128 * 1000 / rate as u128;
     let now_us = now_ms as u128 * 1000;
@@ -142,7 +181,11 @@ pub fn gcra(tat: Option<u64>, now_ms: u64, cost: u64, burst: u64, rate: u64, per
         allowed,
         remaining: ((tolerance - (kept - now_us).min(tolerance)) / t_us.max(1)) as u64,
         reset_ms: ms(kept - now_us),
-        retry_after_ms: if allowed { 0 } else { ms(new_tat - now_us - tolerance) },
+        retry_after_ms: if allowed {
+            0
+        } else {
+            ms(new_tat - now_us - tolerance)
+        },
     };
     (answer, ms(kept))
 }
@@ -151,8 +194,18 @@ pub fn gcra(tat: Option<u64>, now_ms: u64, cost: u64, burst: u64, rate: u64, per
 
 /// Sliding log: the timestamps of admitted requests within the last `window_ms` (a sorted
 /// set in Redis). Exact; memory grows with the limit. `log` must be sorted ascending.
-pub fn sliding_log(log: &[u64], now_ms: u64, cost: u64, limit: u64, window_ms: u64) -> (Answer, Vec<u64>) {
-    let live: Vec<u64> = log.iter().copied().filter(|&t| t + window_ms > now_ms).collect();
+pub fn sliding_log(
+    log: &[u64],
+    now_ms: u64,
+    cost: u64,
+    limit: u64,
+    window_ms: u64,
+) -> (Answer, Vec<u64>) {
+    let live: Vec<u64> = log
+        .iter()
+        .copied()
+        .filter(|&t| t + window_ms > now_ms)
+        .collect();
     let count = live.len() as u64;
     let allowed = count + cost <= limit;
     let mut after = live;
@@ -195,13 +248,20 @@ mod tests {
         ];
         for (count, cost, limit, left, allowed, remaining, retry, after) in table {
             let (a, n) = fixed_window(count, cost, limit, left);
-            assert_eq!((a.allowed, a.remaining, a.retry_after_ms, n), (allowed, remaining, retry, after));
+            assert_eq!(
+                (a.allowed, a.remaining, a.retry_after_ms, n),
+                (allowed, remaining, retry, after)
+            );
         }
     }
 
     #[test]
     fn sliding_weight_at_window_edges() {
-        assert_eq!(sliding_weight_ms(60_000, 60_000), 60_000, "start: the previous window counts fully");
+        assert_eq!(
+            sliding_weight_ms(60_000, 60_000),
+            60_000,
+            "start: the previous window counts fully"
+        );
         assert_eq!(sliding_weight_ms(90_000, 60_000), 30_000);
         assert_eq!(sliding_weight_ms(119_999, 60_000), 1);
     }
@@ -221,7 +281,11 @@ mod tests {
         ];
         for (prev, cur, weight, allowed, remaining, retry) in table {
             let (a, _) = sliding_window(prev, cur, 1, 10, weight, 1000);
-            assert_eq!((a.allowed, a.remaining, a.retry_after_ms), (allowed, remaining, retry), "prev={prev} cur={cur} w={weight}");
+            assert_eq!(
+                (a.allowed, a.remaining, a.retry_after_ms),
+                (allowed, remaining, retry),
+                "prev={prev} cur={cur} w={weight}"
+            );
         }
     }
 
@@ -241,11 +305,21 @@ mod tests {
                         if dt < weight {
                             sliding_window(prev, cur, 1, 10, weight - dt, w).0.allowed
                         } else {
-                            sliding_window(cur, 0, 1, 10, w - (dt - weight), w).0.allowed
+                            sliding_window(cur, 0, 1, 10, w - (dt - weight), w)
+                                .0
+                                .allowed
                         }
                     };
-                    assert!(at(a.retry_after_ms), "prev={prev} cur={cur} w={weight} retry={}", a.retry_after_ms);
-                    assert!(!at(a.retry_after_ms - 1), "prev={prev} cur={cur} w={weight} retry={}", a.retry_after_ms);
+                    assert!(
+                        at(a.retry_after_ms),
+                        "prev={prev} cur={cur} w={weight} retry={}",
+                        a.retry_after_ms
+                    );
+                    assert!(
+                        !at(a.retry_after_ms - 1),
+                        "prev={prev} cur={cur} w={weight} retry={}",
+                        a.retry_after_ms
+                    );
                 }
             }
         }
@@ -260,12 +334,24 @@ mod tests {
         let (a, s) = tb(Some(s), 0, 4);
         assert_eq!((a.allowed, a.remaining, a.reset_ms), (true, 0, 1000));
         let (a, s) = tb(Some(s), 100, 1);
-        assert_eq!((a.allowed, a.remaining, a.retry_after_ms), (false, 0, 100), "half a token after 100 ms");
+        assert_eq!(
+            (a.allowed, a.remaining, a.retry_after_ms),
+            (false, 0, 100),
+            "half a token after 100 ms"
+        );
         let (a, s) = tb(Some(s), 200, 1);
         assert!(a.allowed, "one token after 200 ms");
         let (a, _) = tb(Some(s), 1_000_000, 0);
-        assert_eq!((a.allowed, a.remaining, a.reset_ms), (true, 5, 0), "refill caps at capacity");
-        assert_eq!(tb(None, 0, 6).0.retry_after_ms, u64::MAX, "cost above capacity never fits");
+        assert_eq!(
+            (a.allowed, a.remaining, a.reset_ms),
+            (true, 5, 0),
+            "refill caps at capacity"
+        );
+        assert_eq!(
+            tb(None, 0, 6).0.retry_after_ms,
+            u64::MAX,
+            "cost above capacity never fits"
+        );
     }
 
     #[test]
@@ -293,7 +379,11 @@ mod tests {
             ]
         );
         let (a, _) = gcra(tat, 10_000, 1, 3, 10, 1000);
-        assert_eq!((a.allowed, a.remaining, a.reset_ms), (true, 2, 100), "idle long enough: full burst again");
+        assert_eq!(
+            (a.allowed, a.remaining, a.reset_ms),
+            (true, 2, 100),
+            "idle long enough: full burst again"
+        );
     }
 
     #[test]
@@ -301,11 +391,18 @@ mod tests {
         // limit 3 per 1000 ms.
         let log = vec![100, 400, 900];
         let (a, _) = sliding_log(&log, 1000, 1, 3, 1000);
-        assert_eq!((a.allowed, a.retry_after_ms), (false, 100), "the entry at 100 leaves at 1100");
+        assert_eq!(
+            (a.allowed, a.retry_after_ms),
+            (false, 100),
+            "the entry at 100 leaves at 1100"
+        );
         let (a, after) = sliding_log(&log, 1100, 1, 3, 1000);
         assert_eq!((a.allowed, a.remaining, a.reset_ms), (true, 0, 1000));
         assert_eq!(after, [400, 900, 1100]);
         let (a, _) = sliding_log(&after, 1100, 2, 3, 1000);
-        assert_eq!(a.retry_after_ms, 800, "two must leave: the second oldest at 900 → 1900");
+        assert_eq!(
+            a.retry_after_ms, 800,
+            "two must leave: the second oldest at 900 → 1900"
+        );
     }
 }

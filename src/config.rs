@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::duration::parse_duration;
+use crate::ip::Cidr;
 
 /// Longest rule name, policy name or key prefix we accept (they end up in every Redis key).
 const MAX_NAME_LEN: usize = 64;
@@ -22,6 +23,12 @@ const MAX_LIMIT: u64 = 1_000_000_000_000;
 const MIN_WINDOW: Duration = Duration::from_secs(1);
 const MAX_WINDOW: Duration = Duration::from_secs(24 * 60 * 60);
 const MAX_TIMEOUT: Duration = Duration::from_secs(60);
+/// Most entries a sliding log keeps per key (its memory grows with the limit).
+const MAX_LOG_LIMIT: u64 = 10_000;
+/// Largest cost one request may carry.
+const MAX_COST: u64 = 1_000_000_000;
+/// Default lifetime of an unreleased concurrency slot.
+const DEFAULT_SLOT_TIMEOUT_MS: u64 = 60_000;
 
 /// Why a configuration was rejected. The `Display` form is the line `on_configure` logs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,7 +89,22 @@ struct RawConfig {
     failure_response: RawResponse,
     #[serde(default = "default_true")]
     headers_on_allow: bool,
+    #[serde(default)]
+    client_ip: RawClientIp,
     rules: Vec<RawRule>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClientIp {
+    #[serde(default)]
+    from: ClientIpSource,
+    #[serde(default)]
+    trusted_hops: Option<u32>,
+    #[serde(default)]
+    ipv4_prefix: Option<u8>,
+    #[serde(default)]
+    ipv6_prefix: Option<u8>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -127,8 +149,93 @@ struct RawRule {
     descriptors: Vec<String>,
     #[serde(default)]
     on_missing: OnMissing,
-    limit: u64,
-    window: String,
+    #[serde(default)]
+    algorithm: Algorithm,
+    // The one-limit shorthand: these fields, or `limits`, not both.
+    #[serde(default)]
+    limit: Option<u64>,
+    #[serde(default)]
+    window: Option<String>,
+    #[serde(default)]
+    burst: Option<u64>,
+    #[serde(default)]
+    rate: Option<u64>,
+    #[serde(default)]
+    period: Option<String>,
+    #[serde(default)]
+    timeout: Option<String>,
+    #[serde(default)]
+    limits: Option<Vec<RawLimit>>,
+    #[serde(default)]
+    tiers: Option<RawTiers>,
+    #[serde(default)]
+    cost: Option<RawCost>,
+    #[serde(default)]
+    shadow: bool,
+    #[serde(default)]
+    bypass: Option<RawBypass>,
+}
+
+/// One limit; which fields it needs depends on the rule's algorithm.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimit {
+    #[serde(default)]
+    limit: Option<u64>,
+    #[serde(default)]
+    window: Option<String>,
+    #[serde(default)]
+    burst: Option<u64>,
+    #[serde(default)]
+    rate: Option<u64>,
+    #[serde(default)]
+    period: Option<String>,
+    #[serde(default)]
+    timeout: Option<String>,
+}
+
+impl RawLimit {
+    fn is_empty(&self) -> bool {
+        self.limit.is_none()
+            && self.window.is_none()
+            && self.burst.is_none()
+            && self.rate.is_none()
+            && self.period.is_none()
+            && self.timeout.is_none()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTiers {
+    descriptor: String,
+    values: std::collections::BTreeMap<String, Vec<RawLimit>>,
+    default: Vec<RawLimit>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawCost {
+    Fixed(u64),
+    Header(RawHeaderCost),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHeaderCost {
+    header: String,
+    #[serde(default = "default_one")]
+    default: u64,
+    max: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBypass {
+    #[serde(default)]
+    values: std::collections::BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    cidrs: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -160,6 +267,9 @@ fn default_timeout() -> String {
 }
 fn default_true() -> bool {
     true
+}
+fn default_one() -> u64 {
+    1
 }
 fn default_failure_response() -> RawResponse {
     RawResponse {
@@ -201,6 +311,8 @@ pub struct ShimTarget {
     /// Envoy cluster name (on Kong: `host:port`).
     pub upstream: String,
     pub path: String,
+    /// Where concurrency slots are released: `release` beside `path` (`/v1/check` → `/v1/release`).
+    pub release_path: String,
     pub authority: String,
     pub timeout: Duration,
 }
@@ -226,8 +338,10 @@ pub enum Descriptor {
     Method,
     /// `:authority` without the port, lower-cased.
     Host,
-    /// The route name Envoy matched (`xds.route_name`).
+    /// The route name the gateway matched (Envoy `xds.route_name`, Kong `kong.route_name`).
     Route,
+    /// The upstream service (Envoy `xds.cluster_name`, Kong `kong.service_name`).
+    Service,
     /// A query-string parameter, by name.
     Query(String),
     /// A fixed value.
@@ -248,15 +362,118 @@ pub struct Matcher {
     pub hosts: Vec<String>,
 }
 
-/// A compiled rate-limit rule: `limit` requests per `window_ms` per distinct descriptor tuple.
+/// How a rule counts. Each has a Redis script under `lua-redis-shim/scripts/`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    /// One counter per window; cheapest; up to 2× the limit across a window edge.
+    #[default]
+    FixedWindow,
+    /// Two weighted fixed windows: within a few % of exact at fixed-window cost.
+    SlidingWindow,
+    /// A sorted set of timestamps: exact, memory grows with the limit.
+    SlidingLog,
+    /// Tokens refilled continuously up to a burst capacity.
+    TokenBucket,
+    /// Generic cell rate algorithm: one timestamp per key, exact retry-after.
+    Gcra,
+    /// At most N requests in flight per key.
+    Concurrency,
+}
+
+impl Algorithm {
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::FixedWindow => "fixed_window",
+            Algorithm::SlidingWindow => "sliding_window",
+            Algorithm::SlidingLog => "sliding_log",
+            Algorithm::TokenBucket => "token_bucket",
+            Algorithm::Gcra => "gcra",
+            Algorithm::Concurrency => "concurrency",
+        }
+    }
+}
+
+/// One limit of a rule, in the shape its algorithm needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// `limit` per `window_ms` (fixed window, sliding window, sliding log).
+    Window { limit: u64, window_ms: u64 },
+    /// Up to `burst` at once, refilled at `rate` per `period_ms` (token bucket, GCRA).
+    Rate {
+        burst: u64,
+        rate: u64,
+        period_ms: u64,
+    },
+    /// At most `limit` in flight; a slot not released within `timeout_ms` frees itself.
+    InFlight { limit: u64, timeout_ms: u64 },
+}
+
+/// How much a request consumes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cost {
+    Fixed(u64),
+    /// Read from a request header; absent or not a whole number → `default`; capped at `max`.
+    Header {
+        name: String,
+        default: u64,
+        max: u64,
+    },
+}
+
+/// Limits that depend on a descriptor's value, e.g. `x-plan: free | pro | enterprise`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tiers {
+    pub descriptor: Descriptor,
+    pub values: Vec<(String, Vec<Limit>)>,
+}
+
+/// Requests a rule never applies to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Bypass {
+    /// A request whose descriptor has one of these values is exempt.
+    pub values: Vec<(Descriptor, Vec<String>)>,
+    /// A client whose address is in one of these ranges is exempt.
+    pub cidrs: Vec<Cidr>,
+}
+
+/// A compiled rate-limit rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
     pub name: String,
     pub matcher: Matcher,
     pub descriptors: Vec<Descriptor>,
     pub on_missing: OnMissing,
-    pub limit: u64,
-    pub window_ms: u64,
+    pub algorithm: Algorithm,
+    /// The limits checked (all of them, in one callout); with `tiers`, the default tier's.
+    pub limits: Vec<Limit>,
+    pub tiers: Option<Tiers>,
+    pub cost: Cost,
+    /// Count and report, never deny.
+    pub shadow: bool,
+    pub bypass: Bypass,
+}
+
+/// Where the client address comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientIpSource {
+    /// The downstream connection's peer address.
+    #[default]
+    Connection,
+    /// `X-Forwarded-For`, trusting `trusted_hops` proxies in front of the gateway.
+    XForwardedFor,
+}
+
+/// How the `client_ip` descriptor and bypass ranges see the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientIp {
+    pub from: ClientIpSource,
+    pub trusted_hops: u32,
+    /// Clients are counted per prefix: /32 (each IPv4 host) and /64 (an IPv6 subnet, since one
+    /// host usually owns a whole /64 and could rotate addresses inside it).
+    pub ipv4_prefix: u8,
+    pub ipv6_prefix: u8,
 }
 
 /// The validated plugin configuration, shared by every HTTP context of a plugin.
@@ -268,11 +485,8 @@ pub struct Config {
     pub deny: LocalResponse,
     pub failure_response: LocalResponse,
     pub headers_on_allow: bool,
+    pub client_ip: ClientIp,
     pub rules: Vec<Rule>,
-    /// Some rule needs the route name (matcher or descriptor): read it once per request.
-    pub needs_route_name: bool,
-    /// Some rule matches on policies: read the route metadata once per request.
-    pub needs_policy: bool,
 }
 
 impl Config {
@@ -331,10 +545,6 @@ impl TryFrom<RawConfig> for Config {
             rules.push(rule);
         }
 
-        let needs_route_name = rules.iter().any(|r| {
-            !r.matcher.routes.is_empty() || r.descriptors.contains(&Descriptor::Route)
-        });
-        let needs_policy = rules.iter().any(|r| !r.matcher.policies.is_empty());
         Ok(Config {
             shim,
             failure_mode: raw.failure_mode,
@@ -342,9 +552,8 @@ impl TryFrom<RawConfig> for Config {
             deny,
             failure_response,
             headers_on_allow: raw.headers_on_allow,
+            client_ip: compile_client_ip(raw.client_ip)?,
             rules,
-            needs_route_name,
-            needs_policy,
         })
     }
 }
@@ -380,8 +589,13 @@ fn compile_shim(raw: RawShim) -> Result<ShimTarget, ConfigError> {
             "must be between 1ms and 60s",
         ));
     }
+    let release_path = format!(
+        "{}/release",
+        raw.path.rsplit_once('/').map_or("", |(dir, _)| dir)
+    );
     Ok(ShimTarget {
         upstream: raw.upstream,
+        release_path,
         path: raw.path,
         authority: raw.authority,
         timeout,
@@ -430,36 +644,336 @@ fn compile_rule(i: usize, raw: RawRule) -> Result<Rule, ConfigError> {
         .descriptors
         .iter()
         .enumerate()
-        .map(|(j, d)| parse_descriptor(d).map_err(|r| invalid(at(&format!("descriptors[{j}]")), format!("{d:?}"), r)))
+        .map(|(j, d)| {
+            parse_descriptor(d)
+                .map_err(|r| invalid(at(&format!("descriptors[{j}]")), format!("{d:?}"), r))
+        })
         .collect::<Result<Vec<_>, _>>()?;
 
-    if raw.limit == 0 || raw.limit > MAX_LIMIT {
-        return Err(invalid(at("limit"), raw.limit, "must be between 1 and 10^12"));
-    }
-    let window = parse_duration(&raw.window)
-        .map_err(|reason| invalid(at("window"), format!("{:?}", raw.window), reason))?;
-    if window < MIN_WINDOW || window > MAX_WINDOW {
-        return Err(invalid(
-            at("window"),
-            format!("{:?}", raw.window),
-            "must be between 1s and 1d",
-        ));
-    }
-    if window.as_millis() % 1000 != 0 {
-        return Err(invalid(
-            at("window"),
-            format!("{:?}", raw.window),
-            "must be a whole number of seconds",
-        ));
-    }
-
+    let shorthand = RawLimit {
+        limit: raw.limit,
+        window: raw.window,
+        burst: raw.burst,
+        rate: raw.rate,
+        period: raw.period,
+        timeout: raw.timeout,
+    };
+    let algorithm = raw.algorithm;
+    let (limits, tiers) = compile_rule_limits(&at, algorithm, shorthand, raw.limits, raw.tiers)?;
     Ok(Rule {
         name: raw.name,
         matcher: compile_match(&at("match"), raw.matcher)?,
         descriptors,
         on_missing: raw.on_missing,
-        limit: raw.limit,
-        window_ms: window.as_millis() as u64,
+        algorithm,
+        limits,
+        tiers,
+        cost: compile_cost(&at, algorithm, raw.cost)?,
+        shadow: raw.shadow,
+        bypass: compile_bypass(&at, raw.bypass)?,
+    })
+}
+
+/// A rule's limits come from exactly one of: the one-limit fields, `limits`, or `tiers`
+/// (whose `default` then plays the part of `limits`).
+fn compile_rule_limits(
+    at: &dyn Fn(&str) -> String,
+    algorithm: Algorithm,
+    shorthand: RawLimit,
+    limits: Option<Vec<RawLimit>>,
+    tiers: Option<RawTiers>,
+) -> Result<(Vec<Limit>, Option<Tiers>), ConfigError> {
+    let given = [!shorthand.is_empty(), limits.is_some(), tiers.is_some()];
+    if given.iter().filter(|&&g| g).count() > 1 {
+        return Err(invalid(
+            at("limits"),
+            "more than one of them",
+            "give one of: the one-limit fields (limit, window, burst, rate, period, timeout), `limits`, or `tiers`",
+        ));
+    }
+    if let Some(list) = limits {
+        return Ok((compile_limits(&at("limits"), algorithm, &list)?, None));
+    }
+    let Some(t) = tiers else {
+        return Ok((vec![compile_limit(&at(""), algorithm, &shorthand)?], None));
+    };
+    let descriptor = parse_descriptor(&t.descriptor)
+        .map_err(|r| invalid(at("tiers.descriptor"), format!("{:?}", t.descriptor), r))?;
+    let mut values = Vec::with_capacity(t.values.len());
+    for (name, list) in &t.values {
+        let field = at(&format!("tiers.values.{name}"));
+        values.push((name.clone(), compile_limits(&field, algorithm, list)?));
+    }
+    let default = compile_limits(&at("tiers.default"), algorithm, &t.default)?;
+    Ok((default, Some(Tiers { descriptor, values })))
+}
+
+fn compile_cost(
+    at: &dyn Fn(&str) -> String,
+    algorithm: Algorithm,
+    raw: Option<RawCost>,
+) -> Result<Cost, ConfigError> {
+    let cost = match raw {
+        None => Cost::Fixed(1),
+        Some(RawCost::Fixed(n)) if n > MAX_COST => {
+            return Err(invalid(at("cost"), n, "must be between 0 and 10^9"))
+        }
+        Some(RawCost::Fixed(n)) => Cost::Fixed(n),
+        Some(RawCost::Header(h)) => {
+            if !is_token(&h.header) {
+                return Err(invalid(
+                    at("cost.header"),
+                    format!("{:?}", h.header),
+                    "must be a header name",
+                ));
+            }
+            if h.max == 0 || h.max > MAX_COST {
+                return Err(invalid(at("cost.max"), h.max, "must be between 1 and 10^9"));
+            }
+            if h.default > h.max {
+                return Err(invalid(
+                    at("cost.default"),
+                    h.default,
+                    "must not exceed cost.max",
+                ));
+            }
+            Cost::Header {
+                name: h.header.to_ascii_lowercase(),
+                default: h.default,
+                max: h.max,
+            }
+        }
+    };
+    if algorithm == Algorithm::Concurrency && cost != Cost::Fixed(1) {
+        return Err(invalid(
+            at("cost"),
+            format!("{cost:?}"),
+            "a concurrency rule counts requests in flight: its cost is always 1",
+        ));
+    }
+    Ok(cost)
+}
+
+fn compile_bypass(
+    at: &dyn Fn(&str) -> String,
+    raw: Option<RawBypass>,
+) -> Result<Bypass, ConfigError> {
+    let Some(b) = raw else {
+        return Ok(Bypass::default());
+    };
+    let mut values = Vec::with_capacity(b.values.len());
+    for (spec, list) in b.values {
+        let d = parse_descriptor(&spec)
+            .map_err(|r| invalid(at(&format!("bypass.values.{spec}")), format!("{spec:?}"), r))?;
+        values.push((d, list));
+    }
+    let cidrs = b
+        .cidrs
+        .iter()
+        .enumerate()
+        .map(|(j, c)| {
+            Cidr::parse(c)
+                .map_err(|r| invalid(at(&format!("bypass.cidrs[{j}]")), format!("{c:?}"), r))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Bypass { values, cidrs })
+}
+
+fn compile_limits(
+    at: &str,
+    algorithm: Algorithm,
+    list: &[RawLimit],
+) -> Result<Vec<Limit>, ConfigError> {
+    if list.is_empty() || list.len() > 4 {
+        return Err(invalid(
+            at,
+            format!("{} limits", list.len()),
+            "give 1 to 4 limits",
+        ));
+    }
+    if algorithm == Algorithm::Concurrency && list.len() > 1 {
+        return Err(invalid(
+            at,
+            format!("{} limits", list.len()),
+            "a concurrency rule has one limit",
+        ));
+    }
+    list.iter()
+        .enumerate()
+        .map(|(j, raw)| compile_limit(&format!("{at}[{j}]."), algorithm, raw))
+        .collect()
+}
+
+/// Compiles one limit; `at` ends with `.` (or is `rules[i].`) so fields append to it.
+fn compile_limit(at: &str, algorithm: Algorithm, raw: &RawLimit) -> Result<Limit, ConfigError> {
+    let field = |name: &str| format!("{at}{name}");
+    let forbid = |name: &str, present: bool| -> Result<(), ConfigError> {
+        if present {
+            Err(invalid(
+                field(name),
+                "a value",
+                &format!("is not used by algorithm {}", algorithm.name()),
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    let require_u64 = |name: &str, v: Option<u64>, max: u64| -> Result<u64, ConfigError> {
+        match v {
+            None => Err(invalid(
+                field(name),
+                "nothing",
+                &format!("is required by algorithm {}", algorithm.name()),
+            )),
+            Some(n) if n == 0 || n > max => Err(invalid(
+                field(name),
+                n,
+                &format!("must be between 1 and {max}"),
+            )),
+            Some(n) => Ok(n),
+        }
+    };
+    let duration = |name: &str,
+                    v: &Option<String>,
+                    min: Duration,
+                    max: Duration,
+                    what: &str|
+     -> Result<Option<u64>, ConfigError> {
+        let Some(text) = v else { return Ok(None) };
+        let d = parse_duration(text).map_err(|r| invalid(field(name), format!("{text:?}"), r))?;
+        if d < min || d > max {
+            return Err(invalid(field(name), format!("{text:?}"), what));
+        }
+        Ok(Some(d.as_millis() as u64))
+    };
+    match algorithm {
+        Algorithm::FixedWindow | Algorithm::SlidingWindow | Algorithm::SlidingLog => {
+            forbid("burst", raw.burst.is_some())?;
+            forbid("rate", raw.rate.is_some())?;
+            forbid("period", raw.period.is_some())?;
+            forbid("timeout", raw.timeout.is_some())?;
+            let max = if algorithm == Algorithm::SlidingLog {
+                MAX_LOG_LIMIT
+            } else {
+                MAX_LIMIT
+            };
+            let limit = require_u64("limit", raw.limit, max)?;
+            let window_ms = duration(
+                "window",
+                &raw.window,
+                MIN_WINDOW,
+                MAX_WINDOW,
+                "must be between 1s and 1d",
+            )?
+            .ok_or_else(|| {
+                invalid(
+                    field("window"),
+                    "nothing",
+                    &format!("is required by algorithm {}", algorithm.name()),
+                )
+            })?;
+            if window_ms % 1000 != 0 {
+                return Err(invalid(
+                    field("window"),
+                    format!("{:?}", raw.window.as_deref().unwrap_or("")),
+                    "must be a whole number of seconds",
+                ));
+            }
+            Ok(Limit::Window { limit, window_ms })
+        }
+        Algorithm::TokenBucket | Algorithm::Gcra => {
+            forbid("limit", raw.limit.is_some())?;
+            forbid("window", raw.window.is_some())?;
+            forbid("timeout", raw.timeout.is_some())?;
+            let burst = require_u64("burst", raw.burst, MAX_LIMIT)?;
+            let rate = require_u64("rate", raw.rate, MAX_COST)?;
+            let period_ms = duration(
+                "period",
+                &raw.period,
+                Duration::from_millis(1),
+                MAX_WINDOW,
+                "must be between 1ms and 1d",
+            )?
+            .ok_or_else(|| {
+                invalid(
+                    field("period"),
+                    "nothing",
+                    &format!("is required by algorithm {}", algorithm.name()),
+                )
+            })?;
+            if period_ms * 1000 / rate == 0 {
+                return Err(invalid(
+                    field("rate"),
+                    rate,
+                    "is more than one per microsecond of period",
+                ));
+            }
+            Ok(Limit::Rate {
+                burst,
+                rate,
+                period_ms,
+            })
+        }
+        Algorithm::Concurrency => {
+            forbid("window", raw.window.is_some())?;
+            forbid("burst", raw.burst.is_some())?;
+            forbid("rate", raw.rate.is_some())?;
+            forbid("period", raw.period.is_some())?;
+            let limit = require_u64("limit", raw.limit, MAX_LIMIT)?;
+            let timeout_ms = duration(
+                "timeout",
+                &raw.timeout,
+                MIN_WINDOW,
+                MAX_WINDOW,
+                "must be between 1s and 1d",
+            )?
+            .unwrap_or(DEFAULT_SLOT_TIMEOUT_MS);
+            Ok(Limit::InFlight { limit, timeout_ms })
+        }
+    }
+}
+
+fn compile_client_ip(raw: RawClientIp) -> Result<ClientIp, ConfigError> {
+    let ipv4_prefix = raw.ipv4_prefix.unwrap_or(32);
+    let ipv6_prefix = raw.ipv6_prefix.unwrap_or(64);
+    if ipv4_prefix == 0 || ipv4_prefix > 32 {
+        return Err(invalid(
+            "client_ip.ipv4_prefix",
+            ipv4_prefix,
+            "must be between 1 and 32",
+        ));
+    }
+    if ipv6_prefix == 0 || ipv6_prefix > 128 {
+        return Err(invalid(
+            "client_ip.ipv6_prefix",
+            ipv6_prefix,
+            "must be between 1 and 128",
+        ));
+    }
+    let trusted_hops = match (raw.from, raw.trusted_hops) {
+        (ClientIpSource::Connection, Some(n)) => {
+            return Err(invalid(
+                "client_ip.trusted_hops",
+                n,
+                "only applies with \"from\": \"x-forwarded-for\"",
+            ))
+        }
+        (ClientIpSource::Connection, None) => 0,
+        (ClientIpSource::XForwardedFor, None) => 1,
+        (ClientIpSource::XForwardedFor, Some(n)) if (1..=16).contains(&n) => n,
+        (ClientIpSource::XForwardedFor, Some(n)) => {
+            return Err(invalid(
+                "client_ip.trusted_hops",
+                n,
+                "must be between 1 and 16",
+            ))
+        }
+    };
+    Ok(ClientIp {
+        from: raw.from,
+        trusted_hops,
+        ipv4_prefix,
+        ipv6_prefix,
     })
 }
 
@@ -469,7 +983,11 @@ fn compile_match(at: &str, raw: RawMatch) -> Result<Matcher, ConfigError> {
     }
     for (j, r) in raw.routes.iter().enumerate() {
         if r.is_empty() {
-            return Err(invalid(format!("{at}.routes[{j}]"), "\"\"", "must not be empty"));
+            return Err(invalid(
+                format!("{at}.routes[{j}]"),
+                "\"\"",
+                "must not be empty",
+            ));
         }
     }
     if let Some(prefix) = &raw.path_prefix {
@@ -512,7 +1030,8 @@ fn compile_match(at: &str, raw: RawMatch) -> Result<Matcher, ConfigError> {
     })
 }
 
-/// Parses `header:NAME`, `client_ip`, `path`, `method`, `host`, `route`, `query:NAME`, `const:VALUE`.
+/// Parses `header:NAME`, `client_ip`, `path`, `method`, `host`, `route`, `service`,
+/// `query:NAME`, `const:VALUE`.
 fn parse_descriptor(s: &str) -> Result<Descriptor, &'static str> {
     let (kind, arg) = match s.split_once(':') {
         Some((kind, arg)) => (kind, Some(arg)),
@@ -530,7 +1049,8 @@ fn parse_descriptor(s: &str) -> Result<Descriptor, &'static str> {
         ("method", None) => Ok(Descriptor::Method),
         ("host", None) => Ok(Descriptor::Host),
         ("route", None) => Ok(Descriptor::Route),
-        _ => Err("unknown descriptor; expected header:NAME, client_ip, path, method, host, route, query:NAME or const:VALUE"),
+        ("service", None) => Ok(Descriptor::Service),
+        _ => Err("unknown descriptor; expected header:NAME, client_ip, path, method, host, route, service, query:NAME or const:VALUE"),
     }
 }
 
@@ -589,10 +1109,17 @@ mod tests {
         assert_eq!(c.failure_response.status, 503);
         assert!(c.headers_on_allow);
         let rule = &c.rules[0];
-        assert_eq!(rule.window_ms, 60_000);
+        assert_eq!(
+            rule.limits,
+            vec![Limit::Window {
+                limit: 10,
+                window_ms: 60_000
+            }]
+        );
+        assert_eq!(rule.algorithm, Algorithm::FixedWindow);
+        assert_eq!(rule.cost, Cost::Fixed(1));
         assert_eq!(rule.descriptors, vec![Descriptor::ClientIp]);
         assert_eq!(rule.on_missing, OnMissing::Skip);
-        assert!(!c.needs_route_name && !c.needs_policy);
     }
 
     #[test]
@@ -623,8 +1150,13 @@ mod tests {
         assert_eq!(r.descriptors[0], Descriptor::Header("x-api-key".into()));
         assert_eq!(r.descriptors[2], Descriptor::Query("q".into()));
         assert_eq!(r.descriptors[3], Descriptor::Const("v1".into()));
-        assert_eq!(r.window_ms, 3_600_000);
-        assert!(c.needs_route_name && c.needs_policy);
+        assert_eq!(
+            r.limits,
+            vec![Limit::Window {
+                limit: 100,
+                window_ms: 3_600_000
+            }]
+        );
     }
 
     /// Every rejection path: (what to change, text the error must contain).
@@ -633,53 +1165,203 @@ mod tests {
         use serde_json::json;
         type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;
         let cases: Vec<(Edit, &str)> = vec![
-            (Box::new(|v| v["bogus"] = json!(1)), "bogus: unknown field `bogus`, expected one of"),
-            (Box::new(|v| v["shim"]["port"] = json!(1)), "shim.port: unknown field `port`"),
-            (Box::new(|v| { v.as_object_mut().unwrap().remove("shim"); }), "missing field `shim`"),
-            (Box::new(|v| { v.as_object_mut().unwrap().remove("rules"); }), "missing field `rules`"),
-            (Box::new(|v| v["shim"]["upstream"] = json!(" ")), "shim.upstream: must name"),
-            (Box::new(|v| v["shim"]["upstream"] = json!(7)), "shim.upstream: invalid type: integer `7`"),
-            (Box::new(|v| v["shim"]["path"] = json!("v1")), "shim.path: must be an absolute path without spaces (got \"v1\")"),
-            (Box::new(|v| v["shim"]["authority"] = json!("")), "shim.authority: must be a non-empty host name"),
-            (Box::new(|v| v["shim"]["timeout"] = json!("fast")), "shim.timeout: "),
-            (Box::new(|v| v["shim"]["timeout"] = json!("0ms")), "shim.timeout: must be between 1ms and 60s (got \"0ms\")"),
-            (Box::new(|v| v["shim"]["timeout"] = json!("2m")), "shim.timeout: must be between 1ms and 60s (got \"2m\")"),
-            (Box::new(|v| v["failure_mode"] = json!("open")), "failure_mode: unknown variant `open`"),
-            (Box::new(|v| v["key_prefix"] = json!("a{b}")), "key_prefix: must be 1 to 64 characters"),
-            (Box::new(|v| v["key_prefix"] = json!("")), "key_prefix: must be 1 to 64 characters"),
-            (Box::new(|v| v["deny"] = json!({"status": 200})), "deny.status: must be an HTTP error status (400..599) (got 200)"),
-            (Box::new(|v| v["deny"] = json!({"status": 429, "content_type": "a\nb"})), "deny.content_type: must be a media type"),
-            (Box::new(|v| v["failure_response"] = json!({"status": 302})), "failure_response.status: must be an HTTP error status"),
-            (Box::new(|v| v["headers_on_allow"] = json!("yes")), "headers_on_allow: invalid type: string"),
-            (Box::new(|v| v["rules"] = json!([])), "rules: at least one rule is required"),
-            (Box::new(|v| v["rules"] = json!(vec![v["rules"][0].clone(); 33])), "rules: at most 32 rules are allowed (got 33 rules)"),
-            (Box::new(|v| { let r = v["rules"][0].clone(); v["rules"] = json!([r.clone(), r]); }), "rules[1].name: rule names must be unique (got \"per_ip\")"),
-            (Box::new(|v| v["rules"][0]["name"] = json!("a b")), "rules[0].name: must be 1 to 64 characters"),
-            (Box::new(|v| v["rules"][0]["name"] = json!("x".repeat(65))), "rules[0].name: must be 1 to 64 characters"),
-            (Box::new(|v| v["rules"][0]["limit"] = json!(0)), "rules[0].limit: must be between 1 and 10^12 (got 0)"),
-            (Box::new(|v| v["rules"][0]["limit"] = json!(-1)), "rules[0].limit: invalid value: integer `-1`"),
-            (Box::new(|v| v["rules"][0]["limit"] = json!("10")), "rules[0].limit: invalid type: string \"10\""),
-            (Box::new(|v| v["rules"][0]["limit"] = json!(2_000_000_000_000u64)), "rules[0].limit: must be between 1 and 10^12"),
-            (Box::new(|v| { v["rules"][0].as_object_mut().unwrap().remove("limit"); }), "rules[0]: missing field `limit`"),
-            (Box::new(|v| v["rules"][0]["window"] = json!("500ms")), "rules[0].window: must be between 1s and 1d (got \"500ms\")"),
-            (Box::new(|v| v["rules"][0]["window"] = json!("2d")), "rules[0].window: must be between 1s and 1d (got \"2d\")"),
-            (Box::new(|v| v["rules"][0]["window"] = json!("1500ms")), "rules[0].window: must be a whole number of seconds"),
-            (Box::new(|v| v["rules"][0]["window"] = json!("1 minute")), "rules[0].window: "),
-            (Box::new(|v| v["rules"][0]["window"] = json!(60)), "rules[0].window: invalid type: integer `60`"),
-            (Box::new(|v| v["rules"][0]["on_missing"] = json!("deny")), "rules[0].on_missing: unknown variant `deny`"),
-            (Box::new(|v| v["rules"][0]["descriptors"] = json!(["cookie"])), "rules[0].descriptors[0]: unknown descriptor"),
-            (Box::new(|v| v["rules"][0]["descriptors"] = json!(["client_ip", "header:"])), "rules[0].descriptors[1]: header:NAME needs a valid header name (got \"header:\")"),
-            (Box::new(|v| v["rules"][0]["descriptors"] = json!(["header:a b"])), "rules[0].descriptors[0]: header:NAME"),
-            (Box::new(|v| v["rules"][0]["descriptors"] = json!(["query:"])), "rules[0].descriptors[0]: query:NAME needs a parameter name"),
-            (Box::new(|v| v["rules"][0]["descriptors"] = json!(["const:"])), "rules[0].descriptors[0]: const:VALUE needs a value"),
-            (Box::new(|v| v["rules"][0]["descriptors"] = json!(["path:x"])), "rules[0].descriptors[0]: unknown descriptor"),
-            (Box::new(|v| v["rules"][0]["descriptors"] = json!(vec!["path"; 9])), "rules[0].descriptors: at most 8 descriptors"),
-            (Box::new(|v| v["rules"][0]["match"] = json!({"path": "/"})), "rules[0].match.path: unknown field `path`"),
-            (Box::new(|v| v["rules"][0]["match"] = json!({"policies": ["a|b"]})), "rules[0].match.policies[0]: must be 1 to 64 characters"),
-            (Box::new(|v| v["rules"][0]["match"] = json!({"routes": [""]})), "rules[0].match.routes[0]: must not be empty"),
-            (Box::new(|v| v["rules"][0]["match"] = json!({"path_prefix": "v1"})), "rules[0].match.path_prefix: must start with '/' (got \"v1\")"),
-            (Box::new(|v| v["rules"][0]["match"] = json!({"methods": ["GE T"]})), "rules[0].match.methods[0]: must be an HTTP method"),
-            (Box::new(|v| v["rules"][0]["match"] = json!({"hosts": ["http://x"]})), "rules[0].match.hosts[0]: must be a host name"),
+            (
+                Box::new(|v| v["bogus"] = json!(1)),
+                "bogus: unknown field `bogus`, expected one of",
+            ),
+            (
+                Box::new(|v| v["shim"]["port"] = json!(1)),
+                "shim.port: unknown field `port`",
+            ),
+            (
+                Box::new(|v| {
+                    v.as_object_mut().unwrap().remove("shim");
+                }),
+                "missing field `shim`",
+            ),
+            (
+                Box::new(|v| {
+                    v.as_object_mut().unwrap().remove("rules");
+                }),
+                "missing field `rules`",
+            ),
+            (
+                Box::new(|v| v["shim"]["upstream"] = json!(" ")),
+                "shim.upstream: must name",
+            ),
+            (
+                Box::new(|v| v["shim"]["upstream"] = json!(7)),
+                "shim.upstream: invalid type: integer `7`",
+            ),
+            (
+                Box::new(|v| v["shim"]["path"] = json!("v1")),
+                "shim.path: must be an absolute path without spaces (got \"v1\")",
+            ),
+            (
+                Box::new(|v| v["shim"]["authority"] = json!("")),
+                "shim.authority: must be a non-empty host name",
+            ),
+            (
+                Box::new(|v| v["shim"]["timeout"] = json!("fast")),
+                "shim.timeout: ",
+            ),
+            (
+                Box::new(|v| v["shim"]["timeout"] = json!("0ms")),
+                "shim.timeout: must be between 1ms and 60s (got \"0ms\")",
+            ),
+            (
+                Box::new(|v| v["shim"]["timeout"] = json!("2m")),
+                "shim.timeout: must be between 1ms and 60s (got \"2m\")",
+            ),
+            (
+                Box::new(|v| v["failure_mode"] = json!("open")),
+                "failure_mode: unknown variant `open`",
+            ),
+            (
+                Box::new(|v| v["key_prefix"] = json!("a{b}")),
+                "key_prefix: must be 1 to 64 characters",
+            ),
+            (
+                Box::new(|v| v["key_prefix"] = json!("")),
+                "key_prefix: must be 1 to 64 characters",
+            ),
+            (
+                Box::new(|v| v["deny"] = json!({"status": 200})),
+                "deny.status: must be an HTTP error status (400..599) (got 200)",
+            ),
+            (
+                Box::new(|v| v["deny"] = json!({"status": 429, "content_type": "a\nb"})),
+                "deny.content_type: must be a media type",
+            ),
+            (
+                Box::new(|v| v["failure_response"] = json!({"status": 302})),
+                "failure_response.status: must be an HTTP error status",
+            ),
+            (
+                Box::new(|v| v["headers_on_allow"] = json!("yes")),
+                "headers_on_allow: invalid type: string",
+            ),
+            (
+                Box::new(|v| v["rules"] = json!([])),
+                "rules: at least one rule is required",
+            ),
+            (
+                Box::new(|v| v["rules"] = json!(vec![v["rules"][0].clone(); 33])),
+                "rules: at most 32 rules are allowed (got 33 rules)",
+            ),
+            (
+                Box::new(|v| {
+                    let r = v["rules"][0].clone();
+                    v["rules"] = json!([r.clone(), r]);
+                }),
+                "rules[1].name: rule names must be unique (got \"per_ip\")",
+            ),
+            (
+                Box::new(|v| v["rules"][0]["name"] = json!("a b")),
+                "rules[0].name: must be 1 to 64 characters",
+            ),
+            (
+                Box::new(|v| v["rules"][0]["name"] = json!("x".repeat(65))),
+                "rules[0].name: must be 1 to 64 characters",
+            ),
+            (
+                Box::new(|v| v["rules"][0]["limit"] = json!(0)),
+                "rules[0].limit: must be between 1 and 1000000000000 (got 0)",
+            ),
+            (
+                Box::new(|v| v["rules"][0]["limit"] = json!(-1)),
+                "rules[0].limit: invalid value: integer `-1`",
+            ),
+            (
+                Box::new(|v| v["rules"][0]["limit"] = json!("10")),
+                "rules[0].limit: invalid type: string \"10\"",
+            ),
+            (
+                Box::new(|v| v["rules"][0]["limit"] = json!(2_000_000_000_000u64)),
+                "rules[0].limit: must be between 1 and 1000000000000",
+            ),
+            (
+                Box::new(|v| {
+                    v["rules"][0].as_object_mut().unwrap().remove("limit");
+                }),
+                "rules[0].limit: is required by algorithm fixed_window (got nothing)",
+            ),
+            (
+                Box::new(|v| v["rules"][0]["window"] = json!("500ms")),
+                "rules[0].window: must be between 1s and 1d (got \"500ms\")",
+            ),
+            (
+                Box::new(|v| v["rules"][0]["window"] = json!("2d")),
+                "rules[0].window: must be between 1s and 1d (got \"2d\")",
+            ),
+            (
+                Box::new(|v| v["rules"][0]["window"] = json!("1500ms")),
+                "rules[0].window: must be a whole number of seconds",
+            ),
+            (
+                Box::new(|v| v["rules"][0]["window"] = json!("1 minute")),
+                "rules[0].window: ",
+            ),
+            (
+                Box::new(|v| v["rules"][0]["window"] = json!(60)),
+                "rules[0].window: invalid type: integer `60`",
+            ),
+            (
+                Box::new(|v| v["rules"][0]["on_missing"] = json!("deny")),
+                "rules[0].on_missing: unknown variant `deny`",
+            ),
+            (
+                Box::new(|v| v["rules"][0]["descriptors"] = json!(["cookie"])),
+                "rules[0].descriptors[0]: unknown descriptor",
+            ),
+            (
+                Box::new(|v| v["rules"][0]["descriptors"] = json!(["client_ip", "header:"])),
+                "rules[0].descriptors[1]: header:NAME needs a valid header name (got \"header:\")",
+            ),
+            (
+                Box::new(|v| v["rules"][0]["descriptors"] = json!(["header:a b"])),
+                "rules[0].descriptors[0]: header:NAME",
+            ),
+            (
+                Box::new(|v| v["rules"][0]["descriptors"] = json!(["query:"])),
+                "rules[0].descriptors[0]: query:NAME needs a parameter name",
+            ),
+            (
+                Box::new(|v| v["rules"][0]["descriptors"] = json!(["const:"])),
+                "rules[0].descriptors[0]: const:VALUE needs a value",
+            ),
+            (
+                Box::new(|v| v["rules"][0]["descriptors"] = json!(["path:x"])),
+                "rules[0].descriptors[0]: unknown descriptor",
+            ),
+            (
+                Box::new(|v| v["rules"][0]["descriptors"] = json!(vec!["path"; 9])),
+                "rules[0].descriptors: at most 8 descriptors",
+            ),
+            (
+                Box::new(|v| v["rules"][0]["match"] = json!({"path": "/"})),
+                "rules[0].match.path: unknown field `path`",
+            ),
+            (
+                Box::new(|v| v["rules"][0]["match"] = json!({"policies": ["a|b"]})),
+                "rules[0].match.policies[0]: must be 1 to 64 characters",
+            ),
+            (
+                Box::new(|v| v["rules"][0]["match"] = json!({"routes": [""]})),
+                "rules[0].match.routes[0]: must not be empty",
+            ),
+            (
+                Box::new(|v| v["rules"][0]["match"] = json!({"path_prefix": "v1"})),
+                "rules[0].match.path_prefix: must start with '/' (got \"v1\")",
+            ),
+            (
+                Box::new(|v| v["rules"][0]["match"] = json!({"methods": ["GE T"]})),
+                "rules[0].match.methods[0]: must be an HTTP method",
+            ),
+            (
+                Box::new(|v| v["rules"][0]["match"] = json!({"hosts": ["http://x"]})),
+                "rules[0].match.hosts[0]: must be a host name",
+            ),
         ];
         for (edit, expected) in cases {
             let message = error_for(edit);
@@ -687,7 +1369,10 @@ mod tests {
                 message.starts_with("invalid plugin configuration: "),
                 "{message}"
             );
-            assert!(message.contains(expected), "expected {expected:?} in {message:?}");
+            assert!(
+                message.contains(expected),
+                "expected {expected:?} in {message:?}"
+            );
         }
     }
 
@@ -698,6 +1383,9 @@ mod tests {
             assert!(err.starts_with("invalid plugin configuration: "), "{err}");
         }
         let err = Config::from_json(format!("{MINIMAL} x").as_bytes()).unwrap_err();
-        assert!(err.to_string().contains("(top level): trailing characters"), "{err}");
+        assert!(
+            err.to_string().contains("(top level): trailing characters"),
+            "{err}"
+        );
     }
 }

@@ -6,14 +6,18 @@
 use std::fmt;
 
 use crate::config::{Config, FailureMode, LocalResponse};
-use crate::request::Check;
+use crate::request::{Check, CheckKind};
 use crate::wire::{self, CheckResult, RequestResult};
 
 /// What the filter does with a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     /// Resume the request; add these headers to its response (empty when disabled).
-    Allow { response_headers: Vec<(String, String)> },
+    /// `shadow_denials`: the rules in shadow mode that would have denied it.
+    Allow {
+        response_headers: Vec<(String, String)>,
+        shadow_denials: Vec<usize>,
+    },
     /// Answer locally; the request never reaches the upstream.
     Deny(LocalReply),
 }
@@ -52,16 +56,32 @@ impl fmt::Display for Failure {
     }
 }
 
+/// A completed callout as the host delivered it.
+#[derive(Debug, Clone, Copy)]
+pub struct CalloutReply<'a> {
+    /// `:status`; absent when the call itself failed.
+    pub status: Option<u32>,
+    /// Kong's `:dispatch_status` (e.g. `timeout`, `broken connection`) when the call failed.
+    pub dispatch_status: Option<&'a str>,
+    pub body: &'a [u8],
+}
+
 /// Decides one request from a completed callout that carried only its checks.
-pub fn from_callout(config: &Config, checks: &[Check], status: Option<u32>, body: &[u8]) -> Result<Verdict, Failure> {
-    match status {
-        None => Err(Failure::NoStatus),
-        Some(200) => {
-            let mut results = wire::decode(body, &[checks.len()]).map_err(Failure::Malformed)?;
+pub fn from_callout(
+    config: &Config,
+    checks: &[Check],
+    reply: CalloutReply<'_>,
+) -> Result<Verdict, Failure> {
+    match (reply.status, reply.dispatch_status) {
+        (Some(200), _) => {
+            let mut results =
+                wire::decode(reply.body, &[checks.len()]).map_err(Failure::Malformed)?;
             let result = results.pop().ok_or(Failure::NoStatus)?;
             Ok(decide(config, checks, &result))
         }
-        Some(other) => Err(Failure::Status(other)),
+        (Some(other), _) => Err(Failure::Status(other)),
+        (None, Some(why)) => Err(Failure::Dispatch(why.to_string())),
+        (None, None) => Err(Failure::NoStatus),
     }
 }
 
@@ -70,24 +90,34 @@ pub fn on_failure(config: &Config) -> Verdict {
     match config.failure_mode {
         FailureMode::Allow => Verdict::Allow {
             response_headers: Vec::new(),
+            shadow_denials: Vec::new(),
         },
-        FailureMode::Deny => Verdict::Deny(local_reply(
-            &config.failure_response,
-            Vec::new(),
-            || problem_json(config.failure_response.status, "Rate limit service unavailable", "The rate limit could not be checked; try again shortly.", None),
-        )),
+        FailureMode::Deny => {
+            Verdict::Deny(local_reply(&config.failure_response, Vec::new(), || {
+                problem_json(
+                    config.failure_response.status,
+                    "Rate limit service unavailable",
+                    "The rate limit could not be checked; try again shortly.",
+                    None,
+                )
+            }))
+        }
     }
 }
 
-/// What one check means for the response headers, with the reset made safe.
+/// What one check means for the response headers, with the times made safe.
 struct Outcome<'a> {
     rule: &'a str,
     limit: u64,
     remaining: u64,
-    window_s: u64,
-    /// Whole seconds until the counter resets, rounded up, never before the window's end.
+    window_s: Option<u64>,
+    /// Whole seconds until the limit is fully available again, rounded up.
     reset_s: u64,
+    /// Whole seconds until this request would fit again (0 when it fits), rounded up;
+    /// for a fixed window never before the window's end.
+    retry_s: u64,
     allowed: bool,
+    shadow: bool,
 }
 
 /// Decides one request from the shim's answer for it.
@@ -95,19 +125,39 @@ pub fn decide(config: &Config, checks: &[Check], result: &RequestResult) -> Verd
     let outcomes: Vec<Outcome<'_>> = checks
         .iter()
         .zip(&result.checks)
-        .map(|(check, r): (&Check, &CheckResult)| Outcome {
-            rule: config.rules.get(check.rule).map_or("", |rule| rule.name.as_str()),
-            limit: check.limit,
-            remaining: r.remaining.min(check.limit),
-            window_s: check.window_ms / 1000,
-            // The gateway's window end is when this key stops being used; Redis's TTL can only
-            // be later (another gateway created the key), so take the larger of the two.
-            reset_s: ceil_seconds(check.ttl_ms.max(r.reset_ms)),
-            allowed: r.allowed,
+        .map(|(check, r): (&Check, &CheckResult)| {
+            // A fixed window's key is retired when the gateway's window ends; Redis's TTL can
+            // only be later (another gateway created the key), so take the later of the two.
+            let floor = check.min_retry_ms();
+            Outcome {
+                rule: config
+                    .rules
+                    .get(check.rule)
+                    .map_or("", |rule| rule.name.as_str()),
+                limit: check.limit(),
+                remaining: r.remaining.min(check.limit()),
+                window_s: check.window_s(),
+                reset_s: ceil_seconds(floor.max(r.reset_ms)),
+                retry_s: match (r.allowed, &check.kind) {
+                    (true, _) => 0,
+                    (false, CheckKind::FixedWindow { .. }) => {
+                        ceil_seconds(floor.max(r.reset_ms).max(r.retry_after_ms))
+                    }
+                    (false, _) => ceil_seconds(r.retry_after_ms),
+                },
+                allowed: r.allowed,
+                shadow: check.shadow,
+            }
         })
         .collect();
 
     if result.allowed {
+        let shadow_denials = checks
+            .iter()
+            .zip(&outcomes)
+            .filter(|(_, o)| o.shadow && !o.allowed)
+            .map(|(c, _)| c.rule)
+            .collect();
         let response_headers = if config.headers_on_allow {
             // The most restrictive rule: fewest remaining, then the longest wait.
             outcomes
@@ -118,25 +168,33 @@ pub fn decide(config: &Config, checks: &[Check], result: &RequestResult) -> Verd
         } else {
             Vec::new()
         };
-        return Verdict::Allow { response_headers };
+        return Verdict::Allow {
+            response_headers,
+            shadow_denials,
+        };
     }
 
-    // Denied: the client may retry once every denying rule has reset.
-    let denying = outcomes.iter().filter(|o| !o.allowed).max_by_key(|o| o.reset_s);
-    let Some(binding) = denying.or_else(|| outcomes.iter().max_by_key(|o| o.reset_s)) else {
+    // Denied: the client may retry once every enforced rule that denied it lets it through.
+    let denying = outcomes
+        .iter()
+        .filter(|o| !o.allowed && !o.shadow)
+        .max_by_key(|o| o.retry_s);
+    let Some(binding) = denying.or_else(|| outcomes.iter().max_by_key(|o| o.retry_s)) else {
         return on_failure(config);
     };
+    let retry_after = binding.retry_s.max(1);
     let mut headers = rate_limit_headers(&outcomes, binding);
-    headers.insert(0, ("retry-after".to_string(), binding.reset_s.max(1).to_string()));
+    headers.insert(0, ("retry-after".to_string(), retry_after.to_string()));
     Verdict::Deny(local_reply(&config.deny, headers, || {
+        let per = match binding.window_s {
+            Some(w) => format!("{} requests per {w}s", binding.limit),
+            None => format!("{} requests in flight", binding.limit),
+        };
         problem_json(
             config.deny.status,
             "Too Many Requests",
-            &format!(
-                "Rate limit \"{}\" exceeded: {} requests per {}s.",
-                binding.rule, binding.limit, binding.window_s
-            ),
-            Some(binding),
+            &format!("Rate limit \"{}\" exceeded: {per}.", binding.rule),
+            Some((binding, retry_after)),
         )
     }))
 }
@@ -145,7 +203,10 @@ pub fn decide(config: &Config, checks: &[Check], result: &RequestResult) -> Verd
 fn rate_limit_headers(outcomes: &[Outcome<'_>], binding: &Outcome<'_>) -> Vec<(String, String)> {
     let policy = outcomes
         .iter()
-        .map(|o| format!("\"{}\";q={};w={}", o.rule, o.limit, o.window_s))
+        .map(|o| match o.window_s {
+            Some(w) => format!("\"{}\";q={};w={w}", o.rule, o.limit),
+            None => format!("\"{}\";q={}", o.rule, o.limit),
+        })
         .collect::<Vec<_>>()
         .join(", ");
     let state = outcomes
@@ -155,7 +216,10 @@ fn rate_limit_headers(outcomes: &[Outcome<'_>], binding: &Outcome<'_>) -> Vec<(S
         .join(", ");
     vec![
         ("x-ratelimit-limit".to_string(), binding.limit.to_string()),
-        ("x-ratelimit-remaining".to_string(), binding.remaining.to_string()),
+        (
+            "x-ratelimit-remaining".to_string(),
+            binding.remaining.to_string(),
+        ),
         ("x-ratelimit-reset".to_string(), binding.reset_s.to_string()),
         ("ratelimit-policy".to_string(), policy),
         ("ratelimit".to_string(), state),
@@ -180,18 +244,25 @@ fn local_reply(
 }
 
 /// An RFC 9457 problem document; for a denial it names the rule and its limit.
-fn problem_json(status: u32, title: &str, detail: &str, rule: Option<&Outcome<'_>>) -> String {
+fn problem_json(
+    status: u32,
+    title: &str,
+    detail: &str,
+    rule: Option<(&Outcome<'_>, u64)>,
+) -> String {
     let mut doc = serde_json::json!({
         "type": "about:blank",
         "title": title,
         "status": status,
         "detail": detail,
     });
-    if let (Some(o), Some(map)) = (rule, doc.as_object_mut()) {
+    if let (Some((o, retry_after)), Some(map)) = (rule, doc.as_object_mut()) {
         map.insert("rule".into(), o.rule.into());
         map.insert("limit".into(), o.limit.into());
-        map.insert("window_seconds".into(), o.window_s.into());
-        map.insert("retry_after_seconds".into(), o.reset_s.max(1).into());
+        if let Some(w) = o.window_s {
+            map.insert("window_seconds".into(), w.into());
+        }
+        map.insert("retry_after_seconds".into(), retry_after.into());
     }
     doc.to_string()
 }
@@ -216,11 +287,30 @@ mod tests {
         Config::from_json(CONFIG.as_bytes()).unwrap()
     }
 
+    fn fixed(rule: usize, limit: u64, window_ms: u64, ttl_ms: u64) -> Check {
+        Check {
+            rule,
+            key: format!("k{rule}"),
+            cost: 1,
+            shadow: false,
+            kind: CheckKind::FixedWindow {
+                limit,
+                window_ms,
+                ttl_ms,
+            },
+        }
+    }
+
     fn checks() -> Vec<Check> {
-        vec![
-            Check { rule: 0, key: "k0".into(), limit: 100, window_ms: 60_000, ttl_ms: 41_500, cost: 1 },
-            Check { rule: 1, key: "k1".into(), limit: 20, window_ms: 10_000, ttl_ms: 3_001, cost: 1 },
-        ]
+        vec![fixed(0, 100, 60_000, 41_500), fixed(1, 20, 10_000, 3_001)]
+    }
+
+    fn reply<'a>(status: Option<u32>, body: &'a [u8]) -> CalloutReply<'a> {
+        CalloutReply {
+            status,
+            dispatch_status: None,
+            body,
+        }
     }
 
     fn result(allowed: bool, checks: &[(bool, u64, u64, u64)]) -> RequestResult {
@@ -228,24 +318,54 @@ mod tests {
             allowed,
             checks: checks
                 .iter()
-                .map(|&(allowed, limit, remaining, reset_ms)| CheckResult { allowed, limit, remaining, reset_ms })
+                .map(|&(allowed, limit, remaining, reset_ms)| CheckResult {
+                    allowed,
+                    limit,
+                    remaining,
+                    reset_ms,
+                    retry_after_ms: 0,
+                })
                 .collect(),
         }
     }
 
     fn header<'a>(headers: &'a [(String, String)], name: &str) -> &'a str {
-        headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str()).unwrap_or("<none>")
+        headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or("<none>")
     }
 
     #[test]
     fn allow_carries_the_most_restrictive_rules_headers() {
-        let verdict = decide(&config(), &checks(), &result(true, &[(true, 100, 63, 41_400), (true, 20, 5, 3_000)]));
-        let Verdict::Allow { response_headers: h } = verdict else { panic!("{verdict:?}") };
+        let verdict = decide(
+            &config(),
+            &checks(),
+            &result(true, &[(true, 100, 63, 41_400), (true, 20, 5, 3_000)]),
+        );
+        let Verdict::Allow {
+            response_headers: h,
+            ..
+        } = verdict
+        else {
+            panic!("{verdict:?}")
+        };
         assert_eq!(header(&h, "x-ratelimit-limit"), "20");
         assert_eq!(header(&h, "x-ratelimit-remaining"), "5");
-        assert_eq!(header(&h, "x-ratelimit-reset"), "4", "3001 ms rounds up to 4 s");
-        assert_eq!(header(&h, "ratelimit-policy"), "\"search\";q=100;w=60, \"per_ip\";q=20;w=10");
-        assert_eq!(header(&h, "ratelimit"), "\"search\";r=63;t=42, \"per_ip\";r=5;t=4");
+        assert_eq!(
+            header(&h, "x-ratelimit-reset"),
+            "4",
+            "3001 ms rounds up to 4 s"
+        );
+        assert_eq!(
+            header(&h, "ratelimit-policy"),
+            "\"search\";q=100;w=60, \"per_ip\";q=20;w=10"
+        );
+        assert_eq!(
+            header(&h, "ratelimit"),
+            "\"search\";r=63;t=42, \"per_ip\";r=5;t=4"
+        );
         assert_eq!(header(&h, "retry-after"), "<none>");
     }
 
@@ -253,42 +373,76 @@ mod tests {
     fn allow_without_headers_when_disabled() {
         let mut c = config();
         c.headers_on_allow = false;
-        let verdict = decide(&c, &checks(), &result(true, &[(true, 100, 1, 1), (true, 20, 1, 1)]));
-        assert_eq!(verdict, Verdict::Allow { response_headers: vec![] });
+        let verdict = decide(
+            &c,
+            &checks(),
+            &result(true, &[(true, 100, 1, 1), (true, 20, 1, 1)]),
+        );
+        assert_eq!(
+            verdict,
+            Verdict::Allow {
+                response_headers: vec![],
+                shadow_denials: vec![]
+            }
+        );
     }
 
     #[test]
     fn deny_names_the_rule_and_never_retries_before_the_window_ends() {
         // Redis says 2 s left, but the gateway window has 3001 ms left: Retry-After is 4.
-        let verdict = decide(&config(), &checks(), &result(false, &[(true, 100, 63, 41_400), (false, 20, 0, 2_000)]));
-        let Verdict::Deny(reply) = verdict else { panic!("{verdict:?}") };
+        let verdict = decide(
+            &config(),
+            &checks(),
+            &result(false, &[(true, 100, 63, 41_400), (false, 20, 0, 2_000)]),
+        );
+        let Verdict::Deny(reply) = verdict else {
+            panic!("{verdict:?}")
+        };
         assert_eq!(reply.status, 429);
         assert_eq!(header(&reply.headers, "retry-after"), "4");
         assert_eq!(header(&reply.headers, "x-ratelimit-limit"), "20");
         assert_eq!(header(&reply.headers, "x-ratelimit-remaining"), "0");
         assert_eq!(header(&reply.headers, "x-ratelimit-reset"), "4");
-        assert_eq!(header(&reply.headers, "content-type"), "application/problem+json");
+        assert_eq!(
+            header(&reply.headers, "content-type"),
+            "application/problem+json"
+        );
         let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
         assert_eq!(body["status"], 429);
         assert_eq!(body["rule"], "per_ip");
         assert_eq!(body["limit"], 20);
         assert_eq!(body["window_seconds"], 10);
         assert_eq!(body["retry_after_seconds"], 4);
-        assert_eq!(body["detail"], "Rate limit \"per_ip\" exceeded: 20 requests per 10s.");
+        assert_eq!(
+            body["detail"],
+            "Rate limit \"per_ip\" exceeded: 20 requests per 10s."
+        );
     }
 
     #[test]
     fn deny_by_several_rules_waits_for_the_last_reset() {
-        let verdict = decide(&config(), &checks(), &result(false, &[(false, 100, 0, 41_400), (false, 20, 0, 3_000)]));
-        let Verdict::Deny(reply) = verdict else { panic!("{verdict:?}") };
+        let verdict = decide(
+            &config(),
+            &checks(),
+            &result(false, &[(false, 100, 0, 41_400), (false, 20, 0, 3_000)]),
+        );
+        let Verdict::Deny(reply) = verdict else {
+            panic!("{verdict:?}")
+        };
         assert_eq!(header(&reply.headers, "retry-after"), "42");
         assert_eq!(header(&reply.headers, "x-ratelimit-limit"), "100");
     }
 
     #[test]
     fn redis_ttl_longer_than_the_window_wins() {
-        let verdict = decide(&config(), &checks(), &result(false, &[(true, 100, 1, 1), (false, 20, 0, 9_999)]));
-        let Verdict::Deny(reply) = verdict else { panic!("{verdict:?}") };
+        let verdict = decide(
+            &config(),
+            &checks(),
+            &result(false, &[(true, 100, 1, 1), (false, 20, 0, 9_999)]),
+        );
+        let Verdict::Deny(reply) = verdict else {
+            panic!("{verdict:?}")
+        };
         assert_eq!(header(&reply.headers, "retry-after"), "10");
     }
 
@@ -297,8 +451,14 @@ mod tests {
         let mut c = config();
         c.deny.body = Some("slow down".into());
         c.deny.content_type = "text/plain".into();
-        let verdict = decide(&c, &checks(), &result(false, &[(false, 100, 0, 1), (true, 20, 3, 1)]));
-        let Verdict::Deny(reply) = verdict else { panic!("{verdict:?}") };
+        let verdict = decide(
+            &c,
+            &checks(),
+            &result(false, &[(false, 100, 0, 1), (true, 20, 3, 1)]),
+        );
+        let Verdict::Deny(reply) = verdict else {
+            panic!("{verdict:?}")
+        };
         assert_eq!(reply.body, b"slow down");
         assert_eq!(header(&reply.headers, "content-type"), "text/plain");
         assert_eq!(header(&reply.headers, "retry-after"), "42");
@@ -310,22 +470,46 @@ mod tests {
         let cases = [
             (None, &b""[..], Failure::NoStatus),
             (Some(504), &b""[..], Failure::Status(504)),
-            (Some(503), &br#"{"error":"backend_unavailable"}"#[..], Failure::Status(503)),
+            (
+                Some(503),
+                &br#"{"error":"backend_unavailable"}"#[..],
+                Failure::Status(503),
+            ),
             (Some(400), &b"{}"[..], Failure::Status(400)),
         ];
         for (status, body, expected) in cases {
-            assert_eq!(from_callout(&c, &checks(), status, body), Err(expected));
+            assert_eq!(
+                from_callout(&c, &checks(), reply(status, body)),
+                Err(expected)
+            );
         }
-        assert!(matches!(from_callout(&c, &checks(), Some(200), b"garbage"), Err(Failure::Malformed(_))));
-        assert!(matches!(from_callout(&c, &checks(), Some(200), br#"{"results":[]}"#), Err(Failure::Malformed(_))));
+        assert!(matches!(
+            from_callout(&c, &checks(), reply(Some(200), b"garbage")),
+            Err(Failure::Malformed(_))
+        ));
+        assert!(matches!(
+            from_callout(&c, &checks(), reply(Some(200), br#"{"results":[]}"#)),
+            Err(Failure::Malformed(_))
+        ));
 
-        assert_eq!(on_failure(&c), Verdict::Allow { response_headers: vec![] });
+        assert_eq!(
+            on_failure(&c),
+            Verdict::Allow {
+                response_headers: vec![],
+                shadow_denials: vec![]
+            }
+        );
         c.failure_mode = FailureMode::Deny;
-        let Verdict::Deny(reply) = on_failure(&c) else { panic!() };
+        let Verdict::Deny(reply) = on_failure(&c) else {
+            panic!()
+        };
         assert_eq!(reply.status, 503);
         let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
         assert_eq!(body["title"], "Rate limit service unavailable");
-        assert_eq!(Failure::Status(504).to_string(), "shim callout timed out (504)");
+        assert_eq!(
+            Failure::Status(504).to_string(),
+            "shim callout timed out (504)"
+        );
     }
 
     #[test]
@@ -333,7 +517,7 @@ mod tests {
         let body = br#"{"results":[{"allowed":true,"checks":[
             {"allowed":true,"limit":100,"count":1,"remaining":99,"reset_ms":41000},
             {"allowed":true,"limit":20,"count":1,"remaining":19,"reset_ms":3000}]}]}"#;
-        let verdict = from_callout(&config(), &checks(), Some(200), body).unwrap();
+        let verdict = from_callout(&config(), &checks(), reply(Some(200), body)).unwrap();
         assert!(matches!(verdict, Verdict::Allow { .. }));
     }
 }

@@ -4,7 +4,8 @@ use std::time::Duration;
 
 /// Parses a whole number followed by one unit (`ms`, `s`, `m`, `h`, `d`).
 pub fn parse_duration(s: &str) -> Result<Duration, &'static str> {
-    const EXPECTED: &str = "expected a whole number and a unit: ms, s, m, h or d (e.g. \"50ms\", \"1m\")";
+    const EXPECTED: &str =
+        "expected a whole number and a unit: ms, s, m, h or d (e.g. \"50ms\", \"1m\")";
     let split = s.find(|c: char| !c.is_ascii_digit()).ok_or(EXPECTED)?;
     let (digits, unit) = s.split_at(split);
     if digits.is_empty() || digits.len() > 12 {
@@ -38,13 +39,29 @@ mod tests {
             ("1d", 86_400_000),
         ];
         for (text, ms) in table {
-            assert_eq!(parse_duration(text), Ok(Duration::from_millis(ms)), "{text}");
+            assert_eq!(
+                parse_duration(text),
+                Ok(Duration::from_millis(ms)),
+                "{text}"
+            );
         }
     }
 
     #[test]
     fn rejects_everything_else() {
-        for bad in ["", "ms", "1", "1.5s", "-1s", " 1s", "1s ", "1 s", "1S", "1w", "1000000000000s"] {
+        for bad in [
+            "",
+            "ms",
+            "1",
+            "1.5s",
+            "-1s",
+            " 1s",
+            "1s ",
+            "1 s",
+            "1S",
+            "1w",
+            "1000000000000s",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should be rejected");
         }
     }

@@ -30,6 +30,16 @@ pub trait Host: RequestView {
     /// The `:status` of the callout reply being delivered.
     fn callout_status(&self) -> Option<u32>;
     fn callout_body(&self, size: usize) -> Vec<u8>;
+    /// Kong's `:dispatch_status` of a failed callout (Envoy reports failures as `:status`).
+    fn callout_dispatch_status(&self) -> Option<String>;
+    /// Sends the release of concurrency slots, owned by the root context so that it outlives
+    /// the finished request; nobody waits for the answer.
+    fn dispatch_release(
+        &self,
+        root_context_id: u32,
+        shim: &ShimTarget,
+        body: &[u8],
+    ) -> Result<u32, HostError>;
     fn send_local_reply(&self, reply: &LocalReply) -> Result<(), HostError>;
     fn resume_request(&self) -> Result<(), HostError>;
     fn add_response_header(&self, name: &str, value: &str) -> Result<(), HostError>;
@@ -39,10 +49,19 @@ pub trait Host: RequestView {
 pub struct WasmHost;
 
 /// `filter_metadata.tollgate.policy` of the matched route (strings come back raw).
-const ROUTE_POLICY: [&str; 5] = ["xds", "route_metadata", "filter_metadata", "tollgate", "policy"];
+const ROUTE_POLICY: [&str; 5] = [
+    "xds",
+    "route_metadata",
+    "filter_metadata",
+    "tollgate",
+    "policy",
+];
 
 fn property(path: Vec<&str>) -> Option<Vec<u8>> {
-    hostcalls::get_property(path).ok().flatten().filter(|v| !v.is_empty())
+    hostcalls::get_property(path)
+        .ok()
+        .flatten()
+        .filter(|v| !v.is_empty())
 }
 
 impl RequestView for WasmHost {
@@ -57,7 +76,11 @@ impl RequestView for WasmHost {
     }
 
     fn route_name(&self) -> Option<Vec<u8>> {
-        property(vec!["xds", "route_name"])
+        property(vec!["xds", "route_name"]).or_else(|| property(vec!["kong", "route_name"]))
+    }
+
+    fn service_name(&self) -> Option<Vec<u8>> {
+        property(vec!["xds", "cluster_name"]).or_else(|| property(vec!["kong", "service_name"]))
     }
 
     fn route_policy(&self) -> Option<Vec<u8>> {
@@ -105,6 +128,30 @@ impl Host for WasmHost {
             .unwrap_or_default()
     }
 
+    fn callout_dispatch_status(&self) -> Option<String> {
+        hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":dispatch_status")
+            .ok()
+            .flatten()
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+    }
+
+    fn dispatch_release(
+        &self,
+        root_context_id: u32,
+        shim: &ShimTarget,
+        body: &[u8],
+    ) -> Result<u32, HostError> {
+        hostcalls::set_effective_context(root_context_id).map_err(HostError)?;
+        let headers = vec![
+            (":method", "POST"),
+            (":path", shim.release_path.as_str()),
+            (":authority", shim.authority.as_str()),
+            ("content-type", "application/json"),
+        ];
+        hostcalls::dispatch_http_call(&shim.upstream, headers, Some(body), vec![], shim.timeout)
+            .map_err(HostError)
+    }
+
     fn send_local_reply(&self, reply: &LocalReply) -> Result<(), HostError> {
         let headers = reply
             .headers
@@ -122,4 +169,3 @@ impl Host for WasmHost {
         hostcalls::add_map_value(MapType::HttpResponseHeaders, name, value).map_err(HostError)
     }
 }
-

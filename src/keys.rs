@@ -1,7 +1,7 @@
 //! Counter keys and window math, computed in the gateway.
 //!
-//! A fixed-window key is
-//! `<prefix>:{<rule>|<v1>|<v2>…}:<window_ms>:<window_index>`.
+//! A key is `<prefix>:{<rule>|<v1>|<v2>…}:<suffix>`; a window counter's suffix is
+//! `<window_ms>:<window_index>`, other algorithms name their state (`tb:…`, `gcra:…`, …).
 //! The braces are the Redis Cluster hash tag: every window of one counter lands in the same slot.
 //! Each descriptor value is encoded so that distinct tuples can never produce the same key:
 //! - `=` + the value with every byte outside `[A-Za-z0-9._~-]` percent-encoded (`%7C` for `|`,
@@ -75,9 +75,11 @@ pub fn encode_value(value: Value<'_>, out: &mut String) {
     }
 }
 
-/// Builds a fixed-window counter key.
-pub fn counter_key(prefix: &str, rule: &str, values: &[Value<'_>], window_ms: u64, index: u64) -> String {
-    let mut key = String::with_capacity(prefix.len() + rule.len() + 32 + values.len() * 24);
+/// Builds a key: `<prefix>:{<rule>|<values>…}:<suffix>`, where the suffix names the state
+/// (`<window_ms>:<index>` for a window counter, `tb:…`, `gcra:…`, `log:…`, `conc`).
+pub fn counter_key(prefix: &str, rule: &str, values: &[Value<'_>], suffix: &str) -> String {
+    let mut key =
+        String::with_capacity(prefix.len() + rule.len() + suffix.len() + 4 + values.len() * 24);
     key.push_str(prefix);
     key.push_str(":{");
     key.push_str(rule);
@@ -86,9 +88,7 @@ pub fn counter_key(prefix: &str, rule: &str, values: &[Value<'_>], window_ms: u6
         encode_value(value, &mut key);
     }
     key.push_str("}:");
-    push_decimal(window_ms, &mut key);
-    key.push(':');
-    push_decimal(index, &mut key);
+    key.push_str(suffix);
     key
 }
 
@@ -104,19 +104,13 @@ fn push_hex(bytes: &[u8], out: &mut String) {
     }
 }
 
-fn push_decimal(n: u64, out: &mut String) {
-    use std::fmt::Write;
-    // Writing to a String cannot fail.
-    let _ = write!(out, "{n}");
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::HashSet;
 
     fn key(values: &[Value<'_>]) -> String {
-        counter_key("tg", "r", values, 60_000, 7)
+        counter_key("tg", "r", values, "60000:7")
     }
 
     #[test]
@@ -200,7 +194,14 @@ mod tests {
             (86_399_999, 86_400_000, 0, 1),
         ];
         for (now, w, index, remaining_ms) in table {
-            assert_eq!(fixed_window(now, w), Window { index, remaining_ms }, "now={now} w={w}");
+            assert_eq!(
+                fixed_window(now, w),
+                Window {
+                    index,
+                    remaining_ms
+                },
+                "now={now} w={w}"
+            );
         }
     }
 }

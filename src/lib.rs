@@ -7,6 +7,7 @@ pub mod algorithms;
 pub mod config;
 pub mod decision;
 pub mod duration;
+pub mod ip;
 pub mod keys;
 pub mod request;
 pub mod throttle;

@@ -1,6 +1,13 @@
-//! Which rules apply to a request, and the counter key each one checks.
+//! Which rules apply to a request, and the checks (keys, limits, costs) each one sends.
 
-use crate::config::{Config, Descriptor, OnMissing, Rule};
+use std::cell::OnceCell;
+use std::net::IpAddr;
+
+use crate::algorithms::sliding_weight_ms;
+use crate::config::{
+    Algorithm, ClientIp, ClientIpSource, Config, Cost, Descriptor, Limit, OnMissing, Rule,
+};
+use crate::ip;
 use crate::keys::{counter_key, fixed_window, Value};
 
 /// The few request attributes the pure logic reads, provided by the host (Envoy, Kong, a test).
@@ -13,22 +20,36 @@ pub trait RequestView {
     fn route_name(&self) -> Option<Vec<u8>>;
     /// The route's Tollgate policy (Envoy: route metadata `filter_metadata.tollgate.policy`).
     fn route_policy(&self) -> Option<Vec<u8>>;
+    /// The upstream service (Envoy cluster, Kong service).
+    fn service_name(&self) -> Option<Vec<u8>>;
 }
 
-/// What every rule's matcher looks at, read from the host once per request.
-struct Facts {
+/// Request attributes, each read from the host at most once and only when a rule needs it.
+struct Facts<'v, V> {
+    view: &'v V,
+    client_ip_config: ClientIp,
     method: Vec<u8>,
     /// Path without query string.
     path: Vec<u8>,
     query: Vec<u8>,
     /// `:authority` without port, lower-cased.
     host: Vec<u8>,
-    route_name: Option<Vec<u8>>,
-    policy: Option<Vec<u8>>,
+    route_name: OnceCell<Option<Vec<u8>>>,
+    policy: OnceCell<Option<Vec<u8>>>,
+    service: OnceCell<Option<Vec<u8>>>,
+    client: OnceCell<Option<Client>>,
 }
 
-impl Facts {
-    fn read(config: &Config, view: &impl RequestView) -> Facts {
+/// The client as rules see it: its address, and the value the `client_ip` descriptor counts.
+#[derive(Clone)]
+struct Client {
+    addr: Option<IpAddr>,
+    /// The address aggregated by prefix (`2001:db8:1:2::/64`), or the raw text if unparsable.
+    key: Vec<u8>,
+}
+
+impl<'v, V: RequestView> Facts<'v, V> {
+    fn read(config: &Config, view: &'v V) -> Self {
         let full_path = view.header(":path").unwrap_or_default();
         let (path, query) = match full_path.iter().position(|&b| b == b'?') {
             Some(i) => (full_path[..i].to_vec(), full_path[i + 1..].to_vec()),
@@ -38,95 +59,361 @@ impl Facts {
         host.truncate(strip_port(&host).len());
         host.make_ascii_lowercase();
         Facts {
+            view,
+            client_ip_config: config.client_ip,
             method: view.header(":method").unwrap_or_default(),
             path,
             query,
             host,
-            route_name: config.needs_route_name.then(|| view.route_name()).flatten(),
-            policy: config.needs_policy.then(|| view.route_policy()).flatten(),
+            route_name: OnceCell::new(),
+            policy: OnceCell::new(),
+            service: OnceCell::new(),
+            client: OnceCell::new(),
+        }
+    }
+
+    fn route_name(&self) -> &Option<Vec<u8>> {
+        self.route_name.get_or_init(|| self.view.route_name())
+    }
+
+    fn policy(&self) -> &Option<Vec<u8>> {
+        self.policy.get_or_init(|| self.view.route_policy())
+    }
+
+    fn client(&self) -> &Option<Client> {
+        self.client.get_or_init(|| {
+            let c = self.client_ip_config;
+            let forwarded = match c.from {
+                ClientIpSource::XForwardedFor => self
+                    .view
+                    .header("x-forwarded-for")
+                    .and_then(|xff| ip::from_forwarded_for(&xff, c.trusted_hops as usize)),
+                ClientIpSource::Connection => None,
+            };
+            // No usable X-Forwarded-For: the request did not come through the proxies, so the
+            // connection's peer is the client.
+            let source = self.view.source_address();
+            let addr = forwarded.or_else(|| source.as_deref().and_then(ip::parse_address));
+            match addr {
+                Some(a) => Some(Client {
+                    addr: Some(a),
+                    key: ip::aggregate(a, c.ipv4_prefix, c.ipv6_prefix).into_bytes(),
+                }),
+                None => source.map(|s| Client {
+                    addr: None,
+                    key: strip_port(&s).to_vec(),
+                }),
+            }
+        })
+    }
+
+    /// The value of one descriptor on this request, if it has one.
+    fn value(&self, d: &Descriptor) -> Option<Vec<u8>> {
+        match d {
+            Descriptor::Header(name) => self.view.header(name),
+            Descriptor::ClientIp => self.client().as_ref().map(|c| c.key.clone()),
+            Descriptor::Path => Some(self.path.clone()),
+            Descriptor::Method => Some(self.method.clone()),
+            Descriptor::Host => Some(self.host.clone()),
+            Descriptor::Route => self.route_name().clone(),
+            Descriptor::Service => self
+                .service
+                .get_or_init(|| self.view.service_name())
+                .clone(),
+            Descriptor::Query(name) => {
+                query_param(&self.query, name.as_bytes()).map(<[u8]>::to_vec)
+            }
+            Descriptor::Const(value) => Some(value.as_bytes().to_vec()),
         }
     }
 }
 
-/// One rule's check on one request: the data the shim needs plus what the decision needs.
+/// One limit of one rule on one request: what the shim needs plus what the decision needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Check {
     /// Index into `Config::rules`.
     pub rule: usize,
     pub key: String,
-    pub limit: u64,
-    pub window_ms: u64,
-    /// Milliseconds until this window ends, by the gateway clock: the key's TTL and the
-    /// earliest moment `Retry-After` may point to.
-    pub ttl_ms: u64,
     pub cost: u64,
+    /// Counted and reported, never denies.
+    pub shadow: bool,
+    pub kind: CheckKind,
+}
+
+/// The algorithm-specific part of a check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckKind {
+    /// `ttl_ms`: until this window ends by the gateway clock, the earliest `Retry-After`.
+    FixedWindow {
+        limit: u64,
+        window_ms: u64,
+        ttl_ms: u64,
+    },
+    /// `prev_key` counts the previous window; `weight_ms` of it still lies inside the slide.
+    SlidingWindow {
+        prev_key: String,
+        limit: u64,
+        window_ms: u64,
+        weight_ms: u64,
+    },
+    SlidingLog {
+        limit: u64,
+        window_ms: u64,
+    },
+    TokenBucket {
+        burst: u64,
+        rate: u64,
+        period_ms: u64,
+    },
+    Gcra {
+        burst: u64,
+        rate: u64,
+        period_ms: u64,
+    },
+    /// `id` names this request's slot so it can be released when the stream ends.
+    Concurrency {
+        limit: u64,
+        timeout_ms: u64,
+        id: String,
+    },
+}
+
+impl Check {
+    /// The number of requests the limit allows (the burst for rate algorithms).
+    pub fn limit(&self) -> u64 {
+        match self.kind {
+            CheckKind::FixedWindow { limit, .. }
+            | CheckKind::SlidingWindow { limit, .. }
+            | CheckKind::SlidingLog { limit, .. }
+            | CheckKind::Concurrency { limit, .. } => limit,
+            CheckKind::TokenBucket { burst, .. } | CheckKind::Gcra { burst, .. } => burst,
+        }
+    }
+
+    /// The policy's time span in seconds for `RateLimit-Policy` (`w=`); `None` for concurrency.
+    pub fn window_s(&self) -> Option<u64> {
+        match self.kind {
+            CheckKind::FixedWindow { window_ms, .. }
+            | CheckKind::SlidingWindow { window_ms, .. }
+            | CheckKind::SlidingLog { window_ms, .. } => Some(window_ms / 1000),
+            CheckKind::TokenBucket {
+                period_ms,
+                burst,
+                rate,
+            }
+            | CheckKind::Gcra {
+                period_ms,
+                burst,
+                rate,
+            } => {
+                // The time a full burst takes to come back.
+                Some((burst as u128 * period_ms as u128).div_ceil(rate as u128 * 1000) as u64)
+            }
+            CheckKind::Concurrency { .. } => None,
+        }
+    }
+
+    /// The earliest moment (ms from now) a denial by this check may point `Retry-After` to.
+    pub fn min_retry_ms(&self) -> u64 {
+        match self.kind {
+            CheckKind::FixedWindow { ttl_ms, .. } => ttl_ms,
+            _ => 0,
+        }
+    }
+
+    /// The slot to release when the request ends, for a concurrency check.
+    pub fn slot(&self) -> Option<(&str, &str)> {
+        match &self.kind {
+            CheckKind::Concurrency { id, .. } => Some((self.key.as_str(), id.as_str())),
+            _ => None,
+        }
+    }
 }
 
 /// The checks for every rule that applies to this request, in rule order.
-pub fn checks_for(config: &Config, view: &impl RequestView, now_ms: u64) -> Vec<Check> {
+/// `request_id` must be unique per request across all gateways (it names concurrency slots).
+pub fn checks_for(
+    config: &Config,
+    view: &impl RequestView,
+    now_ms: u64,
+    request_id: &str,
+) -> Vec<Check> {
     let facts = Facts::read(config, view);
     let mut checks = Vec::new();
     for (i, rule) in config.rules.iter().enumerate() {
-        if !matches(rule, &facts) {
+        if !matches(rule, &facts) || bypassed(rule, &facts) {
             continue;
         }
-        let Some(values) = descriptor_values(rule, &facts, view) else {
+        let Some(values) = descriptor_values(rule, &facts) else {
             continue;
         };
         let borrowed: Vec<Value<'_>> = values
             .iter()
-            .map(|v| match v {
-                Some(bytes) => Value::Present(bytes),
-                None => Value::Anonymous,
-            })
+            .map(|v| v.as_deref().map_or(Value::Anonymous, Value::Present))
             .collect();
-        let window = fixed_window(now_ms, rule.window_ms);
-        checks.push(Check {
-            rule: i,
-            key: counter_key(&config.key_prefix, &rule.name, &borrowed, rule.window_ms, window.index),
-            limit: rule.limit,
-            window_ms: rule.window_ms,
-            ttl_ms: window.remaining_ms,
-            cost: 1,
-        });
+        let cost = cost_of(&rule.cost, &facts);
+        for limit in limits_for(rule, &facts) {
+            let key =
+                |suffix: String| counter_key(&config.key_prefix, &rule.name, &borrowed, &suffix);
+            // Each algorithm's state has its own key shape (see `keys`); the window counters of
+            // fixed and sliding windows are the same kind of key.
+            let (key, kind) = match (*limit, rule.algorithm) {
+                (Limit::Window { limit, window_ms }, Algorithm::FixedWindow) => {
+                    let w = fixed_window(now_ms, window_ms);
+                    let kind = CheckKind::FixedWindow {
+                        limit,
+                        window_ms,
+                        ttl_ms: w.remaining_ms,
+                    };
+                    (key(format!("{window_ms}:{}", w.index)), kind)
+                }
+                (Limit::Window { limit, window_ms }, Algorithm::SlidingWindow) => {
+                    let index = now_ms / window_ms;
+                    let prev_key = key(format!("{window_ms}:{}", index.saturating_sub(1)));
+                    let weight_ms = sliding_weight_ms(now_ms, window_ms);
+                    let kind = CheckKind::SlidingWindow {
+                        prev_key,
+                        limit,
+                        window_ms,
+                        weight_ms,
+                    };
+                    (key(format!("{window_ms}:{index}")), kind)
+                }
+                (Limit::Window { limit, window_ms }, _) => (
+                    key(format!("log:{window_ms}")),
+                    CheckKind::SlidingLog { limit, window_ms },
+                ),
+                (
+                    Limit::Rate {
+                        burst,
+                        rate,
+                        period_ms,
+                    },
+                    Algorithm::Gcra,
+                ) => (
+                    key(format!("gcra:{burst}:{rate}:{period_ms}")),
+                    CheckKind::Gcra {
+                        burst,
+                        rate,
+                        period_ms,
+                    },
+                ),
+                (
+                    Limit::Rate {
+                        burst,
+                        rate,
+                        period_ms,
+                    },
+                    _,
+                ) => (
+                    key(format!("tb:{burst}:{rate}:{period_ms}")),
+                    CheckKind::TokenBucket {
+                        burst,
+                        rate,
+                        period_ms,
+                    },
+                ),
+                (Limit::InFlight { limit, timeout_ms }, _) => (
+                    key("conc".to_string()),
+                    CheckKind::Concurrency {
+                        limit,
+                        timeout_ms,
+                        id: request_id.to_string(),
+                    },
+                ),
+            };
+            // A concurrency slot is one request in flight, whatever the cost.
+            let cost = if matches!(kind, CheckKind::Concurrency { .. }) {
+                1
+            } else {
+                cost
+            };
+            checks.push(Check {
+                rule: i,
+                key,
+                cost,
+                shadow: rule.shadow,
+                kind,
+            });
+        }
     }
     checks
 }
 
-fn matches(rule: &Rule, facts: &Facts) -> bool {
+fn matches<V: RequestView>(rule: &Rule, facts: &Facts<'_, V>) -> bool {
     let m = &rule.matcher;
-    let in_list = |list: &[String], value: &[u8]| list.is_empty() || list.iter().any(|s| s.as_bytes() == value);
-    let optional_in_list = |list: &[String], value: &Option<Vec<u8>>| {
-        list.is_empty() || value.as_deref().is_some_and(|v| in_list(list, v))
+    let in_list = |list: &[String], value: &[u8]| {
+        list.is_empty() || list.iter().any(|s| s.as_bytes() == value)
     };
-    optional_in_list(&m.policies, &facts.policy)
-        && optional_in_list(&m.routes, &facts.route_name)
-        && m.path_prefix.as_ref().is_none_or(|p| facts.path.starts_with(p.as_bytes()))
+    let optional_in_list = |list: &[String], value: &dyn Fn() -> Option<Vec<u8>>| {
+        list.is_empty() || value().is_some_and(|v| in_list(list, &v))
+    };
+    m.path_prefix
+        .as_ref()
+        .is_none_or(|p| facts.path.starts_with(p.as_bytes()))
         && in_list(&m.methods, &facts.method)
         && in_list(&m.hosts, &facts.host)
+        && optional_in_list(&m.policies, &|| facts.policy().clone())
+        && optional_in_list(&m.routes, &|| facts.route_name().clone())
+}
+
+/// An exempt descriptor value, or a client inside an exempt range.
+fn bypassed<V: RequestView>(rule: &Rule, facts: &Facts<'_, V>) -> bool {
+    let b = &rule.bypass;
+    let by_value = b.values.iter().any(|(d, exempt)| {
+        facts
+            .value(d)
+            .is_some_and(|v| exempt.iter().any(|e| e.as_bytes() == v.as_slice()))
+    });
+    by_value
+        || (!b.cidrs.is_empty()
+            && facts
+                .client()
+                .as_ref()
+                .and_then(|c| c.addr)
+                .is_some_and(|a| b.cidrs.iter().any(|c| c.contains(a))))
 }
 
 /// Each descriptor's value (`None`: anonymous), or `None` when the rule is skipped.
-fn descriptor_values(rule: &Rule, facts: &Facts, view: &impl RequestView) -> Option<Vec<Option<Vec<u8>>>> {
+fn descriptor_values<V: RequestView>(
+    rule: &Rule,
+    facts: &Facts<'_, V>,
+) -> Option<Vec<Option<Vec<u8>>>> {
     let mut values = Vec::with_capacity(rule.descriptors.len());
     for d in &rule.descriptors {
-        let value = match d {
-            Descriptor::Header(name) => view.header(name),
-            Descriptor::ClientIp => view.source_address().map(|a| strip_port(&a).to_vec()),
-            Descriptor::Path => Some(facts.path.clone()),
-            Descriptor::Method => Some(facts.method.clone()),
-            Descriptor::Host => Some(facts.host.clone()),
-            Descriptor::Route => facts.route_name.clone(),
-            Descriptor::Query(name) => query_param(&facts.query, name.as_bytes()).map(<[u8]>::to_vec),
-            Descriptor::Const(value) => Some(value.as_bytes().to_vec()),
-        };
-        match (value, rule.on_missing) {
+        match (facts.value(d), rule.on_missing) {
             (Some(v), _) => values.push(Some(v)),
             (None, OnMissing::Anonymous) => values.push(None),
             (None, OnMissing::Skip) => return None,
         }
     }
     Some(values)
+}
+
+/// The tier's limits for this request's tier value, else the rule's default limits.
+fn limits_for<'r, V: RequestView>(rule: &'r Rule, facts: &Facts<'_, V>) -> &'r [Limit] {
+    let tiered = rule.tiers.as_ref().and_then(|t| {
+        let value = facts.value(&t.descriptor)?;
+        t.values
+            .iter()
+            .find(|(name, _)| name.as_bytes() == value.as_slice())
+            .map(|(_, l)| l.as_slice())
+    });
+    tiered.unwrap_or(&rule.limits)
+}
+
+/// The request's cost: fixed, or a whole number from a header (absent or invalid → default),
+/// capped at the configured maximum.
+fn cost_of<V: RequestView>(cost: &Cost, facts: &Facts<'_, V>) -> u64 {
+    match cost {
+        Cost::Fixed(n) => *n,
+        Cost::Header { name, default, max } => facts
+            .view
+            .header(name)
+            .and_then(|v| std::str::from_utf8(&v).ok()?.trim().parse::<u64>().ok())
+            .unwrap_or(*default)
+            .min(*max),
+    }
 }
 
 /// The first value of query parameter `name`, raw (not percent-decoded: the key encodes bytes
@@ -169,6 +456,7 @@ pub(crate) mod tests {
         pub source: Option<String>,
         pub route: Option<String>,
         pub policy: Option<String>,
+        pub service: Option<String>,
     }
 
     impl FakeRequest {
@@ -176,7 +464,8 @@ pub(crate) mod tests {
             let mut r = FakeRequest::default();
             r.headers.insert(":method".into(), b"GET".to_vec());
             r.headers.insert(":path".into(), path.as_bytes().to_vec());
-            r.headers.insert(":authority".into(), b"API.example.com:10000".to_vec());
+            r.headers
+                .insert(":authority".into(), b"API.example.com:10000".to_vec());
             r.source = Some("10.1.2.3:5555".into());
             r
         }
@@ -199,6 +488,9 @@ pub(crate) mod tests {
         fn route_policy(&self) -> Option<Vec<u8>> {
             self.policy.clone().map(String::into_bytes)
         }
+        fn service_name(&self) -> Option<Vec<u8>> {
+            self.service.clone().map(String::into_bytes)
+        }
     }
 
     fn config(rules: &str) -> Config {
@@ -207,7 +499,10 @@ pub(crate) mod tests {
     }
 
     fn keys(c: &Config, r: &FakeRequest) -> Vec<String> {
-        checks_for(c, r, 120_500).into_iter().map(|c| c.key).collect()
+        checks_for(c, r, 120_500, "id")
+            .into_iter()
+            .map(|c| c.key)
+            .collect()
     }
 
     #[test]
@@ -216,12 +511,206 @@ pub(crate) mod tests {
             r#"[{"name": "a", "descriptors": ["client_ip"], "limit": 5, "window": "1m"},
                 {"name": "b", "descriptors": ["header:x-api-key", "method", "path", "host"], "limit": 7, "window": "1s"}]"#,
         );
-        let checks = checks_for(&c, &FakeRequest::get("/v1/search?q=1").with("x-api-key", "k1"), 120_500);
+        let req = FakeRequest::get("/v1/search?q=1").with("x-api-key", "k1");
+        let checks = checks_for(&c, &req, 120_500, "id");
         assert_eq!(checks.len(), 2);
         assert_eq!(checks[0].key, "tollgate:{a|=10.1.2.3}:60000:2");
-        assert_eq!((checks[0].limit, checks[0].ttl_ms, checks[0].window_ms), (5, 59_500, 60_000));
-        assert_eq!(checks[1].key, "tollgate:{b|=k1|=GET|=%2Fv1%2Fsearch|=api.example.com}:1000:120");
-        assert_eq!((checks[1].rule, checks[1].ttl_ms, checks[1].cost), (1, 500, 1));
+        assert_eq!(
+            checks[0].kind,
+            CheckKind::FixedWindow {
+                limit: 5,
+                window_ms: 60_000,
+                ttl_ms: 59_500
+            }
+        );
+        assert_eq!(
+            checks[1].key,
+            "tollgate:{b|=k1|=GET|=%2Fv1%2Fsearch|=api.example.com}:1000:120"
+        );
+        assert_eq!(
+            (checks[1].rule, checks[1].cost, checks[1].shadow),
+            (1, 1, false)
+        );
+    }
+
+    #[test]
+    fn every_algorithm_has_its_key_and_parameters() {
+        let c = config(
+            r#"[{"name": "fw", "limits": [{"limit": 10, "window": "1s"}, {"limit": 1000, "window": "1h"}]},
+                {"name": "sw", "algorithm": "sliding_window", "limit": 10, "window": "1s"},
+                {"name": "log", "algorithm": "sliding_log", "limit": 10, "window": "1m"},
+                {"name": "tb", "algorithm": "token_bucket", "burst": 5, "rate": 1, "period": "200ms"},
+                {"name": "gcra", "algorithm": "gcra", "burst": 5, "rate": 10, "period": "1s", "shadow": true},
+                {"name": "conc", "algorithm": "concurrency", "limit": 3, "timeout": "30s", "cost": 1}]"#,
+        );
+        let checks = checks_for(&c, &FakeRequest::get("/"), 120_250, "req-1");
+        let got: Vec<(&str, &CheckKind)> =
+            checks.iter().map(|c| (c.key.as_str(), &c.kind)).collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    "tollgate:{fw}:1000:120",
+                    &CheckKind::FixedWindow {
+                        limit: 10,
+                        window_ms: 1000,
+                        ttl_ms: 750
+                    }
+                ),
+                (
+                    "tollgate:{fw}:3600000:0",
+                    &CheckKind::FixedWindow {
+                        limit: 1000,
+                        window_ms: 3_600_000,
+                        ttl_ms: 3_479_750
+                    }
+                ),
+                (
+                    "tollgate:{sw}:1000:120",
+                    &CheckKind::SlidingWindow {
+                        prev_key: "tollgate:{sw}:1000:119".into(),
+                        limit: 10,
+                        window_ms: 1000,
+                        weight_ms: 750
+                    }
+                ),
+                (
+                    "tollgate:{log}:log:60000",
+                    &CheckKind::SlidingLog {
+                        limit: 10,
+                        window_ms: 60_000
+                    }
+                ),
+                (
+                    "tollgate:{tb}:tb:5:1:200",
+                    &CheckKind::TokenBucket {
+                        burst: 5,
+                        rate: 1,
+                        period_ms: 200
+                    }
+                ),
+                (
+                    "tollgate:{gcra}:gcra:5:10:1000",
+                    &CheckKind::Gcra {
+                        burst: 5,
+                        rate: 10,
+                        period_ms: 1000
+                    }
+                ),
+                (
+                    "tollgate:{conc}:conc",
+                    &CheckKind::Concurrency {
+                        limit: 3,
+                        timeout_ms: 30_000,
+                        id: "req-1".into()
+                    }
+                ),
+            ]
+        );
+        assert!(checks[5].shadow && !checks[4].shadow);
+        assert_eq!(checks[6].slot(), Some(("tollgate:{conc}:conc", "req-1")));
+        assert_eq!(checks[0].slot(), None);
+        assert_eq!(
+            checks[4].window_s(),
+            Some(1),
+            "5 tokens at 1 per 200 ms come back in 1 s"
+        );
+        assert_eq!(checks[6].window_s(), None);
+    }
+
+    #[test]
+    fn tiers_pick_limits_by_descriptor_value() {
+        let c = config(
+            r#"[{"name": "plan", "descriptors": ["header:x-user"],
+                 "tiers": {"descriptor": "header:x-plan",
+                           "values": {"free": [{"limit": 10, "window": "1s"}], "pro": [{"limit": 100, "window": "1s"}]},
+                           "default": [{"limit": 1, "window": "1s"}]}}]"#,
+        );
+        let limit_for = |plan: Option<&str>| {
+            let mut r = FakeRequest::get("/").with("x-user", "u");
+            if let Some(p) = plan {
+                r = r.with("x-plan", p);
+            }
+            checks_for(&c, &r, 0, "id")[0].limit()
+        };
+        assert_eq!(limit_for(Some("free")), 10);
+        assert_eq!(limit_for(Some("pro")), 100);
+        assert_eq!(limit_for(Some("PRO")), 1, "tier names are exact");
+        assert_eq!(limit_for(None), 1);
+    }
+
+    #[test]
+    fn cost_from_a_header_is_bounded() {
+        let c = config(
+            r#"[{"name": "c", "limit": 100, "window": "1s", "cost": {"header": "x-cost", "default": 2, "max": 10}},
+                {"name": "fixed", "limit": 100, "window": "1s", "cost": 0}]"#,
+        );
+        let costs = |v: Option<&str>| {
+            let mut r = FakeRequest::get("/");
+            if let Some(v) = v {
+                r = r.with("x-cost", v);
+            }
+            checks_for(&c, &r, 0, "id")
+                .iter()
+                .map(|c| c.cost)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(costs(Some("5")), [5, 0]);
+        assert_eq!(costs(Some(" 7 ")), [7, 0]);
+        assert_eq!(costs(Some("0")), [0, 0]);
+        assert_eq!(costs(Some("1000")), [10, 0], "capped at max");
+        assert_eq!(costs(Some("-1")), [2, 0], "invalid: default");
+        assert_eq!(costs(Some("1e3")), [2, 0]);
+        assert_eq!(costs(None), [2, 0]);
+    }
+
+    #[test]
+    fn bypass_by_value_and_by_cidr() {
+        let c = config(
+            r#"[{"name": "b", "descriptors": ["header:x-api-key"], "limit": 1, "window": "1s",
+                 "bypass": {"values": {"header:x-api-key": ["internal"]}, "cidrs": ["10.0.0.0/8", "2001:db8::/32"]}}]"#,
+        );
+        let n = |key: &str, source: &str| {
+            let mut r = FakeRequest::get("/").with("x-api-key", key);
+            r.source = Some(source.into());
+            checks_for(&c, &r, 0, "id").len()
+        };
+        assert_eq!(n("k", "192.0.2.1:1"), 1);
+        assert_eq!(n("internal", "192.0.2.1:1"), 0);
+        assert_eq!(n("k", "10.9.9.9:1"), 0);
+        assert_eq!(n("k", "[2001:db8::5]:1"), 0);
+        assert_eq!(n("k", "[2001:db9::5]:1"), 1);
+    }
+
+    #[test]
+    fn client_ip_from_forwarded_for_and_aggregated_v6() {
+        let c = Config::from_json(
+            br#"{"shim": {"upstream": "s"},
+                 "client_ip": {"from": "x-forwarded-for", "trusted_hops": 2},
+                 "rules": [{"name": "ip", "descriptors": ["client_ip"], "limit": 1, "window": "1s"}]}"#,
+        )
+        .unwrap();
+        let key = |xff: Option<&str>| {
+            let mut r = FakeRequest::get("/");
+            if let Some(x) = xff {
+                r = r.with("x-forwarded-for", x);
+            }
+            checks_for(&c, &r, 0, "id")[0].key.clone()
+        };
+        assert_eq!(
+            key(Some("6.6.6.6, 1.1.1.1, 10.0.0.2")),
+            "tollgate:{ip|=1.1.1.1}:1000:0"
+        );
+        assert_eq!(
+            key(Some("spoofed, 2001:db8:1:2::77, 10.0.0.2")),
+            "tollgate:{ip|=2001%3Adb8%3A1%3A2%3A%3A%2F64}:1000:0"
+        );
+        assert_eq!(
+            key(Some("10.0.0.2")),
+            "tollgate:{ip|=10.1.2.3}:1000:0",
+            "too few hops: the connection"
+        );
+        assert_eq!(key(None), "tollgate:{ip|=10.1.2.3}:1000:0");
     }
 
     #[test]
@@ -235,7 +724,10 @@ pub(crate) mod tests {
                 {"name": "rt", "match": {"routes": ["search_route"]}, "limit": 1, "window": "1s"}]"#,
         );
         let names = |r: &FakeRequest| -> Vec<String> {
-            checks_for(&c, r, 0).iter().map(|ch| c.rules[ch.rule].name.clone()).collect()
+            checks_for(&c, r, 0, "id")
+                .iter()
+                .map(|ch| c.rules[ch.rule].name.clone())
+                .collect()
         };
         assert_eq!(names(&FakeRequest::get("/v1/search")), ["p", "h"]);
         assert_eq!(names(&FakeRequest::get("/v1/other")), ["h"]);
@@ -254,17 +746,24 @@ pub(crate) mod tests {
             r#"[{"name": "skip", "descriptors": ["header:x-user"], "limit": 1, "window": "1s"},
                 {"name": "anon", "descriptors": ["header:x-user", "query:tenant"], "on_missing": "anonymous", "limit": 1, "window": "1s"}]"#,
         );
-        assert_eq!(keys(&c, &FakeRequest::get("/")), ["tollgate:{anon|-|-}:1000:120"]);
+        assert_eq!(
+            keys(&c, &FakeRequest::get("/")),
+            ["tollgate:{anon|-|-}:1000:120"]
+        );
         assert_eq!(
             keys(&c, &FakeRequest::get("/?tenant=t1&x=2").with("x-user", "")),
-            ["tollgate:{skip|=}:1000:120", "tollgate:{anon|=|=t1}:1000:120"]
+            [
+                "tollgate:{skip|=}:1000:120",
+                "tollgate:{anon|=|=t1}:1000:120"
+            ]
         );
     }
 
     #[test]
     fn route_descriptor_and_route_name_read_only_when_needed() {
-        let c = config(r#"[{"name": "r", "descriptors": ["route", "const:v1"], "limit": 1, "window": "1s"}]"#);
-        assert!(c.needs_route_name && !c.needs_policy);
+        let c = config(
+            r#"[{"name": "r", "descriptors": ["route", "const:v1"], "limit": 1, "window": "1s"}]"#,
+        );
         let mut req = FakeRequest::get("/");
         req.route = Some("search".into());
         assert_eq!(keys(&c, &req), ["tollgate:{r|=search|=v1}:1000:120"]);

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::request::Check;
+use crate::request::{Check, CheckKind};
 
 #[derive(Serialize)]
 struct WireRequestBody<'a> {
@@ -15,12 +15,116 @@ struct WireRequest<'a> {
     checks: Vec<WireCheck<'a>>,
 }
 
+/// One check on the wire; which optional fields are set depends on `alg`.
 #[derive(Serialize)]
 struct WireCheck<'a> {
+    alg: &'static str,
     key: &'a str,
-    limit: u64,
-    ttl_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prev_key: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    limit: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ttl_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    window_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    weight_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    burst: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rate: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    period_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
     cost: u64,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    shadow: bool,
+}
+
+impl<'a> WireCheck<'a> {
+    fn new(c: &'a Check) -> WireCheck<'a> {
+        let mut w = WireCheck {
+            alg: "fixed_window",
+            key: &c.key,
+            prev_key: None,
+            limit: None,
+            ttl_ms: None,
+            window_ms: None,
+            weight_ms: None,
+            burst: None,
+            rate: None,
+            period_ms: None,
+            id: None,
+            cost: c.cost,
+            shadow: c.shadow,
+        };
+        match &c.kind {
+            CheckKind::FixedWindow { limit, ttl_ms, .. } => {
+                w.limit = Some(*limit);
+                w.ttl_ms = Some(*ttl_ms);
+            }
+            CheckKind::SlidingWindow {
+                prev_key,
+                limit,
+                window_ms,
+                weight_ms,
+            } => {
+                w.alg = "sliding_window";
+                w.prev_key = Some(prev_key);
+                w.limit = Some(*limit);
+                w.window_ms = Some(*window_ms);
+                w.weight_ms = Some(*weight_ms);
+            }
+            CheckKind::SlidingLog { limit, window_ms } => {
+                w.alg = "sliding_log";
+                w.limit = Some(*limit);
+                w.window_ms = Some(*window_ms);
+            }
+            CheckKind::TokenBucket {
+                burst,
+                rate,
+                period_ms,
+            }
+            | CheckKind::Gcra {
+                burst,
+                rate,
+                period_ms,
+            } => {
+                w.alg = if matches!(c.kind, CheckKind::Gcra { .. }) {
+                    "gcra"
+                } else {
+                    "token_bucket"
+                };
+                w.burst = Some(*burst);
+                w.rate = Some(*rate);
+                w.period_ms = Some(*period_ms);
+            }
+            CheckKind::Concurrency {
+                limit,
+                timeout_ms,
+                id,
+            } => {
+                w.alg = "concurrency";
+                w.limit = Some(*limit);
+                w.ttl_ms = Some(*timeout_ms);
+                w.id = Some(id);
+            }
+        }
+        w
+    }
+}
+
+#[derive(Serialize)]
+struct WireReleaseBody<'a> {
+    releases: Vec<WireRelease<'a>>,
+}
+
+#[derive(Serialize)]
+struct WireRelease<'a> {
+    key: &'a str,
+    id: &'a str,
 }
 
 /// The shim's answer for one gateway request.
@@ -38,6 +142,9 @@ pub struct CheckResult {
     pub limit: u64,
     pub remaining: u64,
     pub reset_ms: u64,
+    /// When the same request would fit again; 0 when allowed.
+    #[serde(default)]
+    pub retry_after_ms: u64,
 }
 
 #[derive(Deserialize)]
@@ -51,19 +158,22 @@ pub fn encode(requests: &[&[Check]]) -> Vec<u8> {
         requests: requests
             .iter()
             .map(|checks| WireRequest {
-                checks: checks
-                    .iter()
-                    .map(|c| WireCheck {
-                        key: &c.key,
-                        limit: c.limit,
-                        ttl_ms: c.ttl_ms,
-                        cost: c.cost,
-                    })
-                    .collect(),
+                checks: checks.iter().map(WireCheck::new).collect(),
             })
             .collect(),
     };
     // Serializing plain structs of strings and integers cannot fail.
+    serde_json::to_vec(&body).unwrap_or_default()
+}
+
+/// Encodes `POST /v1/release`: the concurrency slots `(key, id)` a finished request held.
+pub fn encode_release(slots: &[(&str, &str)]) -> Vec<u8> {
+    let body = WireReleaseBody {
+        releases: slots
+            .iter()
+            .map(|&(key, id)| WireRelease { key, id })
+            .collect(),
+    };
     serde_json::to_vec(&body).unwrap_or_default()
 }
 
@@ -95,17 +205,106 @@ mod tests {
     use super::*;
 
     fn check(key: &str, limit: u64) -> Check {
-        Check { rule: 0, key: key.into(), limit, window_ms: 60_000, ttl_ms: 42_000, cost: 1 }
+        Check {
+            rule: 0,
+            key: key.into(),
+            cost: 1,
+            shadow: false,
+            kind: CheckKind::FixedWindow {
+                limit,
+                window_ms: 60_000,
+                ttl_ms: 42_000,
+            },
+        }
     }
 
     #[test]
     fn encodes_the_documented_shape() {
-        let a = [check("tollgate:{a|=x}:60000:1", 100), check("tollgate:{b}:60000:1", 5)];
+        let a = [
+            check("tollgate:{a|=x}:60000:1", 100),
+            check("tollgate:{b}:60000:1", 5),
+        ];
         let b = [check("tollgate:{a|=y}:60000:1", 100)];
         let body = String::from_utf8(encode(&[&a, &b])).unwrap();
         assert_eq!(
             body,
-            r#"{"requests":[{"checks":[{"key":"tollgate:{a|=x}:60000:1","limit":100,"ttl_ms":42000,"cost":1},{"key":"tollgate:{b}:60000:1","limit":5,"ttl_ms":42000,"cost":1}]},{"checks":[{"key":"tollgate:{a|=y}:60000:1","limit":100,"ttl_ms":42000,"cost":1}]}]}"#
+            r#"{"requests":[{"checks":[{"alg":"fixed_window","key":"tollgate:{a|=x}:60000:1","limit":100,"ttl_ms":42000,"cost":1},{"alg":"fixed_window","key":"tollgate:{b}:60000:1","limit":5,"ttl_ms":42000,"cost":1}]},{"checks":[{"alg":"fixed_window","key":"tollgate:{a|=y}:60000:1","limit":100,"ttl_ms":42000,"cost":1}]}]}"#
+        );
+    }
+
+    #[test]
+    fn encodes_every_algorithm() {
+        let mk = |kind, shadow| Check {
+            rule: 0,
+            key: "k".into(),
+            cost: 2,
+            shadow,
+            kind,
+        };
+        let checks = [
+            mk(
+                CheckKind::SlidingWindow {
+                    prev_key: "p".into(),
+                    limit: 10,
+                    window_ms: 1000,
+                    weight_ms: 250,
+                },
+                true,
+            ),
+            mk(
+                CheckKind::SlidingLog {
+                    limit: 10,
+                    window_ms: 1000,
+                },
+                false,
+            ),
+            mk(
+                CheckKind::TokenBucket {
+                    burst: 5,
+                    rate: 1,
+                    period_ms: 200,
+                },
+                false,
+            ),
+            mk(
+                CheckKind::Gcra {
+                    burst: 5,
+                    rate: 1,
+                    period_ms: 200,
+                },
+                false,
+            ),
+            mk(
+                CheckKind::Concurrency {
+                    limit: 3,
+                    timeout_ms: 60_000,
+                    id: "r1".into(),
+                },
+                false,
+            ),
+        ];
+        let body: serde_json::Value = serde_json::from_slice(&encode(&[&checks])).unwrap();
+        let c = &body["requests"][0]["checks"];
+        assert_eq!(
+            c[0],
+            serde_json::json!({"alg":"sliding_window","key":"k","prev_key":"p","limit":10,"window_ms":1000,"weight_ms":250,"cost":2,"shadow":true})
+        );
+        assert_eq!(
+            c[1],
+            serde_json::json!({"alg":"sliding_log","key":"k","limit":10,"window_ms":1000,"cost":2})
+        );
+        assert_eq!(
+            c[2],
+            serde_json::json!({"alg":"token_bucket","key":"k","burst":5,"rate":1,"period_ms":200,"cost":2})
+        );
+        assert_eq!(c[3]["alg"], "gcra");
+        assert_eq!(
+            c[4],
+            serde_json::json!({"alg":"concurrency","key":"k","limit":3,"ttl_ms":60000,"id":"r1","cost":2})
+        );
+        assert_eq!(
+            String::from_utf8(encode_release(&[("k", "r1")])).unwrap(),
+            r#"{"releases":[{"key":"k","id":"r1"}]}"#
         );
     }
 
@@ -118,7 +317,13 @@ mod tests {
         assert!(!results[0].allowed);
         assert_eq!(
             results[0].checks[1],
-            CheckResult { allowed: false, limit: 20, remaining: 0, reset_ms: 3990 }
+            CheckResult {
+                allowed: false,
+                limit: 20,
+                remaining: 0,
+                reset_ms: 3990,
+                retry_after_ms: 0
+            }
         );
     }
 
@@ -131,7 +336,11 @@ mod tests {
             (br#"{"results":[]}"#, &[1], "0 results for 1 requests"),
             (one, &[1, 1], "1 results for 2 requests"),
             (one, &[2], "results[0] has 1 checks for 2 sent"),
-            (br#"{"results":[{"allowed":"yes","checks":[]}]}"#, &[0], "malformed shim reply"),
+            (
+                br#"{"results":[{"allowed":"yes","checks":[]}]}"#,
+                &[0],
+                "malformed shim reply",
+            ),
         ];
         for (body, shape, expected) in cases {
             let err = decode(body, shape).unwrap_err();
