@@ -156,22 +156,22 @@ pub fn token_bucket(
 
 // --- GCRA -------------------------------------------------------------------------------------
 
-/// GCRA (as in redis-cell): one stored value, the theoretical arrival time (TAT). With emission
-/// interval `T = period_ms / rate`, a request of `cost` is admitted when
+/// GCRA (as in redis-cell): one stored value, the theoretical arrival time (TAT, in µs so the
+/// emission interval keeps precision for rates like 3 per second). With emission interval
+/// `T = period / rate` (whole µs), a request of `cost` is admitted when
 /// `max(TAT, now) + cost × T − now <= burst × T`, i.e. up to `burst` back to back from idle,
-/// then one per `T`. Returns the answer and the new TAT (unchanged when denied).
+/// then one per `T`. Returns the answer and the TAT to store (unchanged when denied).
 pub fn gcra(
-    tat: Option<u64>,
+    tat_us: Option<u64>,
     now_ms: u64,
     cost: u64,
     burst: u64,
     rate: u64,
     period_ms: u64,
 ) -> (Answer, u64) {
-    // Work in microseconds so T keeps precision for rates like 3 per second.
     let t_us = period_ms as u128 * 1000 / rate as u128;
     let now_us = now_ms as u128 * 1000;
-    let tat_us = (tat.unwrap_or(now_ms) as u128 * 1000).max(now_us);
+    let tat_us = (tat_us.unwrap_or(0) as u128).max(now_us);
     let tolerance = t_us * burst as u128;
     let new_tat = tat_us + t_us * cost as u128;
     let allowed = new_tat - now_us <= tolerance;
@@ -187,7 +187,7 @@ pub fn gcra(
             ms(new_tat - now_us - tolerance)
         },
     };
-    (answer, ms(kept))
+    (answer, kept as u64)
 }
 
 // --- Sliding log ------------------------------------------------------------------------------

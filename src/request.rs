@@ -156,9 +156,11 @@ pub enum CheckKind {
         window_ms: u64,
         weight_ms: u64,
     },
+    /// `id` makes this request's entries unique in the log.
     SlidingLog {
         limit: u64,
         window_ms: u64,
+        id: String,
     },
     TokenBucket {
         burst: u64,
@@ -281,7 +283,11 @@ pub fn checks_for(
                 }
                 (Limit::Window { limit, window_ms }, _) => (
                     key(format!("log:{window_ms}")),
-                    CheckKind::SlidingLog { limit, window_ms },
+                    CheckKind::SlidingLog {
+                        limit,
+                        window_ms,
+                        id: request_id.to_string(),
+                    },
                 ),
                 (
                     Limit::Rate {
@@ -578,7 +584,8 @@ pub(crate) mod tests {
                     "tollgate:{log}:log:60000",
                     &CheckKind::SlidingLog {
                         limit: 10,
-                        window_ms: 60_000
+                        window_ms: 60_000,
+                        id: "req-1".into(),
                     }
                 ),
                 (

@@ -77,10 +77,15 @@ impl<'a> WireCheck<'a> {
                 w.window_ms = Some(*window_ms);
                 w.weight_ms = Some(*weight_ms);
             }
-            CheckKind::SlidingLog { limit, window_ms } => {
+            CheckKind::SlidingLog {
+                limit,
+                window_ms,
+                id,
+            } => {
                 w.alg = "sliding_log";
                 w.limit = Some(*limit);
                 w.window_ms = Some(*window_ms);
+                w.id = Some(id);
             }
             CheckKind::TokenBucket {
                 burst,
@@ -255,6 +260,7 @@ mod tests {
                 CheckKind::SlidingLog {
                     limit: 10,
                     window_ms: 1000,
+                    id: "r1".into(),
                 },
                 false,
             ),
@@ -291,7 +297,7 @@ mod tests {
         );
         assert_eq!(
             c[1],
-            serde_json::json!({"alg":"sliding_log","key":"k","limit":10,"window_ms":1000,"cost":2})
+            serde_json::json!({"alg":"sliding_log","key":"k","limit":10,"window_ms":1000,"id":"r1","cost":2})
         );
         assert_eq!(
             c[2],
