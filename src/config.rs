@@ -1363,6 +1363,155 @@ mod tests {
                 "rules[0].match.hosts[0]: must be a host name",
             ),
         ];
+        // The policy model: algorithms, limits, tiers, costs, bypass, client IP.
+        let rule = |extra: serde_json::Value| -> Edit {
+            Box::new(move |v| {
+                let mut r = json!({"name": "r"});
+                for (k, x) in extra.as_object().unwrap() {
+                    r[k] = x.clone();
+                }
+                v["rules"] = json!([r]);
+            })
+        };
+        let policy_cases: Vec<(Edit, &str)> = vec![
+            (
+                rule(json!({"algorithm": "leaky", "limit": 1, "window": "1s"})),
+                "rules[0].algorithm: unknown variant `leaky`",
+            ),
+            (
+                rule(json!({"algorithm": "token_bucket", "rate": 1, "period": "1s"})),
+                "rules[0].burst: is required by algorithm token_bucket",
+            ),
+            (
+                rule(json!({"algorithm": "gcra", "burst": 1, "rate": 1})),
+                "rules[0].period: is required by algorithm gcra",
+            ),
+            (
+                rule(json!({"algorithm": "gcra", "burst": 1, "rate": 0, "period": "1s"})),
+                "rules[0].rate: must be between 1 and 1000000000 (got 0)",
+            ),
+            (
+                rule(
+                    json!({"algorithm": "token_bucket", "burst": 1, "rate": 1, "period": "1s", "window": "1s"}),
+                ),
+                "rules[0].window: is not used by algorithm token_bucket",
+            ),
+            (
+                rule(
+                    json!({"algorithm": "token_bucket", "burst": 1, "rate": 10000, "period": "1ms"}),
+                ),
+                "rules[0].rate: is more than one per microsecond",
+            ),
+            (
+                rule(json!({"limit": 1, "window": "1s", "burst": 3})),
+                "rules[0].burst: is not used by algorithm fixed_window",
+            ),
+            (
+                rule(json!({"algorithm": "sliding_log", "limit": 10001, "window": "1s"})),
+                "rules[0].limit: must be between 1 and 10000 (got 10001)",
+            ),
+            (
+                rule(json!({"algorithm": "concurrency", "limit": 1, "timeout": "0s"})),
+                "rules[0].timeout: must be between 1s and 1d",
+            ),
+            (
+                rule(json!({"algorithm": "concurrency", "limit": 1, "cost": 2})),
+                "rules[0].cost: a concurrency rule counts requests in flight",
+            ),
+            (
+                rule(json!({"algorithm": "concurrency", "limits": [{"limit": 1}, {"limit": 2}]})),
+                "rules[0].limits: a concurrency rule has one limit",
+            ),
+            (
+                rule(json!({"limit": 1, "window": "1s", "limits": [{"limit": 1, "window": "1s"}]})),
+                "rules[0].limits: give one of",
+            ),
+            (
+                rule(json!({"limits": []})),
+                "rules[0].limits: give 1 to 4 limits (got 0 limits)",
+            ),
+            (
+                rule(json!({"limits": [{"limit": 1}]})),
+                "rules[0].limits[0].window: is required by algorithm fixed_window",
+            ),
+            (
+                rule(json!({"limits": [{"limit": 1, "window": "1s", "extra": 1}]})),
+                "rules[0].limits[0].extra: unknown field `extra`",
+            ),
+            (
+                rule(
+                    json!({"tiers": {"descriptor": "plan", "values": {}, "default": [{"limit": 1, "window": "1s"}]}}),
+                ),
+                "rules[0].tiers.descriptor: unknown descriptor",
+            ),
+            (
+                rule(
+                    json!({"tiers": {"descriptor": "header:x-plan", "values": {"pro": [{"limit": 0, "window": "1s"}]}, "default": [{"limit": 1, "window": "1s"}]}}),
+                ),
+                "rules[0].tiers.values.pro[0].limit: must be between 1 and",
+            ),
+            (
+                rule(json!({"tiers": {"descriptor": "header:x-plan", "values": {}}})),
+                "rules[0].tiers: missing field `default`",
+            ),
+            (
+                rule(json!({"limit": 1, "window": "1s", "cost": 2_000_000_000u64})),
+                "rules[0].cost: must be between 0 and 10^9",
+            ),
+            (
+                rule(json!({"limit": 1, "window": "1s", "cost": "2"})),
+                "rules[0].cost: data did not match any variant",
+            ),
+            (
+                rule(json!({"limit": 1, "window": "1s", "cost": {"header": "x cost", "max": 5}})),
+                "rules[0].cost.header: must be a header name",
+            ),
+            (
+                rule(json!({"limit": 1, "window": "1s", "cost": {"header": "x-cost", "max": 0}})),
+                "rules[0].cost.max: must be between 1 and 10^9",
+            ),
+            (
+                rule(
+                    json!({"limit": 1, "window": "1s", "cost": {"header": "x-cost", "max": 5, "default": 6}}),
+                ),
+                "rules[0].cost.default: must not exceed cost.max (got 6)",
+            ),
+            (
+                rule(json!({"limit": 1, "window": "1s", "bypass": {"cidrs": ["10.0.0.0/33"]}})),
+                "rules[0].bypass.cidrs[0]: expected an address range",
+            ),
+            (
+                rule(json!({"limit": 1, "window": "1s", "bypass": {"values": {"cookie": ["x"]}}})),
+                "rules[0].bypass.values.cookie: unknown descriptor",
+            ),
+            (
+                rule(json!({"limit": 1, "window": "1s", "shadow": "yes"})),
+                "rules[0].shadow: invalid type: string",
+            ),
+            (
+                Box::new(|v| v["client_ip"] = json!({"trusted_hops": 2})),
+                "client_ip.trusted_hops: only applies with \"from\": \"x-forwarded-for\"",
+            ),
+            (
+                Box::new(|v| {
+                    v["client_ip"] = json!({"from": "x-forwarded-for", "trusted_hops": 0})
+                }),
+                "client_ip.trusted_hops: must be between 1 and 16 (got 0)",
+            ),
+            (
+                Box::new(|v| v["client_ip"] = json!({"ipv6_prefix": 0})),
+                "client_ip.ipv6_prefix: must be between 1 and 128 (got 0)",
+            ),
+            (
+                Box::new(|v| v["client_ip"] = json!({"ipv4_prefix": 33})),
+                "client_ip.ipv4_prefix: must be between 1 and 32 (got 33)",
+            ),
+            (
+                Box::new(|v| v["client_ip"] = json!({"from": "header"})),
+                "client_ip.from: unknown variant `header`",
+            ),
+        ];
+        let cases = cases.into_iter().chain(policy_cases);
         for (edit, expected) in cases {
             let message = error_for(edit);
             assert!(

@@ -513,6 +513,69 @@ mod tests {
     }
 
     #[test]
+    fn kong_reports_failed_calls_as_dispatch_status() {
+        let kong_timeout = CalloutReply {
+            status: None,
+            dispatch_status: Some("timeout"),
+            body: b"",
+        };
+        assert_eq!(
+            from_callout(&config(), &checks(), kong_timeout),
+            Err(Failure::Dispatch("timeout".into()))
+        );
+    }
+
+    #[test]
+    fn other_algorithms_take_retry_after_from_the_shim() {
+        let bucket = Check {
+            rule: 0,
+            key: "k".into(),
+            cost: 1,
+            shadow: false,
+            kind: CheckKind::TokenBucket {
+                burst: 5,
+                rate: 1,
+                period_ms: 200,
+            },
+        };
+        let mut r = result(false, &[(false, 5, 0, 1_000)]);
+        r.checks[0].retry_after_ms = 150;
+        let Verdict::Deny(reply) = decide(&config(), &[bucket], &r) else {
+            panic!()
+        };
+        assert_eq!(
+            header(&reply.headers, "retry-after"),
+            "1",
+            "150 ms rounds up to 1 s"
+        );
+        assert_eq!(header(&reply.headers, "x-ratelimit-reset"), "1");
+        assert_eq!(
+            header(&reply.headers, "ratelimit-policy"),
+            "\"search\";q=5;w=1"
+        );
+    }
+
+    #[test]
+    fn shadow_checks_never_deny_but_are_reported() {
+        let mut shadowed = checks();
+        shadowed[1].shadow = true;
+        let verdict = decide(
+            &config(),
+            &shadowed,
+            &result(true, &[(true, 100, 50, 1_000), (false, 20, 0, 3_000)]),
+        );
+        let Verdict::Allow {
+            shadow_denials,
+            response_headers,
+        } = verdict
+        else {
+            panic!("{verdict:?}")
+        };
+        assert_eq!(shadow_denials, vec![1]);
+        assert_eq!(header(&response_headers, "x-ratelimit-remaining"), "0");
+    }
+
+    #[test]
     fn a_good_reply_decides() {
         let body = br#"{"results":[{"allowed":true,"checks":[
             {"allowed":true,"limit":100,"count":1,"remaining":99,"reset_ms":41000},

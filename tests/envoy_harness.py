@@ -42,6 +42,25 @@ def envoy_command(config_path: Path, extra: list[str]) -> tuple[list[str], dict]
     return [envoy, *args], env
 
 
+def plugin(rules, **overrides):
+    """A plugin configuration pointing at the test shim cluster."""
+    config = {
+        "shim": {"upstream": "tollgate_shim", "timeout": "200ms"},
+        "failure_mode": "allow",
+        "rules": rules,
+    }
+    config.update(overrides)
+    return config
+
+
+def rule(name, limit=None, window="1m", descriptors=("header:x-api-key",), **extra):
+    """A rule; with `limit`, a one-limit window rule, else whatever `extra` gives."""
+    r = {"name": name, "descriptors": list(descriptors), **extra}
+    if limit is not None:
+        r.update(limit=limit, window=window)
+    return r
+
+
 def route(name, match, policy=None, disabled=False, body=None):
     """A demo route answered by direct_response, optionally naming its Tollgate policy."""
     r = {
@@ -69,7 +88,29 @@ DEFAULT_ROUTES = [
 ]
 
 
-def envoy_config(plugin_config: dict, shim_port: int, listen_port: int, admin_port: int, routes=None) -> dict:
+def upstream_route(name, match, cluster, policy=None):
+    """A route proxied to `cluster` (for tests that need a real, slow upstream)."""
+    r = {"name": name, "match": match, "route": {"cluster": cluster, "timeout": "10s"}}
+    if policy is not None:
+        r["metadata"] = {"filter_metadata": {"tollgate": {"policy": policy}}}
+    return r
+
+
+def static_cluster(name: str, port: int) -> dict:
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "0.25s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}
+            ],
+        },
+    }
+
+
+def envoy_config(plugin_config: dict, shim_port: int, listen_port: int, admin_port: int, routes=None, clusters=()) -> dict:
     """An Envoy bootstrap: one listener with the Tollgate filter, the shim as a cluster."""
     wasm_filter = {
         "name": "envoy.filters.http.wasm",
@@ -133,7 +174,8 @@ def envoy_config(plugin_config: dict, shim_port: int, listen_port: int, admin_po
                         "cluster_name": "tollgate_shim",
                         "endpoints": [{"lb_endpoints": [{"endpoint": shim_endpoint}]}],
                     },
-                }
+                },
+                *clusters,
             ],
         },
     }
@@ -161,12 +203,12 @@ class Envoy:
 
 
 @contextlib.contextmanager
-def run_envoy(workdir: Path, plugin_config: dict, shim_port: int, routes=None, concurrency: int = 1):
+def run_envoy(workdir: Path, plugin_config: dict, shim_port: int, routes=None, concurrency: int = 1, clusters=()):
     """Starts Envoy with the filter, waits until it is ready, stops it afterwards."""
     workdir.mkdir(parents=True, exist_ok=True)
     port, admin_port = free_port(), free_port()
     config_path = workdir / "envoy.json"
-    config_path.write_text(json.dumps(envoy_config(plugin_config, shim_port, port, admin_port, routes), indent=1))
+    config_path.write_text(json.dumps(envoy_config(plugin_config, shim_port, port, admin_port, routes, clusters), indent=1))
     log_path = workdir / "envoy.log"
     cmd, env = envoy_command(
         config_path,

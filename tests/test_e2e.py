@@ -12,40 +12,11 @@ import time
 
 import pytest
 
-from envoy_harness import envoy_command, envoy_config, run_envoy, tail
+from envoy_harness import envoy_command, envoy_config, plugin, rule, run_envoy
 from http_client import hammer, request, wait_for_window_room
-from shim_harness import free_port, redis_cli, run_redis, run_shim
+from shim_harness import free_port, redis_cli, run_shim
 
 SEARCH_KEY = {"x-api-key": "k1"}
-
-
-def plugin(rules, **overrides):
-    """A plugin configuration pointing at the test shim cluster."""
-    config = {
-        "shim": {"upstream": "tollgate_shim", "timeout": "200ms"},
-        "failure_mode": "allow",
-        "rules": rules,
-    }
-    config.update(overrides)
-    return config
-
-
-def rule(name, limit, window="1m", descriptors=("header:x-api-key",), **extra):
-    return {"name": name, "limit": limit, "window": window, "descriptors": list(descriptors), **extra}
-
-
-@pytest.fixture(scope="module")
-def backend(tmp_path_factory):
-    """A Redis and a shim in front of it, shared by the module's tests."""
-    base = tmp_path_factory.mktemp("backend")
-    with run_redis(base / "redis") as redis_port, run_shim(base / "shim", redis_port) as shim_port:
-        yield {"redis": redis_port, "shim": shim_port, "dir": base}
-
-
-@pytest.fixture
-def clean(backend):
-    redis_cli(backend["redis"], "FLUSHALL")
-    return backend
 
 
 def test_exact_admission_under_concurrency(clean, tmp_path):

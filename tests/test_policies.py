@@ -1,0 +1,322 @@
+"""End-to-end policies through real Envoy, the shim and Redis: every algorithm, several limits
+per rule, costs, tiers, concurrency, shadow mode, bypass and the client IP.
+"""
+
+import http.server
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from envoy_harness import DEFAULT_ROUTES, plugin, rule, run_envoy, static_cluster, upstream_route
+from http_client import request, wait_for_window_room
+from shim_harness import redis_cli
+
+
+def statuses(envoy, n, path="/v1/search", headers=None):
+    return [request(envoy.port, path, headers or {"x-api-key": "k"}).status for _ in range(n)]
+
+
+def max_in_any_window(times, window_s):
+    """The most timestamps inside any interval of length `window_s`."""
+    times = sorted(times)
+    best, j = 0, 0
+    for i, t in enumerate(times):
+        while times[j] <= t - window_s:
+            j += 1
+        best = max(best, i - j + 1)
+    return best
+
+
+def test_edge_burst_fixed_window_vs_sliding_window(clean, tmp_path):
+    """The attack fixed windows are known for: L requests just before a window edge and L just
+    after. A fixed window admits ~2L within one window length; the sliding window ~L."""
+    limit, window_s = 20, 2
+    rules = [
+        rule("fixed", limit, window=f"{window_s}s", descriptors=[], match={"path_prefix": "/fixed"}),
+        rule("sliding", limit, window=f"{window_s}s", descriptors=[], match={"path_prefix": "/sliding"},
+             algorithm="sliding_window"),
+    ]
+    with run_envoy(tmp_path, plugin(rules), clean["shim"]) as envoy:
+        # Start 0.15 s before an edge, after one idle window so no earlier traffic counts.
+        now = time.time()
+        edge = (now // window_s + 2) * window_s
+        time.sleep(edge - 0.15 - now)
+
+        def burst(path):
+            admitted = []
+            end = edge + 0.15
+            while time.time() < end:
+                r = request(envoy.port, path)
+                if r.status == 200:
+                    admitted.append(time.time())
+                time.sleep(0.002)
+            return admitted
+
+        with ThreadPoolExecutor(2) as pool:
+            fixed, sliding = pool.map(burst, ["/fixed", "/sliding"])
+    fixed_max = max_in_any_window(fixed, window_s)
+    sliding_max = max_in_any_window(sliding, window_s)
+    print(f"\nedge burst, limit {limit} per {window_s}s: fixed_window admitted {fixed_max} "
+          f"({fixed_max / limit:.2f} L) within one window, sliding_window {sliding_max} ({sliding_max / limit:.2f} L)")
+    assert fixed_max >= 1.8 * limit, "the burst should straddle the edge"
+    assert sliding_max <= 1.1 * limit
+
+
+def test_sliding_log_is_exact_under_sustained_load(clean, tmp_path):
+    limit, window_s = 10, 1
+    config = plugin([rule("log", limit, window=f"{window_s}s", descriptors=[], algorithm="sliding_log")])
+    with run_envoy(tmp_path, config, clean["shim"]) as envoy:
+        admitted = []
+        end = time.time() + 2.5
+        while time.time() < end:
+            sent = time.time()
+            if request(envoy.port, "/").status == 200:
+                admitted.append(sent)
+            time.sleep(0.01)
+        key = redis_cli(clean["redis"], "KEYS", "tollgate:{log}*")[0]
+        memory = redis_cli(clean["redis"], "MEMORY", "USAGE", key)
+    worst = max_in_any_window(admitted, window_s)
+    print(f"\nsliding_log: {len(admitted)} admitted over 2.5 s, at most {worst} in any {window_s}s; "
+          f"{memory} bytes for a full log of {limit}")
+    # Send times bound the true arrival times from below: at most `limit` per window.
+    assert worst <= limit
+    assert len(admitted) >= 2 * limit
+
+
+def test_token_bucket_bursts_then_refills(clean, tmp_path):
+    config = plugin([rule("tb", algorithm="token_bucket", burst=5, rate=5, period="1s")])
+    with run_envoy(tmp_path, config, clean["shim"]) as envoy:
+        first = statuses(envoy, 6)
+        denied = request(envoy.port, "/v1/search", {"x-api-key": "k"})
+        time.sleep(0.45)  # two tokens at one per 200 ms
+        refilled = statuses(envoy, 3)
+    assert first == [200] * 5 + [429]
+    assert denied.status == 429 and denied.headers["retry-after"] == "1"
+    assert denied.headers["x-ratelimit-limit"] == "5"
+    assert refilled == [200, 200, 429]
+
+
+def test_gcra_spaces_requests_after_the_burst(clean, tmp_path):
+    config = plugin([rule("gcra", algorithm="gcra", burst=3, rate=10, period="1s")])
+    with run_envoy(tmp_path, config, clean["shim"]) as envoy:
+        burst = statuses(envoy, 4)
+        time.sleep(0.12)  # one emission interval (100 ms)
+        spaced = statuses(envoy, 2)
+    assert burst == [200, 200, 200, 429]
+    assert spaced == [200, 429]
+
+
+def test_several_limits_on_one_rule(clean, tmp_path):
+    """3 per second and 5 per 10 s on the same key, checked in the same callout."""
+    config = plugin([rule("two", limits=[{"limit": 3, "window": "1s"}, {"limit": 5, "window": "10s"}])])
+    with run_envoy(tmp_path, config, clean["shim"]) as envoy:
+        wait_for_window_room(10, 3)
+        wait_for_window_room(1, 0.8)
+        first = statuses(envoy, 4)
+        time.sleep(1 - time.time() % 1 + 0.05)
+        second = statuses(envoy, 3)
+        denied = request(envoy.port, "/v1/search", {"x-api-key": "k"})
+    assert first == [200, 200, 200, 429], "per second"
+    assert second == [200, 200, 429], "per 10 s: 5 in all"
+    assert denied.headers["x-ratelimit-limit"] == "5"
+    assert denied.headers["ratelimit-policy"] == '"two";q=3;w=1, "two";q=5;w=10'
+
+
+def test_cost_from_a_header(clean, tmp_path):
+    cost = {"header": "x-cost", "default": 1, "max": 5}
+    config = plugin([rule("units", 10, cost=cost)])
+    with run_envoy(tmp_path, config, clean["shim"]) as envoy:
+        wait_for_window_room(60, 10)
+
+        def send(units):
+            r = request(envoy.port, "/v1/search", {"x-api-key": "k", "x-cost": units})
+            return r.status, r.headers.get("x-ratelimit-remaining")
+
+        seen = [send(u) for u in ["4", "5", "2", "0", "100", "1"]]
+    assert seen == [
+        (200, "6"),
+        (200, "1"),
+        (429, "1"),  # 2 > 1 left: denied, nothing consumed
+        (200, "1"),  # cost 0 only reads
+        (429, "1"),  # capped at 5, still too much
+        (200, "0"),
+    ]
+
+
+def test_tiers_by_plan_header(clean, tmp_path):
+    tiers = {
+        "descriptor": "header:x-plan",
+        "values": {"free": [{"limit": 2, "window": "1m"}], "pro": [{"limit": 4, "window": "1m"}]},
+        "default": [{"limit": 1, "window": "1m"}],
+    }
+    config = plugin([rule("plan", descriptors=["header:x-user"], tiers=tiers)])
+    with run_envoy(tmp_path, config, clean["shim"]) as envoy:
+        wait_for_window_room(60, 10)
+
+        def admitted(user, plan):
+            headers = {"x-user": user}
+            if plan:
+                headers["x-plan"] = plan
+            return statuses(envoy, 6, headers=headers).count(200)
+
+        counts = {plan: admitted(f"user-{plan}", plan) for plan in ["free", "pro", "platinum", None]}
+    assert counts == {"free": 2, "pro": 4, "platinum": 1, None: 1}
+
+
+class SlowUpstream:
+    """An HTTP upstream that holds each request for `delay_s`, to keep requests in flight."""
+
+    def __init__(self, delay_s):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                time.sleep(delay_s)
+                self.send_response(200)
+                self.send_header("content-length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_concurrency_limit_holds_and_releases_slots(clean, tmp_path):
+    upstream = SlowUpstream(0.6)
+    routes = [upstream_route("slow", {"prefix": "/slow"}, "slow_upstream"), *DEFAULT_ROUTES]
+    config = plugin([rule("inflight", algorithm="concurrency", limit=2, timeout="30s")])
+    try:
+        with run_envoy(tmp_path, config, clean["shim"], routes=routes,
+                       clusters=[static_cluster("slow_upstream", upstream.port)]) as envoy:
+
+            def wave():
+                with ThreadPoolExecutor(3) as pool:
+                    futures = [pool.submit(request, envoy.port, "/slow", {"x-api-key": "k"}) for _ in range(3)]
+                    return sorted(f.result().status for f in futures)
+
+            first = wave()
+            time.sleep(0.2)  # releases are sent when each stream ends
+            second = wave()
+            time.sleep(0.2)
+            held = redis_cli(clean["redis"], "ZCARD", "tollgate:{inflight|=k}:conc")
+    finally:
+        upstream.close()
+    assert first == [200, 200, 429]
+    assert second == [200, 200, 429], "slots were released, not left to time out"
+    assert held == 0
+
+
+def test_shadow_rule_counts_but_never_denies(clean, tmp_path):
+    config = plugin([rule("shadowed", 2, shadow=True)])
+    with run_envoy(tmp_path, config, clean["shim"]) as envoy:
+        wait_for_window_room(60, 10)
+        responses = [request(envoy.port, "/v1/search", {"x-api-key": "k"}) for _ in range(4)]
+        counter = int(redis_cli(clean["redis"], "GET", redis_cli(clean["redis"], "KEYS", "tollgate:*")[0]))
+        time.sleep(0.2)
+        log = envoy.log()
+    assert [r.status for r in responses] == [200] * 4
+    assert [r.headers["x-ratelimit-remaining"] for r in responses] == ["1", "0", "0", "0"]
+    assert counter == 2, "over-limit shadow checks are not charged"
+    assert "rule shadowed (shadow mode) would have denied a request" in log
+
+
+def test_bypass_by_value_and_by_client_range(clean, tmp_path):
+    rules = [
+        rule("keyed", 1, bypass={"values": {"header:x-api-key": ["internal"]}}),
+        rule("ranged", 1, descriptors=["header:x-user"], bypass={"cidrs": ["127.0.0.0/8"]}),
+    ]
+    with run_envoy(tmp_path, plugin(rules), clean["shim"]) as envoy:
+        wait_for_window_room(60, 10)
+        internal = statuses(envoy, 3, headers={"x-api-key": "internal"})
+        regular = statuses(envoy, 2, headers={"x-api-key": "regular"})
+        local_client = statuses(envoy, 3, headers={"x-user": "u"})
+    assert internal == [200] * 3
+    assert regular == [200, 429]
+    assert local_client == [200] * 3, "127.0.0.1 is in the bypass range"
+
+
+def test_client_ip_from_forwarded_for_with_ipv6_aggregation(clean, tmp_path):
+    config = plugin(
+        [rule("per_client", 2, descriptors=["client_ip"])],
+        client_ip={"from": "x-forwarded-for", "trusted_hops": 1},
+    )
+    with run_envoy(tmp_path, config, clean["shim"]) as envoy:
+        wait_for_window_room(60, 10)
+
+        def send(xff):
+            return request(envoy.port, "/", {"x-forwarded-for": xff}).status
+
+        same_v6_host = [send("2001:db8:1:2::1"), send("2001:db8:1:2::ffff"), send("2001:db8:1:2::1234")]
+        other_v6 = send("2001:db8:1:3::1")
+        spoofed_left = [send("9.9.9.9, 203.0.113.7"), send("8.8.8.8, 203.0.113.7"), send("7.7.7.7, 203.0.113.7")]
+        keys = sorted(k.decode() for k in redis_cli(clean["redis"], "KEYS", "tollgate:*"))
+    assert same_v6_host == [200, 200, 429], "one /64 is one client"
+    assert other_v6 == 200
+    assert spoofed_left == [200, 200, 429], "only the trusted hop's entry counts"
+    assert [k.split("}")[0] for k in keys] == [
+        "tollgate:{per_client|=2001%3Adb8%3A1%3A2%3A%3A%2F64",
+        "tollgate:{per_client|=2001%3Adb8%3A1%3A3%3A%3A%2F64",
+        "tollgate:{per_client|=203.0.113.7",
+    ]
+
+
+@pytest.mark.parametrize("algorithm,params", [
+    ("fixed_window", {"limit": 100, "window": "1m"}),
+    ("sliding_window", {"limit": 100, "window": "1m"}),
+    ("token_bucket", {"burst": 100, "rate": 1, "period": "1s"}),
+    ("gcra", {"burst": 100, "rate": 1, "period": "1s"}),
+])
+def test_exact_admission_for_every_algorithm(clean, tmp_path, algorithm, params):
+    """100 admitted of 300 at concurrency 30, whatever the algorithm."""
+    from http_client import hammer
+
+    config = plugin([rule("exact", descriptors=[], algorithm=algorithm, **params)])
+    with run_envoy(tmp_path, config, clean["shim"]) as envoy:
+        wait_for_window_room(60, 15)
+        counts = hammer(envoy.port, 300, 30, "/")
+    print(f"{algorithm}: {dict(counts)}")
+    # Refill-based algorithms may earn a token or two while the burst runs.
+    assert 100 <= counts[200] <= 102
+    assert counts[200] + counts[429] == 300
+
+
+def test_every_key_has_a_ttl(clean, tmp_path):
+    rules = [
+        rule("fw", 5, descriptors=[]),
+        rule("sw", 5, descriptors=[], algorithm="sliding_window"),
+        rule("log", 5, descriptors=[], algorithm="sliding_log"),
+        rule("tb", descriptors=[], algorithm="token_bucket", burst=5, rate=1, period="1s"),
+        rule("gcra", descriptors=[], algorithm="gcra", burst=5, rate=1, period="1s"),
+        rule("conc", descriptors=[], algorithm="concurrency", limit=5),
+    ]
+    with run_envoy(tmp_path, plugin(rules), clean["shim"]) as envoy:
+        statuses(envoy, 3, path="/")
+        keys = redis_cli(clean["redis"], "KEYS", "tollgate:*")
+        ttls = {k.decode(): redis_cli(clean["redis"], "PTTL", k) for k in keys}
+        memory = {k.decode(): redis_cli(clean["redis"], "MEMORY", "USAGE", k) for k in keys}
+    print("\nkeys after 3 requests:\n" + "\n".join(f"  {k}: ttl {ttls[k]} ms, {memory[k]} bytes" for k in sorted(ttls)))
+    assert len(ttls) >= 5, ttls  # the concurrency set may be empty again (released)
+    assert all(t > 0 for t in ttls.values()), ttls
+
+
+def test_decision_headers_are_json_safe_for_every_algorithm(clean, tmp_path):
+    """A denial by each algorithm carries a parseable problem body and a positive Retry-After."""
+    rules = [rule("tb", algorithm="token_bucket", burst=1, rate=1, period="10s")]
+    with run_envoy(tmp_path, plugin(rules), clean["shim"]) as envoy:
+        request(envoy.port, "/v1/search", {"x-api-key": "k"})
+        denied = request(envoy.port, "/v1/search", {"x-api-key": "k"})
+    body = json.loads(denied.body)
+    assert denied.status == 429
+    assert 9 <= int(denied.headers["retry-after"]) <= 10
+    assert body["rule"] == "tb" and body["limit"] == 1 and body["window_seconds"] == 10
