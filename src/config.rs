@@ -1525,6 +1525,36 @@ mod tests {
         }
     }
 
+    /// The filter configurations embedded in the shipped Kong declarative config are valid.
+    #[test]
+    fn shipped_kong_configs_validate() {
+        let yaml = include_str!("../deploy/kong/kong.yaml");
+        let mut found = 0;
+        let mut lines = yaml.lines().peekable();
+        while let Some(line) = lines.next() {
+            if !line.trim_start().starts_with("config: |") {
+                continue;
+            }
+            let indent = line.len() - line.trim_start().len();
+            let mut block = String::new();
+            while let Some(next) = lines.peek() {
+                if !next.trim().is_empty() && next.len() - next.trim_start().len() <= indent {
+                    break;
+                }
+                block.push_str(lines.next().unwrap_or_default());
+                block.push('\n');
+            }
+            let config =
+                Config::from_json(block.as_bytes()).unwrap_or_else(|e| panic!("{e}\n{block}"));
+            assert!(
+                config.shim.upstream.contains(':'),
+                "on Kong the shim is host:port"
+            );
+            found += 1;
+        }
+        assert_eq!(found, 2);
+    }
+
     #[test]
     fn not_json_and_trailing_garbage_are_rejected() {
         for bad in ["", "nope", "[]", "{} {}"] {

@@ -8,6 +8,7 @@ use proxy_wasm::types::{BufferType, MapType, Status};
 
 use crate::config::ShimTarget;
 use crate::decision::LocalReply;
+use crate::properties;
 use crate::request::RequestView;
 
 /// A hostcall that did not succeed.
@@ -48,20 +49,10 @@ pub trait Host: RequestView {
 /// The real host: Envoy (or Kong) through proxy-wasm hostcalls, for the current context.
 pub struct WasmHost;
 
-/// `filter_metadata.tollgate.policy` of the matched route (strings come back raw).
-const ROUTE_POLICY: [&str; 5] = [
-    "xds",
-    "route_metadata",
-    "filter_metadata",
-    "tollgate",
-    "policy",
-];
-
-fn property(path: Vec<&str>) -> Option<Vec<u8>> {
-    hostcalls::get_property(path)
-        .ok()
-        .flatten()
-        .filter(|v| !v.is_empty())
+fn property(paths: &[&[&str]]) -> Option<Vec<u8>> {
+    properties::first(paths, |path| {
+        hostcalls::get_property(path.to_vec()).ok().flatten()
+    })
 }
 
 impl RequestView for WasmHost {
@@ -72,19 +63,19 @@ impl RequestView for WasmHost {
     }
 
     fn source_address(&self) -> Option<Vec<u8>> {
-        property(vec!["source", "address"])
+        property(properties::SOURCE_ADDRESS)
     }
 
     fn route_name(&self) -> Option<Vec<u8>> {
-        property(vec!["xds", "route_name"]).or_else(|| property(vec!["kong", "route_name"]))
+        property(properties::ROUTE_NAME)
     }
 
     fn service_name(&self) -> Option<Vec<u8>> {
-        property(vec!["xds", "cluster_name"]).or_else(|| property(vec!["kong", "service_name"]))
+        property(properties::SERVICE_NAME)
     }
 
     fn route_policy(&self) -> Option<Vec<u8>> {
-        property(ROUTE_POLICY.to_vec())
+        property(properties::ROUTE_POLICY)
     }
 }
 
