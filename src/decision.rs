@@ -28,6 +28,9 @@ pub struct LocalReply {
     pub status: u32,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// The rules (indexes into `Config::rules`) whose limits denied the request; empty for a
+    /// fail-closed reply.
+    pub denied_by: Vec<usize>,
 }
 
 /// Why the shim gave no usable answer. Logged, then handed to [`on_failure`].
@@ -185,7 +188,13 @@ pub fn decide(config: &Config, checks: &[Check], result: &RequestResult) -> Verd
     let retry_after = binding.retry_s.max(1);
     let mut headers = rate_limit_headers(&outcomes, binding);
     headers.insert(0, ("retry-after".to_string(), retry_after.to_string()));
-    Verdict::Deny(local_reply(&config.deny, headers, || {
+    let denied_by = checks
+        .iter()
+        .zip(&outcomes)
+        .filter(|(_, o)| !o.allowed && !o.shadow)
+        .map(|(c, _)| c.rule)
+        .collect();
+    let mut reply = local_reply(&config.deny, headers, || {
         let per = match binding.window_s {
             Some(w) => format!("{} requests per {w}s", binding.limit),
             None => format!("{} requests in flight", binding.limit),
@@ -196,7 +205,9 @@ pub fn decide(config: &Config, checks: &[Check], result: &RequestResult) -> Verd
             &format!("Rate limit \"{}\" exceeded: {per}.", binding.rule),
             Some((binding, retry_after)),
         )
-    }))
+    });
+    reply.denied_by = denied_by;
+    Verdict::Deny(reply)
 }
 
 /// `X-RateLimit-*` for the binding rule, and the IETF draft fields for every rule checked.
@@ -240,6 +251,7 @@ fn local_reply(
         status: response.status,
         headers,
         body: body.into_bytes(),
+        denied_by: Vec::new(),
     }
 }
 
@@ -399,6 +411,7 @@ mod tests {
             panic!("{verdict:?}")
         };
         assert_eq!(reply.status, 429);
+        assert_eq!(reply.denied_by, vec![1]);
         assert_eq!(header(&reply.headers, "retry-after"), "4");
         assert_eq!(header(&reply.headers, "x-ratelimit-limit"), "20");
         assert_eq!(header(&reply.headers, "x-ratelimit-remaining"), "0");

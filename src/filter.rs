@@ -10,17 +10,19 @@ use std::rc::Rc;
 
 use log::{debug, error, info, warn};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel};
+use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
 
-use crate::config::Config;
+use crate::config::{Config, FailureMode};
 use crate::decision::{self, CalloutReply, Failure, Verdict};
-use crate::host::{Host, WasmHost};
+use crate::host::{Host, HostError, WasmHost};
+use crate::metrics::{self, Counter, Outcome};
 use crate::request::{checks_for, Check};
 use crate::throttle::LogThrottle;
 use crate::wire;
 
-/// A failure is logged at warn at most this often per worker; the rest at debug.
-const FAILURE_LOG_INTERVAL_MS: u64 = 10_000;
+/// A recurring failure or shadow denial is logged at most this often per worker; the rest at
+/// debug.
+const LOG_INTERVAL_MS: u64 = 10_000;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -28,18 +30,22 @@ proxy_wasm::main! {{
         // A panic aborts the VM: say why at the highest level before it goes.
         let _ = proxy_wasm::hostcalls::log(LogLevel::Critical, &format!("tollgate panicked: {info}"));
     }));
-    proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> { Box::new(TollgateRoot::new(context_id)) });
+    proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
+        Box::new(TollgateRoot { context_id, plugin: None })
+    });
 }}
 
-/// Per-plugin state: the compiled configuration, shared by every HTTP context.
+/// The root context: builds the [`Plugin`] on configure and hands it to every HTTP context.
 struct TollgateRoot {
-    config: Option<Rc<Config>>,
-    shared: Rc<Shared>,
+    context_id: u32,
+    plugin: Option<Rc<Plugin>>,
 }
 
-/// What the HTTP contexts of one plugin share.
-struct Shared {
+/// Everything the HTTP contexts of one configured plugin share.
+struct Plugin {
+    config: Config,
     root_context_id: u32,
+    metrics: Metrics,
     failures: RefCell<LogThrottle>,
     shadow_denials: RefCell<LogThrottle>,
     /// Request ids: a random per-VM prefix and a counter, unique across gateways and workers.
@@ -47,7 +53,7 @@ struct Shared {
     next_id: Cell<u64>,
 }
 
-impl Shared {
+impl Plugin {
     fn request_id(&self) -> String {
         let n = self.next_id.get();
         self.next_id.set(n.wrapping_add(1));
@@ -55,21 +61,52 @@ impl Shared {
     }
 }
 
-impl TollgateRoot {
-    fn new(context_id: u32) -> Self {
-        // Seeded by the host's random source (WASI random_get).
-        let id_prefix = std::collections::hash_map::RandomState::new()
-            .build_hasher()
-            .finish();
-        TollgateRoot {
-            config: None,
-            shared: Rc::new(Shared {
-                root_context_id: context_id,
-                failures: RefCell::new(LogThrottle::default()),
-                shadow_denials: RefCell::new(LogThrottle::default()),
-                id_prefix,
-                next_id: Cell::new(0),
-            }),
+/// Metric ids from the host, defined once per VM.
+struct Metrics {
+    counters: Vec<(Counter, u32)>,
+    callout_ms: u32,
+    /// Per rule: (denied, shadow-denied).
+    rules: Vec<(u32, u32)>,
+}
+
+impl Metrics {
+    fn define(host: &impl Host, config: &Config) -> Result<Metrics, HostError> {
+        let counters = Counter::ALL
+            .iter()
+            .map(|&c| Ok((c, host.define_metric(MetricType::Counter, c.name())?)))
+            .collect::<Result<_, HostError>>()?;
+        let rules = config
+            .rules
+            .iter()
+            .map(|r| {
+                Ok((
+                    host.define_metric(MetricType::Counter, &metrics::rule_denied(&r.name))?,
+                    host.define_metric(MetricType::Counter, &metrics::rule_shadow_denied(&r.name))?,
+                ))
+            })
+            .collect::<Result<_, HostError>>()?;
+        Ok(Metrics {
+            counters,
+            callout_ms: host.define_metric(MetricType::Histogram, metrics::CALLOUT_DURATION)?,
+            rules,
+        })
+    }
+
+    fn count(&self, host: &impl Host, outcome: &Outcome<'_>) {
+        for c in metrics::counters(outcome) {
+            if let Some(&(_, id)) = self.counters.iter().find(|(k, _)| *k == c) {
+                host.increment_metric(id, 1);
+            }
+        }
+        let (rules, shadow) = match outcome {
+            Outcome::Denied { rules } => (*rules, false),
+            Outcome::Allowed { shadow_denied } => (*shadow_denied, true),
+            Outcome::FailedOpen | Outcome::FailedClosed => return,
+        };
+        for &i in rules {
+            if let Some(&(denied, shadow_denied)) = self.rules.get(i) {
+                host.increment_metric(if shadow { shadow_denied } else { denied }, 1);
+            }
         }
     }
 }
@@ -82,30 +119,47 @@ impl RootContext for TollgateRoot {
         if let Ok(level) = proxy_wasm::hostcalls::get_log_level() {
             log::set_max_level(to_filter(level));
         }
-        match Config::from_json(&WasmHost.plugin_configuration()) {
-            Ok(config) => {
-                info!(
-                    "loaded {} rules, shim {} {}, failure mode {:?}",
-                    config.rules.len(),
-                    config.shim.upstream,
-                    config.shim.path,
-                    config.failure_mode
-                );
-                self.config = Some(Rc::new(config));
-                true
-            }
+        let config = match Config::from_json(&WasmHost.plugin_configuration()) {
+            Ok(config) => config,
             Err(e) => {
                 error!("{e}");
-                false
+                return false;
             }
-        }
+        };
+        let metrics = match Metrics::define(&WasmHost, &config) {
+            Ok(m) => m,
+            Err(e) => {
+                error!("defining metrics failed: {e}");
+                return false;
+            }
+        };
+        info!(
+            "loaded {} rules, shim {} {}, failure mode {:?}",
+            config.rules.len(),
+            config.shim.upstream,
+            config.shim.path,
+            config.failure_mode
+        );
+        // Seeded by the host's random source (WASI random_get).
+        let id_prefix = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        self.plugin = Some(Rc::new(Plugin {
+            config,
+            root_context_id: self.context_id,
+            metrics,
+            failures: RefCell::new(LogThrottle::default()),
+            shadow_denials: RefCell::new(LogThrottle::default()),
+            id_prefix,
+            next_id: Cell::new(0),
+        }));
+        true
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        let config = self.config.clone()?;
+        let plugin = self.plugin.clone()?;
         Some(Box::new(TollgateHttp {
-            config,
-            shared: self.shared.clone(),
+            plugin,
             state: State::Idle,
         }))
     }
@@ -119,8 +173,12 @@ impl RootContext for TollgateRoot {
 enum State {
     /// Nothing sent yet (or no rule applied).
     Idle,
-    /// Paused, waiting for the reply to callout `token`.
-    Awaiting { token: u32, checks: Vec<Check> },
+    /// Paused, waiting for the reply to callout `token`, sent at `sent_ms`.
+    Awaiting {
+        token: u32,
+        sent_ms: u64,
+        checks: Vec<Check>,
+    },
     /// Decided and allowed: headers to add to the response, concurrency slots to release.
     Allowed {
         response_headers: Vec<(String, String)>,
@@ -131,8 +189,7 @@ enum State {
 }
 
 struct TollgateHttp {
-    config: Rc<Config>,
-    shared: Rc<Shared>,
+    plugin: Rc<Plugin>,
     state: State,
 }
 
@@ -167,14 +224,33 @@ impl TollgateHttp {
         }
     }
 
+    /// Counts a decided request and carries the verdict out.
+    fn decided(&mut self, verdict: Verdict, slots: Vec<(String, String)>) {
+        let outcome = match &verdict {
+            Verdict::Allow { shadow_denials, .. } => Outcome::Allowed {
+                shadow_denied: shadow_denials,
+            },
+            Verdict::Deny(reply) => Outcome::Denied {
+                rules: &reply.denied_by,
+            },
+        };
+        self.plugin.metrics.count(&WasmHost, &outcome);
+        self.apply(verdict, true, slots);
+    }
+
     fn log_shadow_denials(&self, rules: &[usize]) {
         for &i in rules {
-            let name = self.config.rules.get(i).map_or("?", |r| r.name.as_str());
+            let name = self
+                .plugin
+                .config
+                .rules
+                .get(i)
+                .map_or("?", |r| r.name.as_str());
             let admitted = self
-                .shared
+                .plugin
                 .shadow_denials
                 .borrow_mut()
-                .admit(WasmHost.now_ms(), FAILURE_LOG_INTERVAL_MS);
+                .admit(WasmHost.now_ms(), LOG_INTERVAL_MS);
             match admitted {
                 Some(suppressed) => info!(
                     "rule {name} (shadow mode) would have denied a request ({suppressed} more shadow denials not logged)"
@@ -184,22 +260,52 @@ impl TollgateHttp {
         }
     }
 
-    /// Logs a failure (throttled) and applies the failure mode.
+    /// Logs a failure (throttled), counts it and applies the failure mode.
     fn fail(&mut self, failure: Failure, paused: bool) -> Action {
+        let config = &self.plugin.config;
         let admitted = self
-            .shared
+            .plugin
             .failures
             .borrow_mut()
-            .admit(WasmHost.now_ms(), FAILURE_LOG_INTERVAL_MS);
+            .admit(WasmHost.now_ms(), LOG_INTERVAL_MS);
         match admitted {
             Some(suppressed) => warn!(
                 "{failure}; applying failure mode {:?} ({suppressed} similar failures not logged)",
-                self.config.failure_mode
+                config.failure_mode
             ),
             None => debug!("{failure}"),
         }
+        let outcome = match config.failure_mode {
+            FailureMode::Allow => Outcome::FailedOpen,
+            FailureMode::Deny => Outcome::FailedClosed,
+        };
+        self.plugin.metrics.count(&WasmHost, &outcome);
         // Nothing was acquired in Redis: no slots to release.
-        self.apply(decision::on_failure(&self.config), paused, Vec::new())
+        let verdict = decision::on_failure(config);
+        self.apply(verdict, paused, Vec::new())
+    }
+
+    /// Gives back the concurrency slots this request held, once it has ended.
+    fn release_slots(&mut self) {
+        let State::Allowed { slots, .. } = &mut self.state else {
+            return;
+        };
+        if slots.is_empty() {
+            return;
+        }
+        let pairs: Vec<(&str, &str)> = slots
+            .iter()
+            .map(|(k, id)| (k.as_str(), id.as_str()))
+            .collect();
+        let body = wire::encode_release(&pairs);
+        let plugin = &self.plugin;
+        if let Err(e) =
+            WasmHost.dispatch_release(plugin.root_context_id, &plugin.config.shim, &body)
+        {
+            // The slot frees itself when its timeout passes.
+            debug!("releasing {} concurrency slots failed: {e}", pairs.len());
+        }
+        slots.clear();
     }
 }
 
@@ -211,14 +317,23 @@ impl Context for TollgateHttp {
         body_size: usize,
         _trailers: usize,
     ) {
-        let checks = match std::mem::replace(&mut self.state, State::Idle) {
-            State::Awaiting { token, checks } if token == token_id => checks,
+        let (sent_ms, checks) = match std::mem::replace(&mut self.state, State::Idle) {
+            State::Awaiting {
+                token,
+                sent_ms,
+                checks,
+            } if token == token_id => (sent_ms, checks),
             other => {
                 debug!("ignoring reply to unknown callout {token_id}");
                 self.state = other;
                 return;
             }
         };
+        let plugin = self.plugin.clone();
+        WasmHost.record_metric(
+            plugin.metrics.callout_ms,
+            WasmHost.now_ms().saturating_sub(sent_ms),
+        );
         let body = WasmHost.callout_body(body_size);
         let dispatch_status = WasmHost.callout_dispatch_status();
         let reply = CalloutReply {
@@ -226,7 +341,7 @@ impl Context for TollgateHttp {
             dispatch_status: dispatch_status.as_deref(),
             body: &body,
         };
-        match decision::from_callout(&self.config, &checks, reply) {
+        match decision::from_callout(&plugin.config, &checks, reply) {
             Ok(verdict) => {
                 debug!("{} checks, verdict {verdict:?}", checks.len());
                 let slots = checks
@@ -234,7 +349,7 @@ impl Context for TollgateHttp {
                     .filter_map(|c| c.slot())
                     .map(|(k, id)| (k.to_string(), id.to_string()))
                     .collect();
-                self.apply(verdict, true, slots);
+                self.decided(verdict, slots);
             }
             Err(failure) => {
                 self.fail(failure, true);
@@ -244,20 +359,22 @@ impl Context for TollgateHttp {
 }
 
 impl HttpContext for TollgateHttp {
-    fn on_log(&mut self) {
-        self.release_slots();
-    }
-
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        let request_id = self.shared.request_id();
-        let checks = checks_for(&self.config, &WasmHost, WasmHost.now_ms(), &request_id);
+        let plugin = self.plugin.clone();
+        let request_id = plugin.request_id();
+        let now_ms = WasmHost.now_ms();
+        let checks = checks_for(&plugin.config, &WasmHost, now_ms, &request_id);
         if checks.is_empty() {
             return Action::Continue;
         }
         let body = wire::encode(&[&checks]);
-        match WasmHost.dispatch(&self.config.shim, &body) {
+        match WasmHost.dispatch(&plugin.config.shim, &body) {
             Ok(token) => {
-                self.state = State::Awaiting { token, checks };
+                self.state = State::Awaiting {
+                    token,
+                    sent_ms: now_ms,
+                    checks,
+                };
                 Action::Pause
             }
             Err(e) => self.fail(Failure::Dispatch(e.to_string()), false),
@@ -277,29 +394,9 @@ impl HttpContext for TollgateHttp {
         }
         Action::Continue
     }
-}
 
-impl TollgateHttp {
-    /// Gives back the concurrency slots this request held, once it has ended.
-    fn release_slots(&mut self) {
-        let State::Allowed { slots, .. } = &mut self.state else {
-            return;
-        };
-        if slots.is_empty() {
-            return;
-        }
-        let pairs: Vec<(&str, &str)> = slots
-            .iter()
-            .map(|(k, id)| (k.as_str(), id.as_str()))
-            .collect();
-        let body = wire::encode_release(&pairs);
-        if let Err(e) =
-            WasmHost.dispatch_release(self.shared.root_context_id, &self.config.shim, &body)
-        {
-            // The slot frees itself when its timeout passes.
-            debug!("releasing {} concurrency slots failed: {e}", pairs.len());
-        }
-        slots.clear();
+    fn on_log(&mut self) {
+        self.release_slots();
     }
 }
 

@@ -4,7 +4,7 @@
 use std::time::UNIX_EPOCH;
 
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{BufferType, MapType, Status};
+use proxy_wasm::types::{BufferType, MapType, MetricType, Status};
 
 use crate::config::ShimTarget;
 use crate::decision::LocalReply;
@@ -44,6 +44,10 @@ pub trait Host: RequestView {
     fn send_local_reply(&self, reply: &LocalReply) -> Result<(), HostError>;
     fn resume_request(&self) -> Result<(), HostError>;
     fn add_response_header(&self, name: &str, value: &str) -> Result<(), HostError>;
+    fn define_metric(&self, kind: MetricType, name: &str) -> Result<u32, HostError>;
+    /// Adds to a counter, or records a histogram value; a failure only loses a sample.
+    fn increment_metric(&self, id: u32, by: i64);
+    fn record_metric(&self, id: u32, value: u64);
 }
 
 /// The real host: Envoy (or Kong) through proxy-wasm hostcalls, for the current context.
@@ -158,5 +162,17 @@ impl Host for WasmHost {
 
     fn add_response_header(&self, name: &str, value: &str) -> Result<(), HostError> {
         hostcalls::add_map_value(MapType::HttpResponseHeaders, name, value).map_err(HostError)
+    }
+
+    fn define_metric(&self, kind: MetricType, name: &str) -> Result<u32, HostError> {
+        hostcalls::define_metric(kind, name).map_err(HostError)
+    }
+
+    fn increment_metric(&self, id: u32, by: i64) {
+        let _ = hostcalls::increment_metric(id, by);
+    }
+
+    fn record_metric(&self, id: u32, value: u64) {
+        let _ = hostcalls::record_metric(id, value);
     }
 }

@@ -9,6 +9,7 @@ pub mod decision;
 pub mod duration;
 pub mod ip;
 pub mod keys;
+pub mod metrics;
 pub mod properties;
 pub mod request;
 pub mod throttle;

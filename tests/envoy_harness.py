@@ -110,6 +110,10 @@ def static_cluster(name: str, port: int) -> dict:
     }
 
 
+# Turns the rule in per-rule metric names into a `rule` label (as in envoy.yaml).
+RULE_TAG = {"tag_name": "rule", "regex": r"^wasmcustom\.tollgate_rule_\w+(\.rule\.(.+))$"}
+
+
 def envoy_config(plugin_config: dict, shim_port: int, listen_port: int, admin_port: int, routes=None, clusters=()) -> dict:
     """An Envoy bootstrap: one listener with the Tollgate filter, the shim as a cluster."""
     wasm_filter = {
@@ -150,6 +154,7 @@ def envoy_config(plugin_config: dict, shim_port: int, listen_port: int, admin_po
     shim_endpoint = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": shim_port}}}
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "stats_config": {"stats_tags": [RULE_TAG]},
         "static_resources": {
             "listeners": [
                 {

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.request
 
 import pytest
 
@@ -113,6 +114,41 @@ def test_two_rules_denied_by_one_does_not_consume_the_other(clean, tmp_path):
             if b"a_per_key" in k
         }
     assert counters == {"tollgate:{a_per_key": 4}
+
+
+def test_filter_metrics_count_exactly(clean, tmp_path):
+    rules = [rule("search", 3), rule("shadowed", 1, shadow=True, descriptors=["header:x-user"])]
+    with run_envoy(tmp_path, plugin(rules), clean["shim"]) as envoy:
+        wait_for_window_room(60, 10)
+        statuses = [request(envoy.port, "/v1/search", {"x-api-key": "k", "x-user": "u"}).status for _ in range(5)]
+        request(envoy.port, "/healthz")  # filter disabled: not counted
+        stats = {name: envoy.stat(f"wasmcustom.{name}") for name in [
+            "tollgate_requests_checked_total", "tollgate_requests_allowed_total",
+            "tollgate_requests_denied_total", "tollgate_failed_open_total",
+            "tollgate_rule_denied_total.rule.search", "tollgate_rule_shadow_denied_total.rule.shadowed",
+        ]}
+        with urllib.request.urlopen(f"http://127.0.0.1:{envoy.admin_port}/stats/prometheus") as r:
+            prometheus = r.read().decode()
+    print(f"filter metrics after {statuses}: {stats}")
+    assert statuses == [200, 200, 200, 429, 429]
+    assert stats == {
+        "tollgate_requests_checked_total": 5,
+        "tollgate_requests_allowed_total": 3,
+        "tollgate_requests_denied_total": 2,
+        "tollgate_failed_open_total": 0,
+        "tollgate_rule_denied_total.rule.search": 2,
+        "tollgate_rule_shadow_denied_total.rule.shadowed": 2,
+    }
+    assert 'tollgate_rule_denied_total{rule="search"} 2' in prometheus, prometheus[-3000:]
+    assert "tollgate_requests_checked_total 5" in prometheus
+    assert "tollgate_callout_duration_milliseconds_count 5" in prometheus
+
+
+def test_failed_open_is_counted(tmp_path):
+    with run_envoy(tmp_path, plugin([rule("r", 10)]), free_port()) as envoy:
+        assert [request(envoy.port, "/v1/search", SEARCH_KEY).status for _ in range(3)] == [200] * 3
+        assert envoy.stat("wasmcustom.tollgate_failed_open_total") == 3
+        assert envoy.stat("wasmcustom.tollgate_requests_allowed_total") == 0
 
 
 def test_disabled_route_is_never_checked(clean, tmp_path):

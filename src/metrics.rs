@@ -1,0 +1,120 @@
+//! The filter's metrics: names, and which ones a request's outcome increments.
+//!
+//! Envoy exports a Wasm metric `NAME` as the stat `wasmcustom.NAME` and, in
+//! `/stats/prometheus`, as `NAME`. Proxy-wasm has no labels, so per-rule metrics carry the rule
+//! in the name (`tollgate_rule_denied_total.rule.<rule>`); the bootstrap's `stats_tags` turn
+//! that into a `rule` label (see README, "Metrics"):
+//! `{"tag_name": "rule", "regex": "^wasmcustom\\.tollgate_rule_\\w+(\\.rule\\.(.+))$"}`.
+
+/// Metrics every plugin defines once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counter {
+    /// Requests at least one rule applied to (a callout was made or attempted).
+    Checked,
+    Allowed,
+    /// Denied by a limit (not by the failure mode).
+    Denied,
+    /// The shim gave no answer and `failure_mode: allow` let the request through.
+    FailedOpen,
+    /// The shim gave no answer and `failure_mode: deny` refused the request.
+    FailedClosed,
+}
+
+impl Counter {
+    pub const ALL: [Counter; 5] = [
+        Counter::Checked,
+        Counter::Allowed,
+        Counter::Denied,
+        Counter::FailedOpen,
+        Counter::FailedClosed,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Counter::Checked => "tollgate_requests_checked_total",
+            Counter::Allowed => "tollgate_requests_allowed_total",
+            Counter::Denied => "tollgate_requests_denied_total",
+            Counter::FailedOpen => "tollgate_failed_open_total",
+            Counter::FailedClosed => "tollgate_failed_closed_total",
+        }
+    }
+}
+
+/// Histogram of the callout's round trip, in milliseconds (Envoy's default buckets are in ms).
+pub const CALLOUT_DURATION: &str = "tollgate_callout_duration_milliseconds";
+
+/// Per-rule counters: denials, and shadow-mode denials.
+pub fn rule_denied(rule: &str) -> String {
+    format!("tollgate_rule_denied_total.rule.{rule}")
+}
+
+pub fn rule_shadow_denied(rule: &str) -> String {
+    format!("tollgate_rule_shadow_denied_total.rule.{rule}")
+}
+
+/// What happened to one checked request, for the counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome<'a> {
+    /// Allowed by the shim; `shadow_denied`: rules in shadow mode that would have denied.
+    Allowed {
+        shadow_denied: &'a [usize],
+    },
+    /// Denied by these rules.
+    Denied {
+        rules: &'a [usize],
+    },
+    FailedOpen,
+    FailedClosed,
+}
+
+/// The global counters an outcome increments (`Checked` always).
+pub fn counters(outcome: &Outcome<'_>) -> [Counter; 2] {
+    let second = match outcome {
+        Outcome::Allowed { .. } => Counter::Allowed,
+        Outcome::Denied { .. } => Counter::Denied,
+        Outcome::FailedOpen => Counter::FailedOpen,
+        Outcome::FailedClosed => Counter::FailedClosed,
+    };
+    [Counter::Checked, second]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_prometheus_conventions() {
+        for c in Counter::ALL {
+            let name = c.name();
+            assert!(
+                name.starts_with("tollgate_") && name.ends_with("_total"),
+                "{name}"
+            );
+            assert!(
+                name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+                "{name}"
+            );
+        }
+        assert_eq!(
+            rule_denied("search"),
+            "tollgate_rule_denied_total.rule.search"
+        );
+        assert_eq!(
+            rule_shadow_denied("a.b"),
+            "tollgate_rule_shadow_denied_total.rule.a.b"
+        );
+    }
+
+    #[test]
+    fn every_outcome_counts_as_checked_and_once_more() {
+        let table = [
+            (Outcome::Allowed { shadow_denied: &[] }, Counter::Allowed),
+            (Outcome::Denied { rules: &[0] }, Counter::Denied),
+            (Outcome::FailedOpen, Counter::FailedOpen),
+            (Outcome::FailedClosed, Counter::FailedClosed),
+        ];
+        for (outcome, expected) in table {
+            assert_eq!(counters(&outcome), [Counter::Checked, expected]);
+        }
+    }
+}
