@@ -89,6 +89,8 @@ struct RawConfig {
     failure_response: RawResponse,
     #[serde(default = "default_true")]
     headers_on_allow: bool,
+    #[serde(default = "default_true")]
+    over_limit_cache: bool,
     #[serde(default)]
     client_ip: RawClientIp,
     rules: Vec<RawRule>,
@@ -485,6 +487,8 @@ pub struct Config {
     pub deny: LocalResponse,
     pub failure_response: LocalResponse,
     pub headers_on_allow: bool,
+    /// Deny locally, without a callout, while Redis has said a key is exhausted.
+    pub over_limit_cache: bool,
     pub client_ip: ClientIp,
     pub rules: Vec<Rule>,
 }
@@ -552,6 +556,7 @@ impl TryFrom<RawConfig> for Config {
             deny,
             failure_response,
             headers_on_allow: raw.headers_on_allow,
+            over_limit_cache: raw.over_limit_cache,
             client_ip: compile_client_ip(raw.client_ip)?,
             rules,
         })

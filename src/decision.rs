@@ -5,6 +5,7 @@
 
 use std::fmt;
 
+use crate::cache;
 use crate::config::{Config, FailureMode, LocalResponse};
 use crate::request::{Check, CheckKind};
 use crate::wire::{self, CheckResult, RequestResult};
@@ -69,18 +70,29 @@ pub struct CalloutReply<'a> {
     pub body: &'a [u8],
 }
 
-/// Decides one request from a completed callout that carried only its checks.
+/// Decides one request from a completed callout that carried only its checks. With the verdict
+/// come the over-limit cache entries a denial teaches (empty when allowed or disabled).
 pub fn from_callout(
     config: &Config,
     checks: &[Check],
     reply: CalloutReply<'_>,
-) -> Result<Verdict, Failure> {
+    now_ms: u64,
+) -> Result<(Verdict, Vec<cache::Entry>), Failure> {
     match (reply.status, reply.dispatch_status) {
         (Some(200), _) => {
             let mut results =
                 wire::decode(reply.body, &[checks.len()]).map_err(Failure::Malformed)?;
             let result = results.pop().ok_or(Failure::NoStatus)?;
-            Ok(decide(config, checks, &result))
+            let entries = if result.allowed || !config.over_limit_cache {
+                Vec::new()
+            } else {
+                checks
+                    .iter()
+                    .zip(&result.checks)
+                    .filter_map(|(c, r)| cache::entry_for(c, r, now_ms))
+                    .collect()
+            };
+            Ok((decide(config, checks, &result), entries))
         }
         (Some(other), _) => Err(Failure::Status(other)),
         (None, Some(why)) => Err(Failure::Dispatch(why.to_string())),
@@ -106,6 +118,25 @@ pub fn on_failure(config: &Config) -> Verdict {
             }))
         }
     }
+}
+
+/// Denies a request locally from over-limit cache entries (`hits`: index into `checks`, entry),
+/// with the headers the shim's answer would have produced for those checks.
+pub fn from_cache(
+    config: &Config,
+    checks: &[Check],
+    hits: &[(usize, cache::Entry)],
+    now_ms: u64,
+) -> Verdict {
+    let denying: Vec<Check> = hits.iter().map(|(i, _)| checks[*i].clone()).collect();
+    let result = RequestResult {
+        allowed: false,
+        checks: hits
+            .iter()
+            .map(|(i, e)| cache::as_result(e, &checks[*i], now_ms))
+            .collect(),
+    };
+    decide(config, &denying, &result)
 }
 
 /// What one check means for the response headers, with the times made safe.
@@ -492,16 +523,16 @@ mod tests {
         ];
         for (status, body, expected) in cases {
             assert_eq!(
-                from_callout(&c, &checks(), reply(status, body)),
+                from_callout(&c, &checks(), reply(status, body), 0).map(|(v, _)| v),
                 Err(expected)
             );
         }
         assert!(matches!(
-            from_callout(&c, &checks(), reply(Some(200), b"garbage")),
+            from_callout(&c, &checks(), reply(Some(200), b"garbage"), 0),
             Err(Failure::Malformed(_))
         ));
         assert!(matches!(
-            from_callout(&c, &checks(), reply(Some(200), br#"{"results":[]}"#)),
+            from_callout(&c, &checks(), reply(Some(200), br#"{"results":[]}"#), 0),
             Err(Failure::Malformed(_))
         ));
 
@@ -533,7 +564,7 @@ mod tests {
             body: b"",
         };
         assert_eq!(
-            from_callout(&config(), &checks(), kong_timeout),
+            from_callout(&config(), &checks(), kong_timeout, 0).map(|(v, _)| v),
             Err(Failure::Dispatch("timeout".into()))
         );
     }
@@ -589,11 +620,50 @@ mod tests {
     }
 
     #[test]
+    fn a_denial_teaches_the_cache_and_the_cache_answers_alike() {
+        let body = br#"{"results":[{"allowed":false,"checks":[
+            {"allowed":true,"limit":100,"remaining":50,"reset_ms":41000,"retry_after_ms":0},
+            {"allowed":false,"limit":20,"remaining":0,"reset_ms":3000,"retry_after_ms":3000}]}]}"#;
+        let (verdict, entries) =
+            from_callout(&config(), &checks(), reply(Some(200), body), 1_000).unwrap();
+        assert_eq!(entries.len(), 1, "only the exhausted key");
+        assert_eq!(
+            (entries[0].key.as_str(), entries[0].until_ms),
+            ("k1", 4_001)
+        );
+        let Verdict::Deny(from_shim) = verdict else {
+            panic!()
+        };
+        // 500 ms later the cache denies by itself, with the same Retry-After.
+        let hits = [(1, entries[0].clone())];
+        let Verdict::Deny(cached) = from_cache(&config(), &checks(), &hits, 1_500) else {
+            panic!()
+        };
+        assert_eq!(cached.status, 429);
+        assert_eq!(cached.denied_by, vec![1]);
+        assert_eq!(
+            header(&cached.headers, "retry-after"),
+            header(&from_shim.headers, "retry-after")
+        );
+        assert_eq!(header(&cached.headers, "x-ratelimit-remaining"), "0");
+
+        let mut off = config();
+        off.over_limit_cache = false;
+        let (_, entries) = from_callout(&off, &checks(), reply(Some(200), body), 1_000).unwrap();
+        assert!(entries.is_empty());
+    }
+
+    #[test]
     fn a_good_reply_decides() {
         let body = br#"{"results":[{"allowed":true,"checks":[
             {"allowed":true,"limit":100,"count":1,"remaining":99,"reset_ms":41000},
             {"allowed":true,"limit":20,"count":1,"remaining":19,"reset_ms":3000}]}]}"#;
-        let verdict = from_callout(&config(), &checks(), reply(Some(200), body)).unwrap();
+        let (verdict, entries) =
+            from_callout(&config(), &checks(), reply(Some(200), body), 0).unwrap();
+        assert!(
+            entries.is_empty(),
+            "an allowed request teaches the cache nothing"
+        );
         assert!(matches!(verdict, Verdict::Allow { .. }));
     }
 }

@@ -12,6 +12,7 @@ use log::{debug, error, info, warn};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
 
+use crate::cache;
 use crate::config::{Config, FailureMode};
 use crate::decision::{self, CalloutReply, Failure, Verdict};
 use crate::host::{Host, HostError, WasmHost};
@@ -92,11 +93,15 @@ impl Metrics {
         })
     }
 
+    fn bump(&self, host: &impl Host, counter: Counter) {
+        if let Some(&(_, id)) = self.counters.iter().find(|(k, _)| *k == counter) {
+            host.increment_metric(id, 1);
+        }
+    }
+
     fn count(&self, host: &impl Host, outcome: &Outcome<'_>) {
         for c in metrics::counters(outcome) {
-            if let Some(&(_, id)) = self.counters.iter().find(|(k, _)| *k == c) {
-                host.increment_metric(id, 1);
-            }
+            self.bump(host, c);
         }
         let (rules, shadow) = match outcome {
             Outcome::Denied { rules } => (*rules, false),
@@ -225,7 +230,7 @@ impl TollgateHttp {
     }
 
     /// Counts a decided request and carries the verdict out.
-    fn decided(&mut self, verdict: Verdict, slots: Vec<(String, String)>) {
+    fn decided(&mut self, verdict: Verdict, slots: Vec<(String, String)>, paused: bool) -> Action {
         let outcome = match &verdict {
             Verdict::Allow { shadow_denials, .. } => Outcome::Allowed {
                 shadow_denied: shadow_denials,
@@ -235,7 +240,7 @@ impl TollgateHttp {
             },
         };
         self.plugin.metrics.count(&WasmHost, &outcome);
-        self.apply(verdict, true, slots);
+        self.apply(verdict, paused, slots)
     }
 
     fn log_shadow_denials(&self, rules: &[usize]) {
@@ -341,15 +346,19 @@ impl Context for TollgateHttp {
             dispatch_status: dispatch_status.as_deref(),
             body: &body,
         };
-        match decision::from_callout(&plugin.config, &checks, reply) {
-            Ok(verdict) => {
+        let now_ms = WasmHost.now_ms();
+        match decision::from_callout(&plugin.config, &checks, reply, now_ms) {
+            Ok((verdict, exhausted)) => {
                 debug!("{} checks, verdict {verdict:?}", checks.len());
+                for entry in &exhausted {
+                    WasmHost.shared_set(&cache::slot(&entry.key), &cache::encode(entry));
+                }
                 let slots = checks
                     .iter()
                     .filter_map(|c| c.slot())
                     .map(|(k, id)| (k.to_string(), id.to_string()))
                     .collect();
-                self.decided(verdict, slots);
+                self.decided(verdict, slots, true);
             }
             Err(failure) => {
                 self.fail(failure, true);
@@ -366,6 +375,14 @@ impl HttpContext for TollgateHttp {
         let checks = checks_for(&plugin.config, &WasmHost, now_ms, &request_id);
         if checks.is_empty() {
             return Action::Continue;
+        }
+        if plugin.config.over_limit_cache {
+            let hits = cached_denials(&checks, now_ms);
+            if !hits.is_empty() {
+                plugin.metrics.bump(&WasmHost, Counter::CacheHits);
+                let verdict = decision::from_cache(&plugin.config, &checks, &hits, now_ms);
+                return self.decided(verdict, Vec::new(), false);
+            }
         }
         let body = wire::encode(&[&checks]);
         match WasmHost.dispatch(&plugin.config.shim, &body) {
@@ -398,6 +415,19 @@ impl HttpContext for TollgateHttp {
     fn on_log(&mut self) {
         self.release_slots();
     }
+}
+
+/// The checks the over-limit cache denies right now, with their entries.
+fn cached_denials(checks: &[Check], now_ms: u64) -> Vec<(usize, cache::Entry)> {
+    checks
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.cost > 0 && !c.shadow)
+        .filter_map(|(i, c)| {
+            let entry = cache::decode(&WasmHost.shared_get(&cache::slot(&c.key))?)?;
+            cache::denies(&entry, c, now_ms).then_some((i, entry))
+        })
+        .collect()
 }
 
 fn to_filter(level: LogLevel) -> log::LevelFilter {

@@ -45,6 +45,9 @@ pub trait Host: RequestView {
     fn resume_request(&self) -> Result<(), HostError>;
     fn add_response_header(&self, name: &str, value: &str) -> Result<(), HostError>;
     fn define_metric(&self, kind: MetricType, name: &str) -> Result<u32, HostError>;
+    /// Shared data, visible to every worker of this VM (the over-limit cache).
+    fn shared_get(&self, key: &str) -> Option<Vec<u8>>;
+    fn shared_set(&self, key: &str, value: &[u8]);
     /// Adds to a counter, or records a histogram value; a failure only loses a sample.
     fn increment_metric(&self, id: u32, by: i64);
     fn record_metric(&self, id: u32, value: u64);
@@ -174,5 +177,16 @@ impl Host for WasmHost {
 
     fn record_metric(&self, id: u32, value: u64) {
         let _ = hostcalls::record_metric(id, value);
+    }
+
+    fn shared_get(&self, key: &str) -> Option<Vec<u8>> {
+        hostcalls::get_shared_data(key)
+            .ok()
+            .and_then(|(value, _cas)| value)
+    }
+
+    fn shared_set(&self, key: &str, value: &[u8]) {
+        // Last writer wins; a lost update only costs a callout.
+        let _ = hostcalls::set_shared_data(key, Some(value), None);
     }
 }

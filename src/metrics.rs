@@ -18,15 +18,18 @@ pub enum Counter {
     FailedOpen,
     /// The shim gave no answer and `failure_mode: deny` refused the request.
     FailedClosed,
+    /// Denied by the over-limit cache, without a callout (also counted as denied).
+    CacheHits,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 5] = [
+    pub const ALL: [Counter; 6] = [
         Counter::Checked,
         Counter::Allowed,
         Counter::Denied,
         Counter::FailedOpen,
         Counter::FailedClosed,
+        Counter::CacheHits,
     ];
 
     pub fn name(self) -> &'static str {
@@ -36,6 +39,7 @@ impl Counter {
             Counter::Denied => "tollgate_requests_denied_total",
             Counter::FailedOpen => "tollgate_failed_open_total",
             Counter::FailedClosed => "tollgate_failed_closed_total",
+            Counter::CacheHits => "tollgate_cache_hits_total",
         }
     }
 }

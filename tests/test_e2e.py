@@ -144,6 +144,24 @@ def test_filter_metrics_count_exactly(clean, tmp_path):
     assert "tollgate_callout_duration_milliseconds_count 5" in prometheus
 
 
+def test_over_limit_cache_denies_without_callouts_across_workers(clean, tmp_path):
+    """Once Redis says a key is exhausted, both workers deny it locally until the window ends:
+    the same admissions, a fraction of the callouts."""
+    with run_envoy(tmp_path, plugin([rule("cached", 20)]), clean["shim"], concurrency=2) as envoy:
+        wait_for_window_room(60, 15)
+        statuses = hammer(envoy.port, 400, 16, "/v1/search", SEARCH_KEY)
+        callouts = envoy.stat("cluster.tollgate_shim.upstream_rq_total")
+        hits = envoy.stat("wasmcustom.tollgate_cache_hits_total")
+        denied = envoy.stat("wasmcustom.tollgate_requests_denied_total")
+        later = request(envoy.port, "/v1/search", SEARCH_KEY)
+    print(f"over-limit cache, 2 workers: {dict(statuses)}, {callouts} callouts, {hits} cache hits")
+    assert statuses == {200: 20, 429: 380}, "the cache never changes admissions"
+    assert hits + (callouts - 20) == 380 and denied == 380
+    assert callouts < 100, "most denials were answered by the cache"
+    assert later.status == 429 and later.headers["x-ratelimit-remaining"] == "0"
+    assert 1 <= int(later.headers["retry-after"]) <= 60
+
+
 def test_failed_open_is_counted(tmp_path):
     with run_envoy(tmp_path, plugin([rule("r", 10)]), free_port()) as envoy:
         assert [request(envoy.port, "/v1/search", SEARCH_KEY).status for _ in range(3)] == [200] * 3
