@@ -8,6 +8,7 @@ import json
 import socket
 import subprocess
 import threading
+from concurrent.futures import ThreadPoolExecutor
 import time
 import urllib.request
 
@@ -27,6 +28,20 @@ def test_exact_admission_under_concurrency(clean, tmp_path):
         statuses = hammer(envoy.port, 500, 50, "/v1/search", SEARCH_KEY)
     print(f"exact admission: {dict(statuses)}")
     assert statuses == {200: 100, 429: 400}
+
+
+def test_exact_admission_across_two_gateways(clean, tmp_path):
+    """Two Envoys (separate processes, 2 workers each) share one limit through the shim:
+    limit 100, 1000 requests split across both → exactly 100 allowed."""
+    config = plugin([rule("shared", 100)])
+    with run_envoy(tmp_path / "a", config, clean["shim"], concurrency=2) as a, \
+            run_envoy(tmp_path / "b", config, clean["shim"], concurrency=2) as b:
+        wait_for_window_room(60, 20)
+        with ThreadPoolExecutor(2) as pool:
+            counts = list(pool.map(lambda e: hammer(e.port, 500, 25, "/v1/search", SEARCH_KEY), [a, b]))
+    total = counts[0] + counts[1]
+    print(f"two gateways: {dict(counts[0])} + {dict(counts[1])} = {dict(total)}")
+    assert total == {200: 100, 429: 900}
 
 
 def test_counters_are_separate_per_value_rule_and_route(clean, tmp_path):
