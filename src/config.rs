@@ -91,6 +91,8 @@ struct RawConfig {
     headers_on_allow: bool,
     #[serde(default = "default_true")]
     over_limit_cache: bool,
+    #[serde(default = "default_true")]
+    coalesce: bool,
     #[serde(default)]
     client_ip: RawClientIp,
     rules: Vec<RawRule>,
@@ -489,6 +491,8 @@ pub struct Config {
     pub headers_on_allow: bool,
     /// Deny locally, without a callout, while Redis has said a key is exhausted.
     pub over_limit_cache: bool,
+    /// Put the checks of requests that arrive while a callout is in flight into one callout.
+    pub coalesce: bool,
     pub client_ip: ClientIp,
     pub rules: Vec<Rule>,
 }
@@ -557,6 +561,7 @@ impl TryFrom<RawConfig> for Config {
             failure_response,
             headers_on_allow: raw.headers_on_allow,
             over_limit_cache: raw.over_limit_cache,
+            coalesce: raw.coalesce,
             client_ip: compile_client_ip(raw.client_ip)?,
             rules,
         })

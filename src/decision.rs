@@ -78,21 +78,38 @@ pub fn from_callout(
     reply: CalloutReply<'_>,
     now_ms: u64,
 ) -> Result<(Verdict, Vec<cache::Entry>), Failure> {
+    let mut decided = from_batch_callout(config, &[checks], reply, now_ms)?;
+    decided.pop().ok_or(Failure::NoStatus)
+}
+
+/// Decides every request of a completed callout (`requests[i]`: the checks of request `i`),
+/// each on its own answer.
+pub fn from_batch_callout(
+    config: &Config,
+    requests: &[&[Check]],
+    reply: CalloutReply<'_>,
+    now_ms: u64,
+) -> Result<Vec<(Verdict, Vec<cache::Entry>)>, Failure> {
     match (reply.status, reply.dispatch_status) {
         (Some(200), _) => {
-            let mut results =
-                wire::decode(reply.body, &[checks.len()]).map_err(Failure::Malformed)?;
-            let result = results.pop().ok_or(Failure::NoStatus)?;
-            let entries = if result.allowed || !config.over_limit_cache {
-                Vec::new()
-            } else {
-                checks
-                    .iter()
-                    .zip(&result.checks)
-                    .filter_map(|(c, r)| cache::entry_for(c, r, now_ms))
-                    .collect()
-            };
-            Ok((decide(config, checks, &result), entries))
+            let shape: Vec<usize> = requests.iter().map(|c| c.len()).collect();
+            let results = wire::decode(reply.body, &shape).map_err(Failure::Malformed)?;
+            Ok(requests
+                .iter()
+                .zip(&results)
+                .map(|(checks, result)| {
+                    let entries = if result.allowed || !config.over_limit_cache {
+                        Vec::new()
+                    } else {
+                        checks
+                            .iter()
+                            .zip(&result.checks)
+                            .filter_map(|(c, r)| cache::entry_for(c, r, now_ms))
+                            .collect()
+                    };
+                    (decide(config, checks, result), entries)
+                })
+                .collect())
         }
         (Some(other), _) => Err(Failure::Status(other)),
         (None, Some(why)) => Err(Failure::Dispatch(why.to_string())),
@@ -651,6 +668,23 @@ mod tests {
         off.over_limit_cache = false;
         let (_, entries) = from_callout(&off, &checks(), reply(Some(200), body), 1_000).unwrap();
         assert!(entries.is_empty());
+    }
+
+    #[test]
+    fn a_batch_reply_decides_each_request_on_its_own() {
+        let body = br#"{"results":[
+            {"allowed":true,"checks":[{"allowed":true,"limit":100,"remaining":1,"reset_ms":1000},
+                                      {"allowed":true,"limit":20,"remaining":1,"reset_ms":1000}]},
+            {"allowed":false,"checks":[{"allowed":false,"limit":100,"remaining":0,"reset_ms":1000}]}]}"#;
+        let two = checks();
+        let one = &two[..1];
+        let decided =
+            from_batch_callout(&config(), &[&two, one], reply(Some(200), body), 0).unwrap();
+        assert!(matches!(decided[0].0, Verdict::Allow { .. }));
+        assert!(matches!(decided[1].0, Verdict::Deny(_)));
+        assert_eq!(decided[1].1.len(), 1);
+        let wrong_shape = from_batch_callout(&config(), &[one, one], reply(Some(200), body), 0);
+        assert!(matches!(wrong_shape, Err(Failure::Malformed(_))));
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! The proxy-wasm contexts: the thin glue between the host and the pure logic.
 //!
-//! Per request: match rules → one callout to the shim with every check → pause → on the
-//! reply, `decision::from_callout` → resume (allow) or send a local reply (deny). Any failure
-//! goes through `decision::on_failure`, the one place the failure mode is applied.
+//! Per request: match rules → over-limit cache → one callout to the shim with every check →
+//! pause → on the reply, `decision::from_callout` → resume (allow) or send a local reply
+//! (deny). Any failure goes through `decision::on_failure`, the one place the failure mode is
+//! applied. With `coalesce`, requests that arrive while a callout is in flight wait in the
+//! worker's [`Batcher`] and go out together from the root context (see `batch`).
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::rc::Rc;
 
@@ -12,6 +15,7 @@ use log::{debug, error, info, warn};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
 
+use crate::batch::{Batcher, Limits, Pending};
 use crate::cache;
 use crate::config::{Config, FailureMode};
 use crate::decision::{self, CalloutReply, Failure, Verdict};
@@ -24,6 +28,10 @@ use crate::wire;
 /// A recurring failure or shadow denial is logged at most this often per worker; the rest at
 /// debug.
 const LOG_INTERVAL_MS: u64 = 10_000;
+/// How often the root flushes queued requests and runs the watchdog, when coalescing.
+const TICK_MS: u64 = 1;
+/// Grace beyond the callout timeout before the watchdog fails a request itself.
+const WATCHDOG_GRACE_MS: u64 = 50;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -36,13 +44,11 @@ proxy_wasm::main! {{
     });
 }}
 
-/// The root context: builds the [`Plugin`] on configure and hands it to every HTTP context.
-struct TollgateRoot {
-    context_id: u32,
-    plugin: Option<Rc<Plugin>>,
-}
+/// Response headers to add, and concurrency slots `(key, id)` to release.
+type Headers = Vec<(String, String)>;
+type Slots = Vec<(String, String)>;
 
-/// Everything the HTTP contexts of one configured plugin share.
+/// Everything the contexts of one configured plugin share (one per worker).
 struct Plugin {
     config: Config,
     root_context_id: u32,
@@ -52,6 +58,10 @@ struct Plugin {
     /// Request ids: a random per-VM prefix and a counter, unique across gateways and workers.
     id_prefix: u64,
     next_id: Cell<u64>,
+    batcher: RefCell<Batcher>,
+    /// Verdicts the root reached for queued requests that it allowed: the response headers to
+    /// add and the slots to release, picked up by the request's own context.
+    allowed: RefCell<HashMap<u32, (Headers, Slots)>>,
 }
 
 impl Plugin {
@@ -60,6 +70,193 @@ impl Plugin {
         self.next_id.set(n.wrapping_add(1));
         format!("{:016x}-{n:x}", self.id_prefix)
     }
+
+    /// Counts a decision and logs what shadow rules would have done.
+    fn count(&self, verdict: &Verdict) {
+        let outcome = match verdict {
+            Verdict::Allow { shadow_denials, .. } => {
+                self.log_shadow_denials(shadow_denials);
+                Outcome::Allowed {
+                    shadow_denied: shadow_denials,
+                }
+            }
+            Verdict::Deny(reply) => Outcome::Denied {
+                rules: &reply.denied_by,
+            },
+        };
+        self.metrics.count(&WasmHost, &outcome);
+    }
+
+    fn log_shadow_denials(&self, rules: &[usize]) {
+        for &i in rules {
+            let name = self.config.rules.get(i).map_or("?", |r| r.name.as_str());
+            let admitted = self
+                .shadow_denials
+                .borrow_mut()
+                .admit(WasmHost.now_ms(), LOG_INTERVAL_MS);
+            match admitted {
+                Some(suppressed) => info!(
+                    "rule {name} (shadow mode) would have denied a request ({suppressed} more shadow denials not logged)"
+                ),
+                None => debug!("rule {name} (shadow mode) would have denied this request"),
+            }
+        }
+    }
+
+    /// Logs a failure (throttled), counts it, and returns the failure mode's verdict.
+    fn failure_verdict(&self, failure: &Failure) -> Verdict {
+        let admitted = self
+            .failures
+            .borrow_mut()
+            .admit(WasmHost.now_ms(), LOG_INTERVAL_MS);
+        match admitted {
+            Some(suppressed) => warn!(
+                "{failure}; applying failure mode {:?} ({suppressed} similar failures not logged)",
+                self.config.failure_mode
+            ),
+            None => debug!("{failure}"),
+        }
+        let outcome = match self.config.failure_mode {
+            FailureMode::Allow => Outcome::FailedOpen,
+            FailureMode::Deny => Outcome::FailedClosed,
+        };
+        self.metrics.count(&WasmHost, &outcome);
+        decision::on_failure(&self.config)
+    }
+
+    fn remember_exhausted(&self, entries: &[cache::Entry]) {
+        for entry in entries {
+            WasmHost.shared_set(&cache::slot(&entry.key), &cache::encode(entry));
+        }
+    }
+
+    /// Sends the release of concurrency slots; nobody waits for the answer.
+    fn release(&self, slots: &[(String, String)]) {
+        if slots.is_empty() {
+            return;
+        }
+        let pairs: Vec<(&str, &str)> = slots
+            .iter()
+            .map(|(k, id)| (k.as_str(), id.as_str()))
+            .collect();
+        let body = wire::encode_release(&pairs);
+        if let Err(e) = WasmHost.dispatch_release(self.root_context_id, &self.config.shim, &body) {
+            // The slots free themselves when their timeout passes.
+            debug!("releasing {} concurrency slots failed: {e}", pairs.len());
+        }
+    }
+
+    // --- The root's side of coalescing --------------------------------------------------
+
+    /// Sends every batch the batcher has ready, from the root context.
+    fn flush(&self) {
+        loop {
+            let Some(batch) = self.batcher.borrow_mut().next_batch() else {
+                return;
+            };
+            // Attribute the callout to the root, so no single request's end can cancel it.
+            let _ = WasmHost.set_effective_context(self.root_context_id);
+            let requests: Vec<&[Check]> = batch.iter().map(|p| p.checks.as_slice()).collect();
+            let body = wire::encode(&requests);
+            match WasmHost.dispatch(&self.config.shim, &body) {
+                Ok(token) => self
+                    .batcher
+                    .borrow_mut()
+                    .sent(token, batch, WasmHost.now_ms()),
+                Err(e) => self.fail_all(batch, &Failure::Dispatch(e.to_string())),
+            }
+        }
+    }
+
+    /// The reply to a root batch: each request gets its own verdict.
+    fn on_batch_reply(&self, token: u32, body_size: usize) {
+        let Some((sent_ms, batch)) = self.batcher.borrow_mut().complete(token) else {
+            debug!("ignoring reply to callout {token}: not a pending batch");
+            return;
+        };
+        let now_ms = WasmHost.now_ms();
+        WasmHost.record_metric(self.metrics.callout_ms, now_ms.saturating_sub(sent_ms));
+        let body = WasmHost.callout_body(body_size);
+        let dispatch_status = WasmHost.callout_dispatch_status();
+        let reply = CalloutReply {
+            status: WasmHost.callout_status(),
+            dispatch_status: dispatch_status.as_deref(),
+            body: &body,
+        };
+        let requests: Vec<&[Check]> = batch.iter().map(|p| p.checks.as_slice()).collect();
+        match decision::from_batch_callout(&self.config, &requests, reply, now_ms) {
+            Ok(decided) => {
+                for (pending, (verdict, exhausted)) in batch.iter().zip(decided) {
+                    self.remember_exhausted(&exhausted);
+                    self.deliver(pending, verdict, slots_of(&pending.checks));
+                }
+            }
+            Err(failure) => self.fail_all(batch, &failure),
+        }
+        self.flush();
+    }
+
+    fn fail_all(&self, batch: Vec<Pending>, failure: &Failure) {
+        for pending in &batch {
+            let verdict = self.failure_verdict(failure);
+            self.deliver(pending, verdict, Vec::new());
+        }
+    }
+
+    /// Carries a verdict out on a queued request's context, if it still exists.
+    fn deliver(&self, pending: &Pending, verdict: Verdict, slots: Slots) {
+        let allowed = matches!(verdict, Verdict::Allow { .. });
+        if WasmHost.set_effective_context(pending.context_id).is_err() {
+            // The client went away while we asked; give back what was taken for it.
+            if allowed {
+                let _ = WasmHost.set_effective_context(self.root_context_id);
+                self.release(&slots);
+            }
+            return;
+        }
+        self.count(&verdict);
+        match verdict {
+            Verdict::Allow {
+                response_headers, ..
+            } => {
+                self.allowed
+                    .borrow_mut()
+                    .insert(pending.context_id, (response_headers, slots));
+                if let Err(e) = WasmHost.resume_request() {
+                    warn!("resuming request {} failed: {e}", pending.context_id);
+                }
+            }
+            Verdict::Deny(reply) => {
+                if let Err(e) = WasmHost.send_local_reply(&reply) {
+                    warn!(
+                        "sending the local reply to {} failed: {e}",
+                        pending.context_id
+                    );
+                }
+            }
+        }
+    }
+
+    /// The watchdog: fails whatever waited past the callout timeout, then sends what is queued.
+    fn on_tick(&self) {
+        let deadline = self.config.shim.timeout.as_millis() as u64 + WATCHDOG_GRACE_MS;
+        let expired = self
+            .batcher
+            .borrow_mut()
+            .expired(WasmHost.now_ms(), deadline);
+        if !expired.is_empty() {
+            self.fail_all(expired, &Failure::Status(504));
+        }
+        self.flush();
+    }
+}
+
+fn slots_of(checks: &[Check]) -> Slots {
+    checks
+        .iter()
+        .filter_map(|c| c.slot())
+        .map(|(k, id)| (k.to_string(), id.to_string()))
+        .collect()
 }
 
 /// Metric ids from the host, defined once per VM.
@@ -116,7 +313,26 @@ impl Metrics {
     }
 }
 
-impl Context for TollgateRoot {}
+/// The root context: builds the [`Plugin`] on configure and hands it to every HTTP context;
+/// with coalescing, it also sends batches and hands out their verdicts.
+struct TollgateRoot {
+    context_id: u32,
+    plugin: Option<Rc<Plugin>>,
+}
+
+impl Context for TollgateRoot {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        _headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
+        if let Some(plugin) = &self.plugin {
+            plugin.on_batch_reply(token_id, body_size);
+        }
+    }
+}
 
 impl RootContext for TollgateRoot {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
@@ -139,12 +355,16 @@ impl RootContext for TollgateRoot {
             }
         };
         info!(
-            "loaded {} rules, shim {} {}, failure mode {:?}",
+            "loaded {} rules, shim {} {}, failure mode {:?}, coalescing {}",
             config.rules.len(),
             config.shim.upstream,
             config.shim.path,
-            config.failure_mode
+            config.failure_mode,
+            config.coalesce
         );
+        if config.coalesce {
+            WasmHost.set_tick_period_ms(TICK_MS);
+        }
         // Seeded by the host's random source (WASI random_get).
         let id_prefix = std::collections::hash_map::RandomState::new()
             .build_hasher()
@@ -157,13 +377,22 @@ impl RootContext for TollgateRoot {
             shadow_denials: RefCell::new(LogThrottle::default()),
             id_prefix,
             next_id: Cell::new(0),
+            batcher: RefCell::new(Batcher::new(Limits::default())),
+            allowed: RefCell::new(HashMap::new()),
         }));
         true
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn on_tick(&mut self) {
+        if let Some(plugin) = &self.plugin {
+            plugin.on_tick();
+        }
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         let plugin = self.plugin.clone()?;
         Some(Box::new(TollgateHttp {
+            context_id,
             plugin,
             state: State::Idle,
         }))
@@ -178,36 +407,49 @@ impl RootContext for TollgateRoot {
 enum State {
     /// Nothing sent yet (or no rule applied).
     Idle,
-    /// Paused, waiting for the reply to callout `token`, sent at `sent_ms`.
+    /// Paused, waiting for the reply to its own callout `token`, sent at `sent_ms`.
     Awaiting {
         token: u32,
         sent_ms: u64,
         checks: Vec<Check>,
     },
+    /// Paused in the worker's batch queue; the root will decide it.
+    Queued,
     /// Decided and allowed: headers to add to the response, concurrency slots to release.
     Allowed {
         response_headers: Vec<(String, String)>,
-        slots: Vec<(String, String)>,
+        slots: Slots,
     },
     /// Decided and answered locally.
     Denied,
 }
 
 struct TollgateHttp {
+    context_id: u32,
     plugin: Rc<Plugin>,
     state: State,
 }
 
 impl TollgateHttp {
-    /// Carries out a verdict. `paused`: the request is waiting on us and must be resumed.
-    /// `slots`: the concurrency slots the verdict acquired, if it allows.
-    fn apply(&mut self, verdict: Verdict, paused: bool, slots: Vec<(String, String)>) -> Action {
+    /// Counts a verdict and carries it out.
+    fn apply(&mut self, verdict: Verdict, paused: bool, slots: Slots) -> Action {
+        self.plugin.count(&verdict);
+        self.carry_out(verdict, paused, slots)
+    }
+
+    /// Applies the failure mode (logged and counted as a failure).
+    fn fail(&mut self, failure: Failure, paused: bool) -> Action {
+        let verdict = self.plugin.failure_verdict(&failure);
+        self.carry_out(verdict, paused, Vec::new())
+    }
+
+    /// Resumes (allow) or answers locally (deny). `paused`: the request is waiting on us and
+    /// must be resumed. `slots`: the concurrency slots the verdict acquired, if it allows.
+    fn carry_out(&mut self, verdict: Verdict, paused: bool, slots: Slots) -> Action {
         match verdict {
             Verdict::Allow {
-                response_headers,
-                shadow_denials,
+                response_headers, ..
             } => {
-                self.log_shadow_denials(&shadow_denials);
                 self.state = State::Allowed {
                     response_headers,
                     slots,
@@ -229,88 +471,26 @@ impl TollgateHttp {
         }
     }
 
-    /// Counts a decided request and carries the verdict out.
-    fn decided(&mut self, verdict: Verdict, slots: Vec<(String, String)>, paused: bool) -> Action {
-        let outcome = match &verdict {
-            Verdict::Allow { shadow_denials, .. } => Outcome::Allowed {
-                shadow_denied: shadow_denials,
-            },
-            Verdict::Deny(reply) => Outcome::Denied {
-                rules: &reply.denied_by,
-            },
-        };
-        self.plugin.metrics.count(&WasmHost, &outcome);
-        self.apply(verdict, paused, slots)
-    }
-
-    fn log_shadow_denials(&self, rules: &[usize]) {
-        for &i in rules {
-            let name = self
-                .plugin
-                .config
-                .rules
-                .get(i)
-                .map_or("?", |r| r.name.as_str());
-            let admitted = self
-                .plugin
-                .shadow_denials
-                .borrow_mut()
-                .admit(WasmHost.now_ms(), LOG_INTERVAL_MS);
-            match admitted {
-                Some(suppressed) => info!(
-                    "rule {name} (shadow mode) would have denied a request ({suppressed} more shadow denials not logged)"
-                ),
-                None => debug!("rule {name} (shadow mode) would have denied this request"),
+    /// Sends this request's checks in a callout of its own.
+    fn dispatch_alone(&mut self, checks: Vec<Check>, now_ms: u64) -> Action {
+        let plugin = self.plugin.clone();
+        let body = wire::encode(&[&checks]);
+        match WasmHost.dispatch(&plugin.config.shim, &body) {
+            Ok(token) => {
+                self.state = State::Awaiting {
+                    token,
+                    sent_ms: now_ms,
+                    checks,
+                };
+                Action::Pause
+            }
+            Err(e) => {
+                if plugin.config.coalesce {
+                    plugin.batcher.borrow_mut().alone_done();
+                }
+                self.fail(Failure::Dispatch(e.to_string()), false)
             }
         }
-    }
-
-    /// Logs a failure (throttled), counts it and applies the failure mode.
-    fn fail(&mut self, failure: Failure, paused: bool) -> Action {
-        let config = &self.plugin.config;
-        let admitted = self
-            .plugin
-            .failures
-            .borrow_mut()
-            .admit(WasmHost.now_ms(), LOG_INTERVAL_MS);
-        match admitted {
-            Some(suppressed) => warn!(
-                "{failure}; applying failure mode {:?} ({suppressed} similar failures not logged)",
-                config.failure_mode
-            ),
-            None => debug!("{failure}"),
-        }
-        let outcome = match config.failure_mode {
-            FailureMode::Allow => Outcome::FailedOpen,
-            FailureMode::Deny => Outcome::FailedClosed,
-        };
-        self.plugin.metrics.count(&WasmHost, &outcome);
-        // Nothing was acquired in Redis: no slots to release.
-        let verdict = decision::on_failure(config);
-        self.apply(verdict, paused, Vec::new())
-    }
-
-    /// Gives back the concurrency slots this request held, once it has ended.
-    fn release_slots(&mut self) {
-        let State::Allowed { slots, .. } = &mut self.state else {
-            return;
-        };
-        if slots.is_empty() {
-            return;
-        }
-        let pairs: Vec<(&str, &str)> = slots
-            .iter()
-            .map(|(k, id)| (k.as_str(), id.as_str()))
-            .collect();
-        let body = wire::encode_release(&pairs);
-        let plugin = &self.plugin;
-        if let Err(e) =
-            WasmHost.dispatch_release(plugin.root_context_id, &plugin.config.shim, &body)
-        {
-            // The slot frees itself when its timeout passes.
-            debug!("releasing {} concurrency slots failed: {e}", pairs.len());
-        }
-        slots.clear();
     }
 }
 
@@ -335,10 +515,11 @@ impl Context for TollgateHttp {
             }
         };
         let plugin = self.plugin.clone();
-        WasmHost.record_metric(
-            plugin.metrics.callout_ms,
-            WasmHost.now_ms().saturating_sub(sent_ms),
-        );
+        if plugin.config.coalesce {
+            plugin.batcher.borrow_mut().alone_done();
+        }
+        let now_ms = WasmHost.now_ms();
+        WasmHost.record_metric(plugin.metrics.callout_ms, now_ms.saturating_sub(sent_ms));
         let body = WasmHost.callout_body(body_size);
         let dispatch_status = WasmHost.callout_dispatch_status();
         let reply = CalloutReply {
@@ -346,19 +527,11 @@ impl Context for TollgateHttp {
             dispatch_status: dispatch_status.as_deref(),
             body: &body,
         };
-        let now_ms = WasmHost.now_ms();
         match decision::from_callout(&plugin.config, &checks, reply, now_ms) {
             Ok((verdict, exhausted)) => {
                 debug!("{} checks, verdict {verdict:?}", checks.len());
-                for entry in &exhausted {
-                    WasmHost.shared_set(&cache::slot(&entry.key), &cache::encode(entry));
-                }
-                let slots = checks
-                    .iter()
-                    .filter_map(|c| c.slot())
-                    .map(|(k, id)| (k.to_string(), id.to_string()))
-                    .collect();
-                self.decided(verdict, slots, true);
+                plugin.remember_exhausted(&exhausted);
+                self.apply(verdict, true, slots_of(&checks));
             }
             Err(failure) => {
                 self.fail(failure, true);
@@ -381,24 +554,36 @@ impl HttpContext for TollgateHttp {
             if !hits.is_empty() {
                 plugin.metrics.bump(&WasmHost, Counter::CacheHits);
                 let verdict = decision::from_cache(&plugin.config, &checks, &hits, now_ms);
-                return self.decided(verdict, Vec::new(), false);
+                return self.apply(verdict, false, Vec::new());
             }
         }
-        let body = wire::encode(&[&checks]);
-        match WasmHost.dispatch(&plugin.config.shim, &body) {
-            Ok(token) => {
-                self.state = State::Awaiting {
-                    token,
-                    sent_ms: now_ms,
-                    checks,
-                };
-                Action::Pause
-            }
-            Err(e) => self.fail(Failure::Dispatch(e.to_string()), false),
+        if !plugin.config.coalesce {
+            return self.dispatch_alone(checks, now_ms);
         }
+        let alone = plugin.batcher.borrow_mut().try_alone();
+        if alone {
+            return self.dispatch_alone(checks, now_ms);
+        }
+        plugin
+            .batcher
+            .borrow_mut()
+            .enqueue(self.context_id, checks, now_ms);
+        self.state = State::Queued;
+        Action::Pause
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        if let State::Queued = self.state {
+            // The root allowed this request: take its verdict.
+            if let Some((response_headers, slots)) =
+                self.plugin.allowed.borrow_mut().remove(&self.context_id)
+            {
+                self.state = State::Allowed {
+                    response_headers,
+                    slots,
+                };
+            }
+        }
         if let State::Allowed {
             response_headers, ..
         } = &self.state
@@ -413,7 +598,22 @@ impl HttpContext for TollgateHttp {
     }
 
     fn on_log(&mut self) {
-        self.release_slots();
+        let plugin = self.plugin.clone();
+        match std::mem::replace(&mut self.state, State::Idle) {
+            State::Allowed { slots, .. } => plugin.release(&slots),
+            State::Queued => {
+                // Ended before or without passing through response headers.
+                plugin.batcher.borrow_mut().cancel(self.context_id);
+                if let Some((_, slots)) = plugin.allowed.borrow_mut().remove(&self.context_id) {
+                    plugin.release(&slots);
+                }
+            }
+            // Our own callout is cancelled with the stream: the worker is free again.
+            State::Awaiting { .. } if plugin.config.coalesce => {
+                plugin.batcher.borrow_mut().alone_done()
+            }
+            _ => {}
+        }
     }
 }
 

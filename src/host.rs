@@ -45,6 +45,10 @@ pub trait Host: RequestView {
     fn resume_request(&self) -> Result<(), HostError>;
     fn add_response_header(&self, name: &str, value: &str) -> Result<(), HostError>;
     fn define_metric(&self, kind: MetricType, name: &str) -> Result<u32, HostError>;
+    /// Makes later hostcalls act on another context (a paused request the root decides);
+    /// an error means that context is gone.
+    fn set_effective_context(&self, context_id: u32) -> Result<(), HostError>;
+    fn set_tick_period_ms(&self, period_ms: u64);
     /// Shared data, visible to every worker of this VM (the over-limit cache).
     fn shared_get(&self, key: &str) -> Option<Vec<u8>>;
     fn shared_set(&self, key: &str, value: &[u8]);
@@ -188,5 +192,13 @@ impl Host for WasmHost {
     fn shared_set(&self, key: &str, value: &[u8]) {
         // Last writer wins; a lost update only costs a callout.
         let _ = hostcalls::set_shared_data(key, Some(value), None);
+    }
+
+    fn set_effective_context(&self, context_id: u32) -> Result<(), HostError> {
+        hostcalls::set_effective_context(context_id).map_err(HostError)
+    }
+
+    fn set_tick_period_ms(&self, period_ms: u64) {
+        let _ = hostcalls::set_tick_period(std::time::Duration::from_millis(period_ms));
     }
 }

@@ -4,6 +4,7 @@
 //! host; only [`filter`] and [`host`] touch proxy-wasm.
 
 pub mod algorithms;
+pub mod batch;
 pub mod cache;
 pub mod config;
 pub mod decision;
