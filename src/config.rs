@@ -94,8 +94,16 @@ struct RawConfig {
     #[serde(default = "default_true")]
     coalesce: bool,
     #[serde(default)]
+    local_fallback: Option<RawLocalFallback>,
+    #[serde(default)]
     client_ip: RawClientIp,
     rules: Vec<RawRule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLocalFallback {
+    replicas: u64,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -296,6 +304,9 @@ pub enum FailureMode {
     Allow,
     /// Refuse the request with `failure_response`: protection over availability.
     Deny,
+    /// Keep enforcing every rule in each worker with a share of its limit
+    /// (`limit ÷ local_fallback.replicas`) until the shim answers again.
+    Local,
 }
 
 /// What to do when a rule's descriptor has no value on a request.
@@ -493,6 +504,9 @@ pub struct Config {
     pub over_limit_cache: bool,
     /// Put the checks of requests that arrive while a callout is in flight into one callout.
     pub coalesce: bool,
+    /// With `failure_mode: "local"`: how many workers share each limit during an outage
+    /// (gateway replicas × workers per replica for a strict bound).
+    pub local_fallback_replicas: u64,
     pub client_ip: ClientIp,
     pub rules: Vec<Rule>,
 }
@@ -562,6 +576,7 @@ impl TryFrom<RawConfig> for Config {
             headers_on_allow: raw.headers_on_allow,
             over_limit_cache: raw.over_limit_cache,
             coalesce: raw.coalesce,
+            local_fallback_replicas: compile_local_fallback(raw.failure_mode, raw.local_fallback)?,
             client_ip: compile_client_ip(raw.client_ip)?,
             rules,
         })
@@ -940,6 +955,31 @@ fn compile_limit(at: &str, algorithm: Algorithm, raw: &RawLimit) -> Result<Limit
             .unwrap_or(DEFAULT_SLOT_TIMEOUT_MS);
             Ok(Limit::InFlight { limit, timeout_ms })
         }
+    }
+}
+
+fn compile_local_fallback(
+    mode: FailureMode,
+    raw: Option<RawLocalFallback>,
+) -> Result<u64, ConfigError> {
+    match (mode, raw) {
+        (FailureMode::Local, None) => Err(invalid(
+            "local_fallback",
+            "nothing",
+            "is required with failure_mode \"local\": {\"replicas\": N}",
+        )),
+        (FailureMode::Local, Some(r)) if r.replicas == 0 || r.replicas > 100_000 => Err(invalid(
+            "local_fallback.replicas",
+            r.replicas,
+            "must be between 1 and 100000",
+        )),
+        (FailureMode::Local, Some(r)) => Ok(r.replicas),
+        (_, Some(_)) => Err(invalid(
+            "local_fallback",
+            "a value",
+            "only applies with failure_mode \"local\"",
+        )),
+        (_, None) => Ok(1),
     }
 }
 
@@ -1519,6 +1559,21 @@ mod tests {
             (
                 Box::new(|v| v["client_ip"] = json!({"from": "header"})),
                 "client_ip.from: unknown variant `header`",
+            ),
+            (
+                Box::new(|v| v["failure_mode"] = json!("local")),
+                "local_fallback: is required with failure_mode \"local\"",
+            ),
+            (
+                Box::new(|v| {
+                    v["failure_mode"] = json!("local");
+                    v["local_fallback"] = json!({"replicas": 0});
+                }),
+                "local_fallback.replicas: must be between 1 and 100000 (got 0)",
+            ),
+            (
+                Box::new(|v| v["local_fallback"] = json!({"replicas": 2})),
+                "local_fallback: only applies with failure_mode \"local\"",
             ),
         ];
         let cases = cases.into_iter().chain(policy_cases);

@@ -7,6 +7,7 @@ use std::fmt;
 
 use crate::cache;
 use crate::config::{Config, FailureMode, LocalResponse};
+use crate::local::LocalLimiter;
 use crate::request::{Check, CheckKind};
 use crate::wire::{self, CheckResult, RequestResult};
 
@@ -44,6 +45,8 @@ pub enum Failure {
     Status(u32),
     /// The callout returned no `:status` at all.
     NoStatus,
+    /// Calls are paused after a run of failures (the circuit breaker is open).
+    CircuitOpen,
     /// A 200 whose body is not a valid answer to what was asked.
     Malformed(String),
 }
@@ -55,6 +58,7 @@ impl fmt::Display for Failure {
             Failure::Status(504) => write!(f, "shim callout timed out (504)"),
             Failure::Status(status) => write!(f, "shim answered status {status}"),
             Failure::NoStatus => write!(f, "shim callout returned no status"),
+            Failure::CircuitOpen => write!(f, "shim calls paused after repeated failures"),
             Failure::Malformed(why) => write!(f, "{why}"),
         }
     }
@@ -117,8 +121,14 @@ pub fn from_batch_callout(
     }
 }
 
-/// The failure mode, applied in this one place.
-pub fn on_failure(config: &Config) -> Verdict {
+/// The failure mode, applied in this one place. `local` holds the worker's fallback counters
+/// (used only by `failure_mode: "local"`).
+pub fn on_failure(
+    config: &Config,
+    checks: &[Check],
+    local: &mut LocalLimiter,
+    now_ms: u64,
+) -> Verdict {
     match config.failure_mode {
         FailureMode::Allow => Verdict::Allow {
             response_headers: Vec::new(),
@@ -133,6 +143,35 @@ pub fn on_failure(config: &Config) -> Verdict {
                     None,
                 )
             }))
+        }
+        FailureMode::Local => {
+            let denying = local.check(checks, config.local_fallback_replicas, now_ms);
+            if denying.is_empty() {
+                return Verdict::Allow {
+                    response_headers: Vec::new(),
+                    shadow_denials: Vec::new(),
+                };
+            }
+            // Deny as the shim would, for the checks that denied, until their local window ends.
+            let denied: Vec<Check> = denying.iter().map(|&i| checks[i].clone()).collect();
+            let result = RequestResult {
+                allowed: false,
+                checks: denied
+                    .iter()
+                    .map(|c| {
+                        let window_ms = c.window_s().unwrap_or(1).max(1) * 1000;
+                        let left = window_ms - now_ms % window_ms;
+                        CheckResult {
+                            allowed: false,
+                            limit: c.limit(),
+                            remaining: 0,
+                            reset_ms: left,
+                            retry_after_ms: left,
+                        }
+                    })
+                    .collect(),
+            };
+            decide(config, &denied, &result)
         }
     }
 }
@@ -194,7 +233,7 @@ pub fn decide(config: &Config, checks: &[Check], result: &RequestResult) -> Verd
                     (false, CheckKind::FixedWindow { .. }) => {
                         ceil_seconds(floor.max(r.reset_ms).max(r.retry_after_ms))
                     }
-                    (false, _) => ceil_seconds(r.retry_after_ms),
+                    (false, _) => ceil_seconds(r.retry_after_ms.min(MAX_RETRY_MS)),
                 },
                 allowed: r.allowed,
                 shadow: check.shadow,
@@ -231,7 +270,7 @@ pub fn decide(config: &Config, checks: &[Check], result: &RequestResult) -> Verd
         .filter(|o| !o.allowed && !o.shadow)
         .max_by_key(|o| o.retry_s);
     let Some(binding) = denying.or_else(|| outcomes.iter().max_by_key(|o| o.retry_s)) else {
-        return on_failure(config);
+        return on_failure(config, checks, &mut LocalLimiter::default(), 0);
     };
     let retry_after = binding.retry_s.max(1);
     let mut headers = rate_limit_headers(&outcomes, binding);
@@ -326,6 +365,10 @@ fn problem_json(
     }
     doc.to_string()
 }
+
+/// A request that can never fit (cost above the limit) is told to come back in a day, not in
+/// the 585 million years `u64::MAX` ms would say.
+const MAX_RETRY_MS: u64 = 86_400_000;
 
 fn ceil_seconds(ms: u64) -> u64 {
     ms.div_ceil(1000)
@@ -554,14 +597,15 @@ mod tests {
         ));
 
         assert_eq!(
-            on_failure(&c),
+            on_failure(&c, &checks(), &mut LocalLimiter::default(), 0),
             Verdict::Allow {
                 response_headers: vec![],
                 shadow_denials: vec![]
             }
         );
         c.failure_mode = FailureMode::Deny;
-        let Verdict::Deny(reply) = on_failure(&c) else {
+        let Verdict::Deny(reply) = on_failure(&c, &checks(), &mut LocalLimiter::default(), 0)
+        else {
             panic!()
         };
         assert_eq!(reply.status, 503);
@@ -570,6 +614,33 @@ mod tests {
         assert_eq!(
             Failure::Status(504).to_string(),
             "shim callout timed out (504)"
+        );
+    }
+
+    #[test]
+    fn local_failure_mode_enforces_a_share_in_the_gateway() {
+        let mut c = config();
+        c.failure_mode = FailureMode::Local;
+        c.local_fallback_replicas = 10; // per worker: 10 of 100 and 2 of 20
+        let mut local = LocalLimiter::default();
+        let statuses: Vec<bool> = (0..3)
+            .map(|_| {
+                matches!(
+                    on_failure(&c, &checks(), &mut local, 1_000),
+                    Verdict::Allow { .. }
+                )
+            })
+            .collect();
+        assert_eq!(statuses, [true, true, false]);
+        let Verdict::Deny(reply) = on_failure(&c, &checks(), &mut local, 1_500) else {
+            panic!()
+        };
+        assert_eq!(reply.status, 429);
+        assert_eq!(reply.denied_by, vec![1]);
+        assert_eq!(
+            header(&reply.headers, "retry-after"),
+            "9",
+            "the per_ip rule's 10 s window ends at 10 s"
         );
     }
 

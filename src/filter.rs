@@ -20,6 +20,7 @@ use crate::cache;
 use crate::config::{Config, FailureMode};
 use crate::decision::{self, CalloutReply, Failure, Verdict};
 use crate::host::{Host, HostError, WasmHost};
+use crate::local::{Breaker, LocalLimiter};
 use crate::metrics::{self, Counter, Outcome};
 use crate::request::{checks_for, Check};
 use crate::throttle::LogThrottle;
@@ -59,6 +60,9 @@ struct Plugin {
     id_prefix: u64,
     next_id: Cell<u64>,
     batcher: RefCell<Batcher>,
+    /// `failure_mode: "local"` counters, and the breaker that stops calling a failing shim.
+    local: RefCell<LocalLimiter>,
+    breaker: RefCell<Breaker>,
     /// Verdicts the root reached for queued requests that it allowed: the response headers to
     /// add and the slots to release, picked up by the request's own context.
     allowed: RefCell<HashMap<u32, (Headers, Slots)>>,
@@ -103,8 +107,13 @@ impl Plugin {
         }
     }
 
-    /// Logs a failure (throttled), counts it, and returns the failure mode's verdict.
-    fn failure_verdict(&self, failure: &Failure) -> Verdict {
+    /// Logs a failure (throttled), counts it, and returns the failure mode's verdict for a
+    /// request with these checks.
+    fn failure_verdict(&self, failure: &Failure, checks: &[Check]) -> Verdict {
+        let now_ms = WasmHost.now_ms();
+        if *failure != Failure::CircuitOpen {
+            self.breaker.borrow_mut().failed(now_ms);
+        }
         let admitted = self
             .failures
             .borrow_mut()
@@ -119,9 +128,15 @@ impl Plugin {
         let outcome = match self.config.failure_mode {
             FailureMode::Allow => Outcome::FailedOpen,
             FailureMode::Deny => Outcome::FailedClosed,
+            FailureMode::Local => Outcome::FailedLocal,
         };
         self.metrics.count(&WasmHost, &outcome);
-        decision::on_failure(&self.config)
+        decision::on_failure(&self.config, checks, &mut self.local.borrow_mut(), now_ms)
+    }
+
+    /// Whether the shim may be called now (the circuit breaker is closed or probing).
+    fn may_call(&self) -> bool {
+        self.breaker.borrow_mut().allows_call(WasmHost.now_ms())
     }
 
     fn remember_exhausted(&self, entries: &[cache::Entry]) {
@@ -154,6 +169,10 @@ impl Plugin {
             let Some(batch) = self.batcher.borrow_mut().next_batch() else {
                 return;
             };
+            if !self.may_call() {
+                self.fail_all(batch, &Failure::CircuitOpen);
+                continue;
+            }
             // Attribute the callout to the root, so no single request's end can cancel it.
             let _ = WasmHost.set_effective_context(self.root_context_id);
             let requests: Vec<&[Check]> = batch.iter().map(|p| p.checks.as_slice()).collect();
@@ -186,6 +205,7 @@ impl Plugin {
         let requests: Vec<&[Check]> = batch.iter().map(|p| p.checks.as_slice()).collect();
         match decision::from_batch_callout(&self.config, &requests, reply, now_ms) {
             Ok(decided) => {
+                self.breaker.borrow_mut().succeeded();
                 for (pending, (verdict, exhausted)) in batch.iter().zip(decided) {
                     self.remember_exhausted(&exhausted);
                     self.deliver(pending, verdict, slots_of(&pending.checks));
@@ -198,7 +218,7 @@ impl Plugin {
 
     fn fail_all(&self, batch: Vec<Pending>, failure: &Failure) {
         for pending in &batch {
-            let verdict = self.failure_verdict(failure);
+            let verdict = self.failure_verdict(failure, &pending.checks);
             self.deliver(pending, verdict, Vec::new());
         }
     }
@@ -303,7 +323,7 @@ impl Metrics {
         let (rules, shadow) = match outcome {
             Outcome::Denied { rules } => (*rules, false),
             Outcome::Allowed { shadow_denied } => (*shadow_denied, true),
-            Outcome::FailedOpen | Outcome::FailedClosed => return,
+            Outcome::FailedOpen | Outcome::FailedClosed | Outcome::FailedLocal => return,
         };
         for &i in rules {
             if let Some(&(denied, shadow_denied)) = self.rules.get(i) {
@@ -378,6 +398,8 @@ impl RootContext for TollgateRoot {
             id_prefix,
             next_id: Cell::new(0),
             batcher: RefCell::new(Batcher::new(Limits::default())),
+            local: RefCell::new(LocalLimiter::default()),
+            breaker: RefCell::new(Breaker::default()),
             allowed: RefCell::new(HashMap::new()),
         }));
         true
@@ -438,8 +460,8 @@ impl TollgateHttp {
     }
 
     /// Applies the failure mode (logged and counted as a failure).
-    fn fail(&mut self, failure: Failure, paused: bool) -> Action {
-        let verdict = self.plugin.failure_verdict(&failure);
+    fn fail(&mut self, failure: Failure, checks: &[Check], paused: bool) -> Action {
+        let verdict = self.plugin.failure_verdict(&failure, checks);
         self.carry_out(verdict, paused, Vec::new())
     }
 
@@ -488,7 +510,7 @@ impl TollgateHttp {
                 if plugin.config.coalesce {
                     plugin.batcher.borrow_mut().alone_done();
                 }
-                self.fail(Failure::Dispatch(e.to_string()), false)
+                self.fail(Failure::Dispatch(e.to_string()), &checks, false)
             }
         }
     }
@@ -530,11 +552,12 @@ impl Context for TollgateHttp {
         match decision::from_callout(&plugin.config, &checks, reply, now_ms) {
             Ok((verdict, exhausted)) => {
                 debug!("{} checks, verdict {verdict:?}", checks.len());
+                plugin.breaker.borrow_mut().succeeded();
                 plugin.remember_exhausted(&exhausted);
                 self.apply(verdict, true, slots_of(&checks));
             }
             Err(failure) => {
-                self.fail(failure, true);
+                self.fail(failure, &checks, true);
             }
         }
     }
@@ -556,6 +579,9 @@ impl HttpContext for TollgateHttp {
                 let verdict = decision::from_cache(&plugin.config, &checks, &hits, now_ms);
                 return self.apply(verdict, false, Vec::new());
             }
+        }
+        if !plugin.may_call() {
+            return self.fail(Failure::CircuitOpen, &checks, false);
         }
         if !plugin.config.coalesce {
             return self.dispatch_alone(checks, now_ms);

@@ -11,6 +11,7 @@ pub mod decision;
 pub mod duration;
 pub mod ip;
 pub mod keys;
+pub mod local;
 pub mod metrics;
 pub mod properties;
 pub mod request;

@@ -20,16 +20,19 @@ pub enum Counter {
     FailedClosed,
     /// Denied by the over-limit cache, without a callout (also counted as denied).
     CacheHits,
+    /// The shim gave no answer and `failure_mode: local` decided in the gateway.
+    FailedLocal,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 6] = [
+    pub const ALL: [Counter; 7] = [
         Counter::Checked,
         Counter::Allowed,
         Counter::Denied,
         Counter::FailedOpen,
         Counter::FailedClosed,
         Counter::CacheHits,
+        Counter::FailedLocal,
     ];
 
     pub fn name(self) -> &'static str {
@@ -40,6 +43,7 @@ impl Counter {
             Counter::FailedOpen => "tollgate_failed_open_total",
             Counter::FailedClosed => "tollgate_failed_closed_total",
             Counter::CacheHits => "tollgate_cache_hits_total",
+            Counter::FailedLocal => "tollgate_failed_local_total",
         }
     }
 }
@@ -69,6 +73,7 @@ pub enum Outcome<'a> {
     },
     FailedOpen,
     FailedClosed,
+    FailedLocal,
 }
 
 /// The global counters an outcome increments (`Checked` always).
@@ -78,6 +83,7 @@ pub fn counters(outcome: &Outcome<'_>) -> [Counter; 2] {
         Outcome::Denied { .. } => Counter::Denied,
         Outcome::FailedOpen => Counter::FailedOpen,
         Outcome::FailedClosed => Counter::FailedClosed,
+        Outcome::FailedLocal => Counter::FailedLocal,
     };
     [Counter::Checked, second]
 }
@@ -116,6 +122,7 @@ mod tests {
             (Outcome::Denied { rules: &[0] }, Counter::Denied),
             (Outcome::FailedOpen, Counter::FailedOpen),
             (Outcome::FailedClosed, Counter::FailedClosed),
+            (Outcome::FailedLocal, Counter::FailedLocal),
         ];
         for (outcome, expected) in table {
             assert_eq!(counters(&outcome), [Counter::Checked, expected]);

@@ -57,7 +57,9 @@ def rule(name, limit=None, window="1m", descriptors=("header:x-api-key",), **ext
     """A rule; with `limit`, a one-limit window rule, else whatever `extra` gives."""
     r = {"name": name, "descriptors": list(descriptors), **extra}
     if limit is not None:
-        r.update(limit=limit, window=window)
+        r["limit"] = limit
+        if r.get("algorithm", "fixed_window") in ("fixed_window", "sliding_window", "sliding_log"):
+            r["window"] = window
     return r
 
 
@@ -155,6 +157,7 @@ def envoy_config(plugin_config: dict, shim_port: int, listen_port: int, admin_po
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
         "stats_config": {"stats_tags": [RULE_TAG]},
+        "stats_flush_interval": "0.5s",
         "static_resources": {
             "listeners": [
                 {
@@ -217,7 +220,8 @@ def run_envoy(workdir: Path, plugin_config: dict, shim_port: int, routes=None, c
     log_path = workdir / "envoy.log"
     cmd, env = envoy_command(
         config_path,
-        ["--concurrency", str(concurrency), "-l", "info", "--log-path", str(log_path)],
+        # Flush the log often: tests read it while Envoy runs.
+        ["--concurrency", str(concurrency), "-l", "info", "--log-path", str(log_path), "--file-flush-interval-msec", "100"],
     )
     with open(workdir / "envoy.stdout", "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=workdir)

@@ -116,8 +116,10 @@ def test_counts_and_remaining_until_the_limit(clean):
     assert [r["allowed"] for r in seen] == [True, True, True, False]
     assert [r["checks"][0]["count"] for r in seen] == [1, 2, 3, 3]
     assert [r["checks"][0]["remaining"] for r in seen] == [2, 1, 0, 0]
+    reset_ms = seen[3]["checks"][0]["reset_ms"]
     assert seen[3]["checks"][0] == {"allowed": False, "limit": 3, "count": 3, "remaining": 0,
-                                    "reset_ms": seen[3]["checks"][0]["reset_ms"]}
+                                    "reset_ms": reset_ms, "retry_after_ms": reset_ms}
+    assert all(r["checks"][0]["retry_after_ms"] == 0 for r in seen[:3])
     assert get(clean, "a") == 3, "a denied request must not consume"
 
 
@@ -127,7 +129,7 @@ def test_reply_shape(clean):
     assert r.raw.startswith(b'{"results":[{"allowed":true,"checks":[{'), r.raw
     result = r.json["results"][0]
     assert set(result) == {"allowed", "checks"}
-    assert set(result["checks"][0]) == {"allowed", "limit", "count", "remaining", "reset_ms"}
+    assert set(result["checks"][0]) == {"allowed", "limit", "count", "remaining", "reset_ms", "retry_after_ms"}
 
 
 def test_denied_request_consumes_nothing_on_any_check(clean):
@@ -172,7 +174,7 @@ def test_cost(clean):
 def test_cost_zero_only_reads(clean):
     fresh = ok(clean, body([chk("a", 2, ttl_ms=5000, cost=0)]))[0]
     assert fresh == {"allowed": True, "checks": [
-        {"allowed": True, "limit": 2, "count": 0, "remaining": 2, "reset_ms": 5000}]}
+        {"allowed": True, "limit": 2, "count": 0, "remaining": 2, "reset_ms": 5000, "retry_after_ms": 0}]}
     assert redis_cli(clean.redis, "EXISTS", key("a")) == 0
     ok(clean, body([chk("a", 2)]))
     ok(clean, body([chk("a", 2)]))

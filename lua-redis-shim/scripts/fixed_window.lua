@@ -1,77 +1,66 @@
--- fixed_window.lua: fixed-window counters for the checks of one or several gateway requests,
--- each request decided all-or-nothing on its own, in order (docs/wire-format.md).
+-- fixed_window.lua: a counter per window; the gateway names the window in the key and says how
+-- long it has left (ttl_ms). Model: fixed_window in src/algorithms.rs.
 --
--- KEYS:  every check's key, request after request (the order of the JSON)
--- ARGV:  [1] R, the number of requests; then for each request: n, its number of checks;
---        then for each of its checks: limit, ttl_ms, cost
--- Reply: flat array; for each request: allowed (1 or 0), then for each of its checks: count, pttl
---
--- Atomic because Redis runs a script to completion without interleaving other commands:
--- the GETs (check all), then the INCRBY + PEXPIRE (count all) of a request see no other writer.
---
--- count is the counter after the request if it was admitted, else as it stands; pttl is PTTL
--- (-2 when the key does not exist). Keys carry a {hash tag} so each counter's windows share a
--- Redis Cluster slot. The shim validated every ARGV number; a counter that is not an integer
--- (written by someone else) fails the script, which the shim reports as backend_unavailable.
+-- KEYS:  key (this window's counter)
+-- ARGV:  limit, ttl_ms
+-- State: a string counter under key, PEXPIRE ttl_ms when it is created (and when it is found
+--        without a TTL, e.g. set by hand), so it dies with its window. Memory: ~100 bytes with
+--        a 50-byte key.
+-- Check: GET; fits iff count + cost <= limit. Commit: INCRBY cost.
+-- Reply: count (after the charge, or as it stands), remaining = limit − count,
+--        reset_ms = PTTL (ttl_ms if the key does not exist), retry_after_ms = reset_ms when it
+--        does not fit.
+-- Atomic: see main.lua. Counts stay far below 2^53 (limit <= 10^12), so all of it is exact.
+-- A counter that is not an integer (written by someone else) fails the script: a 503.
 
--- luacheck: read globals redis KEYS ARGV
+-- luacheck: read globals redis
+local H = ...
 local call = redis.call
 local tonumber = tonumber
 
-local reply = {}
-local arg = 2 -- next ARGV index to read
-local key = 0 -- KEYS index of the last check read
+local M = { keys = 1 }
 
-for _ = 1, tonumber(ARGV[1]) do
-    local n = tonumber(ARGV[arg])
-    arg = arg + 1
-
-    -- Check all. `pending` adds the cost of earlier checks of this request on the same key, so
-    -- a key listed twice cannot be charged past its limit.
-    local counts, pending = {}, {}
-    local admitted = true
-    for j = 1, n do
-        local k = KEYS[key + j]
-        local limit, cost = tonumber(ARGV[arg + 3 * j - 3]), tonumber(ARGV[arg + 3 * j - 1])
-        local current = tonumber(call("GET", k) or 0)
-        counts[j] = current
-        if current + (pending[k] or 0) + cost > limit then
-            admitted = false
-        end
-        pending[k] = (pending[k] or 0) + cost
+function M.check(keys, args, cost, pending)
+    local k = keys[1]
+    local count = tonumber(call("GET", k) or 0)
+    -- The cost of earlier checks of this request on the same key: a key listed twice cannot be
+    -- charged past its limit.
+    local pend = pending[k] or 0
+    local st = {
+        key = k, limit = tonumber(args[1]), ttl_ms = args[2], cost = cost,
+        count = count, pend = pend,
+    }
+    st.fits = count + pend + cost <= st.limit
+    if st.fits then
+        pending[k] = pend + cost
     end
-
-    reply[#reply + 1] = admitted and 1 or 0
-
-    -- Count all (only if admitted), and report each counter with its TTL.
-    for j = 1, n do
-        local k = KEYS[key + j]
-        local ttl_ms, cost = ARGV[arg + 3 * j - 2], tonumber(ARGV[arg + 3 * j - 1])
-        local count, pttl = counts[j]
-        if admitted and cost > 0 then
-            count = call("INCRBY", k, cost)
-            if count == cost then
-                -- Just created: expire at the end of its window.
-                call("PEXPIRE", k, ttl_ms)
-                pttl = tonumber(ttl_ms)
-            else
-                pttl = call("PTTL", k)
-                if pttl == -1 then
-                    -- Safety net: a counter without expiry (set by hand, or a PEXPIRE lost
-                    -- with a failover) would block its key forever.
-                    call("PEXPIRE", k, ttl_ms)
-                    pttl = tonumber(ttl_ms)
-                end
-            end
-        else
-            pttl = call("PTTL", k)
-        end
-        reply[#reply + 1] = count
-        reply[#reply + 1] = pttl
-    end
-
-    arg = arg + 3 * n
-    key = key + n
+    return st
 end
 
-return reply
+function M.commit(st)
+    local k = st.key
+    st.after = call("INCRBY", k, H.int(st.cost))
+    local pttl = st.after ~= st.cost and call("PTTL", k) or -1
+    if pttl == -1 then
+        -- New (the INCRBY created it), or a counter without expiry (set by hand, or a PEXPIRE
+        -- lost in a failover) that would otherwise block its key forever.
+        call("PEXPIRE", k, st.ttl_ms)
+        pttl = tonumber(st.ttl_ms)
+    end
+    st.pttl = pttl
+end
+
+function M.result(st, charged, admitted)
+    local count = st.count
+    if charged then
+        count = st.after
+    elseif admitted then
+        count = count + st.pend
+    end
+    local pttl = st.pttl or call("PTTL", st.key)
+    local reset = pttl >= 0 and pttl or tonumber(st.ttl_ms)
+    local remaining = st.limit - count
+    return count, remaining > 0 and remaining or 0, reset, st.fits and 0 or reset
+end
+
+return M

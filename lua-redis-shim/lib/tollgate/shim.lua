@@ -1,8 +1,9 @@
 -- tollgate.shim: the lua-redis-shim's HTTP handlers (contract: docs/wire-format.md).
 --
 -- init(dir) runs in init_by_lua: it reads the configuration from the environment and the Redis
--- scripts from <dir>/scripts, and raises on a bad setting so nginx refuses to start.
--- check(), healthz(), not_found() and too_large() are content handlers.
+-- scripts from <dir>/scripts (composing the check script, see scripts/main.lua), and raises on
+-- a bad setting so nginx refuses to start.
+-- check(), release(), healthz(), not_found() and too_large() are content handlers.
 
 local cjson = require "cjson"
 local validate = require "tollgate.validate"
@@ -37,11 +38,34 @@ local lower = string.lower
 local match = string.match
 local concat = table.concat
 
-local _M = { _VERSION = "0.1.0" }
+local _M = { _VERSION = "0.2.0" }
 
 local conf     -- the settings, from the environment (init)
 local pool     -- tollgate.redis_pool for conf.redis (init)
-local script   -- fixed_window.lua: { name, source, sha } (init)
+local script   -- the composed check script: { name, source, sha, layout } (init)
+local release_script -- release.lua: { name, source, sha } (init)
+
+-- The algorithms' script files, in the order they are composed, and what each check sends
+-- them: its KEYS and its ARGV (the contract atop each file). `limit` names the field reported
+-- as `limit`; `count` says whether `count` is reported.
+local ALGS = {
+    { name = "fixed_window", keys = { "key" }, args = { "limit", "ttl_ms" },
+      limit = "limit", count = true },
+    { name = "sliding_window", keys = { "key", "prev_key" },
+      args = { "limit", "window_ms", "weight_ms" }, limit = "limit", count = true },
+    { name = "sliding_log", keys = { "key" }, args = { "limit", "window_ms", "id" },
+      limit = "limit" },
+    { name = "token_bucket", keys = { "key" }, args = { "burst", "rate", "period_ms" },
+      limit = "burst" },
+    { name = "gcra", keys = { "key" }, args = { "burst", "rate", "period_ms" },
+      limit = "burst" },
+    { name = "concurrency", keys = { "key" }, args = { "limit", "ttl_ms", "id" },
+      limit = "limit" },
+}
+local ALG_BY_NAME = {}
+for i = 1, #ALGS do
+    ALG_BY_NAME[ALGS[i].name] = ALGS[i]
+end
 
 --------------------------------------------------------------------------------------------
 -- Configuration (init phase only: a bad value raises, and nginx does not start)
@@ -92,22 +116,75 @@ local function to_hex(s)
     return (gsub(s, ".", function(c) return format("%02x", byte(c)) end))
 end
 
--- Reads a script file; its SHA1 is what EVALSHA names, its source is kept for SCRIPT LOAD.
-local function load_script(dir, name)
-    local path = dir .. "/scripts/" .. name
+local function read_file(path)
     local f, err = io_open(path, "rb")
     if not f then
         return nil, err
     end
     local source = f:read("*a")
     f:close()
+    if not source then
+        return nil, path .. ": cannot read"
+    end
     -- Syntax errors show at startup rather than as a 503 on the first request.
     local ok
-    ok, err = loadstring(source or "", "=" .. path)
+    ok, err = loadstring(source, "=" .. path)
     if not ok then
         return nil, err
     end
-    return { name = name, source = source, sha = to_hex(ngx_sha1_bin(source)) }
+    return source
+end
+
+-- A script to run by EVALSHA: its SHA1 is what EVALSHA names, its source is kept for
+-- SCRIPT LOAD.
+local function new_script(name, source, layout)
+    return { name = name, source = source, sha = to_hex(ngx_sha1_bin(source)), layout = layout }
+end
+
+local function count_lines(s)
+    local _, n = gsub(s, "\n", "")
+    return n
+end
+
+-- The check script: prelude, every algorithm and main.lua as one chunk (the layout is
+-- described atop scripts/main.lua). `layout` says where each file starts in it, since Redis
+-- reports errors by line of the composed source.
+local function compose(dir)
+    local parts, layout, line = {}, {}, 1
+    local function add(file, head, tail)
+        local source, err = read_file(dir .. "/scripts/" .. file)
+        if not source then
+            return nil, err
+        end
+        layout[#layout + 1] = file .. " at line " .. (line + 1)
+        local part = head .. "\n" .. source .. "\n" .. tail .. "\n"
+        parts[#parts + 1] = part
+        line = line + count_lines(part)
+        return true
+    end
+    local ok, err = add("prelude.lua", "local H = (function(...)", "end)()")
+    if not ok then
+        return nil, err
+    end
+    parts[#parts + 1] = "local ALG = {}\n"
+    line = line + 1
+    for i = 1, #ALGS do
+        local name = ALGS[i].name
+        ok, err = add(name .. ".lua", "ALG." .. name .. " = (function(...)", "end)(H)")
+        if not ok then
+            return nil, err
+        end
+    end
+    ok, err = add("main.lua", "return (function(...)", "end)(ALG)")
+    if not ok then
+        return nil, err
+    end
+    local source = concat(parts)
+    ok, err = loadstring(source, "=composed check script")
+    if not ok then
+        return nil, err
+    end
+    return new_script("check script", source, concat(layout, ", "))
 end
 
 --- init_by_lua: reads the environment and the scripts under `dir` (the shim's directory).
@@ -118,10 +195,16 @@ function _M.init(dir)
     conf = read_config()
     pool = redis_pool.new(conf.redis)
     local err
-    script, err = load_script(dir, "fixed_window.lua")
+    script, err = compose(dir)
     if not script then
-        error("cannot load the Redis script: " .. tostring(err), 0)
+        error("cannot load the Redis scripts: " .. tostring(err), 0)
     end
+    local source
+    source, err = read_file(dir .. "/scripts/release.lua")
+    if not source then
+        error("cannot load the Redis scripts: " .. tostring(err), 0)
+    end
+    release_script = new_script("release.lua", source)
 end
 
 --- init_worker_by_lua: says once per worker what it runs with.
@@ -129,7 +212,8 @@ function _M.init_worker()
     local r = conf.redis
     ngx_log(ngx_NOTICE, "tollgate shim ", _M._VERSION, ": Redis client ", redis_pool.client,
             ", redis ", r.host, ":", r.port, " db ", r.db, ", pool ", r.pool_size,
-            " per worker, script ", script.name, " ", script.sha)
+            " per worker, check script ", script.sha, " (", script.layout, "), release.lua ",
+            release_script.sha)
 end
 
 --------------------------------------------------------------------------------------------
@@ -158,95 +242,116 @@ local function int(n)
     return format("%d", n)
 end
 
--- ARGV of fixed_window.lua: KEYS first, then R, then per request n and limit, ttl_ms, cost.
+-- What the scripts return for a time that never comes (a cost above the limit), sent as the
+-- largest u64, as the Rust models (src/algorithms.rs) have it.
+local NEVER = "18446744073709551615"
+
+-- KEYS and ARGV of the check script (see scripts/main.lua), as one list, and the number of
+-- KEYS: every check's keys, then R, then per request n and per check one
+-- "<alg> <cost> <shadow> <args...>". One ARGV per check keeps the EVALSHA's arguments (passed
+-- through unpack) far below LuaJIT's limit of 8000.
 local function script_args(requests, total)
-    local args, n = new_tab(4 * total + #requests + 1, 0), 0
+    local keys, nkeys = new_tab(2 * total, 0), 0
+    local argv, nargv = new_tab(total + #requests + 1, 0), 1
+    argv[1] = int(#requests)
+    local words = {}
     for i = 1, #requests do
         local checks = requests[i].checks
-        for j = 1, #checks do
-            n = n + 1
-            args[n] = checks[j].key
-        end
-    end
-    n = n + 1
-    args[n] = int(#requests)
-    for i = 1, #requests do
-        local checks = requests[i].checks
-        n = n + 1
-        args[n] = int(#checks)
+        nargv = nargv + 1
+        argv[nargv] = int(#checks)
         for j = 1, #checks do
             local c = checks[j]
-            args[n + 1], args[n + 2], args[n + 3] = int(c.limit), int(c.ttl_ms), int(c.cost)
-            n = n + 3
+            local alg = ALG_BY_NAME[c.alg]
+            for k = 1, #alg.keys do
+                nkeys = nkeys + 1
+                keys[nkeys] = c[alg.keys[k]]
+            end
+            words[1], words[2], words[3] = c.alg, int(c.cost), c.shadow and "1" or "0"
+            local args = alg.args
+            for k = 1, #args do
+                local v = c[args[k]]
+                words[3 + k] = type(v) == "number" and int(v) or v
+            end
+            nargv = nargv + 1
+            argv[nargv] = concat(words, " ", 1, 3 + #args)
         end
     end
-    return args
+    for k = 1, nargv do
+        keys[nkeys + k] = argv[k]
+    end
+    return keys, nkeys
 end
 
 -- One EVALSHA; on NOSCRIPT (the cache was flushed, Redis restarted or failed over) SCRIPT LOAD
 -- and retry once.
-local function eval(red, nkeys, args)
-    local res, err = red:evalsha(script.sha, nkeys, unpack(args))
+local function eval(red, s, nkeys, args)
+    local res, err = red:evalsha(s.sha, nkeys, unpack(args))
     if res == false and find(tostring(err), "^NOSCRIPT") then
         local sha
-        sha, err = red:script("load", script.source)
+        sha, err = red:script("load", s.source)
         if not sha then
-            return nil, "SCRIPT LOAD " .. script.name .. ": " .. tostring(err)
+            return nil, "SCRIPT LOAD " .. s.name .. ": " .. tostring(err)
         end
-        res, err = red:evalsha(script.sha, nkeys, unpack(args))
+        res, err = red:evalsha(s.sha, nkeys, unpack(args))
     end
     if not res then
-        return nil, "EVALSHA " .. script.name .. ": " .. tostring(err)
+        return nil, "EVALSHA " .. s.name .. ": " .. tostring(err)
     end
     return res
 end
 
--- The 200 body from the script's flat reply (see the contract atop fixed_window.lua).
-local function encode_results(requests, total, reply)
-    if type(reply) ~= "table" or #reply ~= #requests + 2 * total then
-        return nil, "unexpected reply from " .. script.name
-    end
-    local out, pos = { '{"results":[' }, 1
-    for i = 1, #requests do
-        local checks = requests[i].checks
-        local admitted = reply[pos] == 1
-        out[#out + 1] = (i > 1 and ',{"allowed":' or '{"allowed":') .. tostring(admitted)
-                        .. ',"checks":['
-        for j = 1, #checks do
-            local c = checks[j]
-            local count, pttl = tonumber(reply[pos + 2 * j - 1]), tonumber(reply[pos + 2 * j])
-            if not count or not pttl then
-                return nil, "unexpected reply from " .. script.name
-            end
-            local remaining = c.limit - count
-            out[#out + 1] = format(
-                '%s{"allowed":%s,"limit":%s,"count":%s,"remaining":%s,"reset_ms":%s}',
-                j > 1 and "," or "",
-                tostring(admitted or count + c.cost <= c.limit),
-                int(c.limit), int(count), int(remaining > 0 and remaining or 0),
-                int(pttl >= 0 and pttl or c.ttl_ms))
-        end
-        out[#out + 1] = "]}"
-        pos = pos + 1 + 2 * #checks
-    end
-    out[#out + 1] = "]}"
-    return concat(out)
-end
-
--- Runs the script over every check of the body on one pooled connection.
-local function run(requests, total)
+-- Runs a script on one pooled connection.
+local function run(s, nkeys, args)
     local red, err = pool:connect()
     if not red then
         return nil, err
     end
     local reply
-    reply, err = eval(red, total, script_args(requests, total))
+    reply, err = eval(red, s, nkeys, args)
     if not reply then
         pool:close(red)
         return nil, "redis " .. pool.where .. ": " .. err
     end
     pool:keepalive(red)
-    return encode_results(requests, total, reply)
+    return reply
+end
+
+local CHECK_FORMAT = '%s{"allowed":%s,"limit":%s,%s"remaining":%s,"reset_ms":%s,'
+                     .. '"retry_after_ms":%s}'
+
+-- The 200 body from the check script's flat reply (see the contract atop scripts/main.lua).
+local function encode_results(requests, total, reply)
+    if type(reply) ~= "table" or #reply ~= #requests + 5 * total then
+        return nil, "unexpected reply from the " .. script.name
+    end
+    local out, pos = { '{"results":[' }, 1
+    for i = 1, #requests do
+        local checks = requests[i].checks
+        out[#out + 1] = (i > 1 and ',{"allowed":' or '{"allowed":') .. tostring(reply[pos] == 1)
+                        .. ',"checks":['
+        for j = 1, #checks do
+            local c = checks[j]
+            local alg = ALG_BY_NAME[c.alg]
+            local at = pos + 5 * j - 4
+            local fits, count, remaining, reset, retry =
+                reply[at], reply[at + 1], reply[at + 2], reply[at + 3], reply[at + 4]
+            if type(count) ~= "number" or type(remaining) ~= "number"
+                or type(reset) ~= "number" or type(retry) ~= "number"
+            then
+                return nil, "unexpected reply from the " .. script.name
+            end
+            out[#out + 1] = format(CHECK_FORMAT,
+                j > 1 and "," or "", tostring(fits == 1), int(c[alg.limit]),
+                alg.count and '"count":' .. int(count) .. "," or "",
+                -- The scripts never answer a negative remaining or reset; a u64 cannot be one.
+                int(remaining > 0 and remaining or 0), int(reset > 0 and reset or 0),
+                retry < 0 and NEVER or int(retry))
+        end
+        out[#out + 1] = "]}"
+        pos = pos + 1 + 5 * #checks
+    end
+    out[#out + 1] = "]}"
+    return concat(out)
 end
 
 -- `application/json`, in any case, with or without parameters (`; charset=utf-8`).
@@ -254,19 +359,17 @@ local function is_json(content_type)
     return lower(match(content_type, "^[ \t]*([^; \t]*)")) == "application/json"
 end
 
---------------------------------------------------------------------------------------------
--- Handlers
-
---- POST /v1/check
-function _M.check()
+-- The body of a POST with a JSON (or no) content type, or nil once the error reply is sent.
+local function read_post_body()
     if req_get_method() ~= "POST" then
         ngx_header["Allow"] = "POST"
-        return send_error(405, "method_not_allowed", "this path accepts POST only")
+        send_error(405, "method_not_allowed", "this path accepts POST only")
+        return nil
     end
     local content_type = ngx.var.content_type
     if content_type and not is_json(content_type) then
-        return send_error(415, "unsupported_media_type",
-                          "Content-Type must be application/json")
+        send_error(415, "unsupported_media_type", "Content-Type must be application/json")
+        return nil
     end
 
     req_read_body()
@@ -274,22 +377,67 @@ function _M.check()
     if not body then
         if req_get_body_file() then
             -- Cannot happen with client_body_buffer_size = client_max_body_size (nginx.conf).
-            return _M.too_large()
+            _M.too_large()
+            return nil
         end
         body = ""
     end
+    return body
+end
 
+--------------------------------------------------------------------------------------------
+-- Handlers
+
+--- POST /v1/check
+function _M.check()
+    local body = read_post_body()
+    if not body then
+        return
+    end
     local requests, total = validate.decode(body, conf.key_prefix)
     if not requests then
         return send_error(400, "bad_request", total)
     end
 
-    local out, err = run(requests, total)
+    local args, nkeys = script_args(requests, total)
+    local reply, err = run(script, nkeys, args)
+    local out
+    if reply then
+        out, err = encode_results(requests, total, reply)
+    end
     if not out then
         ngx_log(ngx_ERR, "check: ", err)
         return send_error(503, "backend_unavailable", err)
     end
     return send(200, out)
+end
+
+--- POST /v1/release: frees concurrency slots.
+function _M.release()
+    local body = read_post_body()
+    if not body then
+        return
+    end
+    local releases, err = validate.decode_release(body, conf.key_prefix)
+    if not releases then
+        return send_error(400, "bad_request", err)
+    end
+
+    local n = #releases
+    local args = new_tab(2 * n, 0)
+    for i = 1, n do
+        args[i], args[n + i] = releases[i].key, releases[i].id
+    end
+    local released
+    released, err = run(release_script, n, args)
+    if released and type(released) ~= "number" then
+        released, err = nil, "unexpected reply from release.lua"
+    end
+    if not released then
+        ngx_log(ngx_ERR, "release: ", err)
+        return send_error(503, "backend_unavailable", err)
+    end
+    return send(200, '{"released":' .. int(released) .. "}")
 end
 
 --- GET /healthz: 200 when Redis answers PING.
@@ -316,7 +464,8 @@ end
 
 --- Any other path.
 function _M.not_found()
-    return send_error(404, "not_found", "no such path: use POST /v1/check or GET /healthz")
+    return send_error(404, "not_found",
+                      "no such path: use POST /v1/check, POST /v1/release or GET /healthz")
 end
 
 --- error_page 413: a body over client_max_body_size.

@@ -1,4 +1,5 @@
--- tollgate.validate: decodes and validates a `POST /v1/check` body (docs/wire-format.md).
+-- tollgate.validate: decodes and validates the bodies of `POST /v1/check` and
+-- `POST /v1/release` (docs/wire-format.md).
 --
 -- Pure functions: no ngx API, no I/O. Every error message names the offending field with its
 -- path, e.g. `requests[0].checks[2].limit: must be an integer in 1..1000000000000`.
@@ -14,18 +15,23 @@ local floor = math.floor
 local find = string.find
 local sub = string.sub
 local gsub = string.gsub
+local format = string.format
 local sort = table.sort
 local concat = table.concat
 
-local _M = { _VERSION = "0.1.0" }
+local _M = { _VERSION = "0.2.0" }
 
 -- The bounds of docs/wire-format.md.
 local MAX_REQUESTS = 256
 local MAX_CHECKS = 32
 local MAX_TOTAL_CHECKS = 1024
+local MAX_RELEASES = 256
 local MAX_KEY_BYTES = 512
+local MAX_ID_BYTES = 128
 local MAX_LIMIT = 1e12
-local MAX_TTL_MS = 86400000
+local MAX_LOG_LIMIT = 10000
+local MAX_RATE = 1e9
+local MAX_MS = 86400000
 local MAX_COST = 1e9
 -- A valid body nests 4 deep; the cap turns a deeply nested body into a 400, not a C stack
 -- overflow.
@@ -33,17 +39,62 @@ local MAX_DEPTH = 16
 
 _M.MAX_BODY_BYTES = 64 * 1024
 
+-- What each `alg` takes besides `key`, `alg`, `cost` and `shadow`, in the order checked:
+-- { field, "int", lo, hi } (hi may name an earlier field), { field, "key" }, { field, "id" }.
+local ALGS = {
+    fixed_window = {
+        { "limit", "int", 1, MAX_LIMIT },
+        { "ttl_ms", "int", 1, MAX_MS },
+    },
+    sliding_window = {
+        { "prev_key", "key" },
+        { "limit", "int", 1, MAX_LIMIT },
+        { "window_ms", "int", 1000, MAX_MS },
+        { "weight_ms", "int", 1, "window_ms" },
+    },
+    sliding_log = {
+        { "limit", "int", 1, MAX_LOG_LIMIT },
+        { "window_ms", "int", 1000, MAX_MS },
+        { "id", "id" },
+    },
+    token_bucket = {
+        { "burst", "int", 1, MAX_LIMIT },
+        { "rate", "int", 1, MAX_RATE },
+        { "period_ms", "int", 1, MAX_MS },
+    },
+    gcra = {
+        { "burst", "int", 1, MAX_LIMIT },
+        { "rate", "int", 1, MAX_RATE },
+        { "period_ms", "int", 1, MAX_MS },
+    },
+    concurrency = {
+        { "limit", "int", 1, MAX_LIMIT },
+        { "ttl_ms", "int", 1000, MAX_MS },
+        { "id", "id" },
+    },
+}
+local ALG_NAMES = '"fixed_window", "sliding_window", "sliding_log", "token_bucket", "gcra"'
+                  .. ' or "concurrency"'
+
+local COMMON_FIELDS = { alg = true, key = true, cost = true, shadow = true }
+-- Per alg: the fields it accepts. ANY_ALG: the fields some alg accepts.
+local ALG_FIELDS, ANY_ALG = {}, {}
+for name, spec in pairs(ALGS) do
+    local fields = {}
+    for k in pairs(COMMON_FIELDS) do
+        fields[k], ANY_ALG[k] = true, true
+    end
+    for i = 1, #spec do
+        fields[spec[i][1]], ANY_ALG[spec[i][1]] = true, true
+    end
+    ALG_FIELDS[name] = fields
+end
+
 -- A private cjson instance, so these settings do not leak into other users of the module.
 local json = cjson.new()
 json.decode_max_depth(MAX_DEPTH)
 -- Reject NaN, Infinity and hex numbers, which plain JSON does not have.
 json.decode_invalid_numbers(false)
-
-local ALLOWED_FIELDS = {
-    [""] = { requests = true },
-    request = { checks = true },
-    check = { alg = true, key = true, limit = true, ttl_ms = true, cost = true },
-}
 
 local function fail(path, msg)
     return nil, path .. ": " .. msg
@@ -86,7 +137,7 @@ local function unknown_field(obj, allowed)
     if unknown then
         sort(unknown)
         -- Shown in the error message: keep it short and printable.
-        return (gsub(sub(unknown[1], 1, 64), "[^\32-\126]", "?"))
+        return (gsub(sub(unknown[1], 1, 64), "[^\32-\126]", "?")), unknown[1]
     end
 end
 
@@ -95,7 +146,8 @@ local function is_integer_in(v, lo, hi)
     return type(v) == "number" and v == floor(v) and v >= lo and v <= hi
 end
 
-local function check_integer(obj, field, path, lo, hi, default)
+-- obj[field] must be an integer in lo..hi; a missing one takes `default`, or is required.
+local function check_integer(obj, field, path, lo, hi, default, hi_name)
     local v = obj[field]
     if v == nil then
         if default then
@@ -105,63 +157,123 @@ local function check_integer(obj, field, path, lo, hi, default)
         return fail(path, "is required")
     end
     if not is_integer_in(v, lo, hi) then
-        return fail(path, "must be an integer in " .. lo .. ".." .. ("%.0f"):format(hi))
+        return fail(path, format("must be an integer in %d..%d", lo, hi)
+                          .. (hi_name and " (" .. hi_name .. ")" or ""))
     end
     return true
 end
 
-local function check_key(key, path, key_start)
+-- 1..max bytes of printable ASCII without space (0x21..0x7e): safe in a Redis script's
+-- space-separated ARGV, in logs and in error messages.
+local function is_token(v, max)
+    return type(v) == "string" and #v > 0 and #v <= max and not find(v, "[^\33-\126]")
+end
+
+local function check_key(key, path, key_start, key_end)
     if key == nil then
         return fail(path, "is required")
     end
-    if type(key) ~= "string" or #key == 0 or #key > MAX_KEY_BYTES
-        or find(key, "[^\33-\126]")
-    then
+    if not is_token(key, MAX_KEY_BYTES) then
         return fail(path, "must be a string of 1.." .. MAX_KEY_BYTES
                           .. " printable ASCII characters (0x21..0x7e)")
     end
     if sub(key, 1, #key_start) ~= key_start then
         return fail(path, 'must start with "' .. key_start .. '"')
     end
+    if key_end and (#key < #key_start + #key_end or sub(key, -#key_end) ~= key_end) then
+        return fail(path, 'must end with "' .. key_end .. '"')
+    end
     return true
+end
+
+local function check_id(id, path)
+    if id == nil then
+        return fail(path, "is required")
+    end
+    if not is_token(id, MAX_ID_BYTES) then
+        return fail(path, "must be a string of 1.." .. MAX_ID_BYTES
+                          .. " printable ASCII characters (0x21..0x7e)")
+    end
+    return true
+end
+
+-- Redis Cluster hashes only the part between the first `{` and the next `}` when it is not
+-- empty. Keys here start with `<prefix>:{`, and the prefix has no braces.
+local function hash_tag(key)
+    local open = find(key, "{", 1, true)
+    local close = open and find(key, "}", open + 1, true)
+    if close and close > open + 1 then
+        return sub(key, open + 1, close - 1)
+    end
 end
 
 local function check_one(check, path, key_start)
     if not is_object(check) then
         return fail(path, "must be an object")
     end
-    local field = unknown_field(check, ALLOWED_FIELDS.check)
+    local alg = check.alg
+    if alg == nil then
+        alg = "fixed_window"
+        check.alg = alg
+    elseif type(alg) ~= "string" or not ALGS[alg] then
+        return fail(path .. ".alg", "must be " .. ALG_NAMES)
+    end
+    local field, raw = unknown_field(check, ALG_FIELDS[alg])
     if field then
+        if ANY_ALG[raw] then
+            return fail(path .. "." .. field, 'unknown field for alg "' .. alg .. '"')
+        end
         return fail(path .. "." .. field, "unknown field")
     end
-    if check.alg ~= nil and check.alg ~= "fixed_window" then
-        return fail(path .. ".alg", 'must be "fixed_window"')
-    end
+
     local ok, err = check_key(check.key, path .. ".key", key_start)
-    if ok then
-        ok, err = check_integer(check, "limit", path .. ".limit", 1, MAX_LIMIT)
+    if not ok then
+        return nil, err
     end
-    if ok then
-        ok, err = check_integer(check, "ttl_ms", path .. ".ttl_ms", 1, MAX_TTL_MS)
+    local spec = ALGS[alg]
+    for i = 1, #spec do
+        local name, kind, lo, hi = spec[i][1], spec[i][2], spec[i][3], spec[i][4]
+        local where = path .. "." .. name
+        if kind == "int" then
+            if type(hi) == "string" then
+                ok, err = check_integer(check, name, where, lo, check[hi], nil, hi)
+            else
+                ok, err = check_integer(check, name, where, lo, hi)
+            end
+        elseif kind == "key" then
+            ok, err = check_key(check[name], where, key_start)
+            if ok then
+                local tag = hash_tag(check.key)
+                if not tag or tag ~= hash_tag(check[name]) then
+                    ok, err = fail(where, "must carry the same non-empty {hash tag} as key")
+                end
+            end
+        else
+            ok, err = check_id(check[name], where)
+        end
+        if not ok then
+            return nil, err
+        end
     end
-    if ok then
-        ok, err = check_integer(check, "cost", path .. ".cost", 0, MAX_COST, 1)
+
+    ok, err = check_integer(check, "cost", path .. ".cost", 0, MAX_COST, 1)
+    if not ok then
+        return nil, err
     end
-    return ok, err
+    if alg == "concurrency" and check.cost ~= 1 then
+        return fail(path .. ".cost", 'must be 1 for alg "concurrency" (one slot per request)')
+    end
+    if check.shadow == nil then
+        check.shadow = false
+    elseif type(check.shadow) ~= "boolean" then
+        return fail(path .. ".shadow", "must be a boolean")
+    end
+    return true
 end
 
---- Decodes and validates a check body.
--- `key_prefix` is the required first part of every key (`TOLLGATE_KEY_PREFIX`).
--- Returns the list of requests (each `{ checks = { {key=, limit=, ttl_ms=, cost=}, ... } }`,
--- `cost` filled in) and the total number of checks, or nil and a message naming the field.
-function _M.decode(body, key_prefix)
-    if type(body) ~= "string" then
-        error("validate.decode: body must be a string", 2)
-    end
-    if type(key_prefix) ~= "string" or key_prefix == "" then
-        error("validate.decode: key_prefix must be a non-empty string", 2)
-    end
-
+-- Decodes a JSON object body whose only field is `top`. Returns the value of `top`, or nil
+-- and a message.
+local function decode_object(body, top)
     local ok, doc = pcall(json.decode, body)
     if not ok then
         return fail("body", "not valid JSON: " .. tostring(doc))
@@ -170,14 +282,35 @@ function _M.decode(body, key_prefix)
     if type(doc) ~= "table" or not find(body, "^[ \t\r\n]*{") then
         return fail("body", "must be a JSON object")
     end
-    local field = unknown_field(doc, ALLOWED_FIELDS[""])
+    local field = unknown_field(doc, { [top] = true })
     if field then
         return fail(field, "unknown field")
     end
+    if doc[top] == nil then
+        return fail(top, "is required")
+    end
+    return doc[top]
+end
 
-    local requests = doc.requests
+local function check_args(body, key_prefix, who)
+    if type(body) ~= "string" then
+        error(who .. ": body must be a string", 3)
+    end
+    if type(key_prefix) ~= "string" or key_prefix == "" then
+        error(who .. ": key_prefix must be a non-empty string", 3)
+    end
+end
+
+--- Decodes and validates a check body.
+-- `key_prefix` is the required first part of every key (`TOLLGATE_KEY_PREFIX`).
+-- Returns the list of requests (each `{ checks = { {alg=, key=, cost=, shadow=, ...}, ... } }`,
+-- with `alg`, `cost` and `shadow` filled in) and the total number of checks, or nil and a
+-- message naming the field.
+function _M.decode(body, key_prefix)
+    check_args(body, key_prefix, "validate.decode")
+    local requests, err = decode_object(body, "requests")
     if requests == nil then
-        return fail("requests", "is required")
+        return nil, err
     end
     local nreq = array_len(requests)
     if not nreq or nreq > MAX_REQUESTS then
@@ -192,7 +325,7 @@ function _M.decode(body, key_prefix)
         if not is_object(request) then
             return fail(path, "must be an object")
         end
-        field = unknown_field(request, ALLOWED_FIELDS.request)
+        local field = unknown_field(request, { checks = true })
         if field then
             return fail(path .. "." .. field, "unknown field")
         end
@@ -213,7 +346,7 @@ function _M.decode(body, key_prefix)
         end
 
         for j = 1, n do
-            local err
+            local ok
             ok, err = check_one(checks[j], concat({ path, "[", j - 1, "]" }), key_start)
             if not ok then
                 return nil, err
@@ -222,6 +355,43 @@ function _M.decode(body, key_prefix)
     end
 
     return requests, total
+end
+
+--- Decodes and validates a release body: `{"releases": [{"key": ..., "id": ...}, ...]}`.
+-- Every key must start with `<key_prefix>:{` and end with `}:conc`.
+-- Returns the list of releases, or nil and a message naming the field.
+function _M.decode_release(body, key_prefix)
+    check_args(body, key_prefix, "validate.decode_release")
+    local releases, err = decode_object(body, "releases")
+    if releases == nil then
+        return nil, err
+    end
+    local n = array_len(releases)
+    if not n or n > MAX_RELEASES then
+        return fail("releases", "must be an array of 1.." .. MAX_RELEASES .. " releases")
+    end
+    local key_start = key_prefix .. ":{"
+    local allowed = { key = true, id = true }
+    for i = 1, n do
+        local r = releases[i]
+        local path = "releases[" .. (i - 1) .. "]"
+        if not is_object(r) then
+            return fail(path, "must be an object")
+        end
+        local field = unknown_field(r, allowed)
+        if field then
+            return fail(path .. "." .. field, "unknown field")
+        end
+        local ok
+        ok, err = check_key(r.key, path .. ".key", key_start, "}:conc")
+        if ok then
+            ok, err = check_id(r.id, path .. ".id")
+        end
+        if not ok then
+            return nil, err
+        end
+    end
+    return releases
 end
 
 return _M

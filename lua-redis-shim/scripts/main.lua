@@ -1,0 +1,113 @@
+-- main.lua: the check script's entry point. Decides the checks of one or several gateway
+-- requests, each all-or-nothing on its own, in order, whatever algorithms they mix
+-- (docs/wire-format.md).
+--
+-- Composition. The shim builds ONE script from these files at start-up and loads it by SHA
+-- (EVALSHA; SCRIPT LOAD and one retry on NOSCRIPT), so one HTTP call is one EVALSHA:
+--
+--     local H = (function(...) <prelude.lua> end)()
+--     local ALG = {}
+--     ALG.fixed_window = (function(...) <fixed_window.lua> end)(H)
+--     ...                                 (sliding_window, sliding_log, token_bucket, gcra,
+--                                          concurrency)
+--     return (function(...) <main.lua> end)(ALG)
+--
+-- Each file is a plain Lua chunk (`...` are its arguments), so each lints on its own and its
+-- locals stay its own: the composed script creates no globals (Redis 7 forbids it). Line
+-- numbers in a script error refer to the composed source; the shim logs where each file
+-- starts in it (at notice level). An algorithm file returns:
+--
+--     keys                                 how many KEYS one check takes
+--     check(keys, args, cost, pending)     reads the state; returns `st` with st.fits. When it
+--                                          fits, records its charge in `pending` (one table
+--                                          per request) so a later check of the same request
+--                                          on the same key counts it.
+--     commit(st)                           charges it (request admitted, check fits, cost > 0)
+--     result(st, charged, admitted)        count (-1: not reported), remaining, reset_ms,
+--                                          retry_after_ms (H.NEVER: never)
+--
+-- KEYS:  every check's keys, request after request, check after check (as many as its
+--        algorithm takes: sliding_window 2, the others 1)
+-- ARGV:  [1] R, the number of requests; then for each request: n, its number of checks; then
+--        one ARGV per check, space-separated: "<alg> <cost> <shadow 0|1> <args...>"
+--        (the algorithm's ARGV, as its file says; keys and ids have no spaces)
+-- Reply: flat array; for each request: admitted (1|0), then for each of its checks: fits (1|0),
+--        count, remaining, reset_ms, retry_after_ms
+--
+-- A request is admitted iff every check that is not shadow fits; then every check that fits
+-- (shadow ones included) is charged, and a denied request charges nothing. Requests are
+-- decided in order, so a later one sees the charges of earlier ones.
+--
+-- Atomic because Redis runs a script to completion without interleaving other commands: the
+-- reads of a request's checks, then its charges, see no other writer. The only writes of a
+-- check phase drop entries that have already expired (sliding_log, concurrency). An error
+-- (a key of another type, a corrupt value) aborts the script with the charges of the earlier
+-- requests of the call already made; the shim answers 503.
+
+-- luacheck: read globals redis KEYS ARGV
+local ALG = ...
+local tonumber = tonumber
+local tostring = tostring
+local error = error
+local gmatch = string.gmatch
+
+local reply, out = {}, 0
+local argi = 2 -- next ARGV to read
+local keyi = 0 -- KEYS read so far
+
+for _ = 1, tonumber(ARGV[1]) do
+    local n = tonumber(ARGV[argi])
+    argi = argi + 1
+
+    -- Check all.
+    local pending, checks = {}, {}
+    local admitted = true
+    for j = 1, n do
+        local f, nf = {}, 0
+        for word in gmatch(ARGV[argi], "%S+") do
+            nf = nf + 1
+            f[nf] = word
+        end
+        argi = argi + 1
+        local alg = ALG[f[1]]
+        if not alg then
+            error("tollgate: unknown alg " .. tostring(f[1]))
+        end
+        local keys = {}
+        for i = 1, alg.keys do
+            keys[i] = KEYS[keyi + i]
+        end
+        keyi = keyi + alg.keys
+        local cost = tonumber(f[2])
+        local st = alg.check(keys, { f[4], f[5], f[6] }, cost, pending)
+        if not st.fits and f[3] ~= "1" then
+            admitted = false
+        end
+        checks[j] = { alg = alg, st = st, charged = st.fits and cost > 0 }
+    end
+
+    -- Charge all (only if admitted), then report: after the charges, so a reading of the state
+    -- sees all of this request's.
+    if admitted then
+        for j = 1, n do
+            local c = checks[j]
+            if c.charged then
+                c.alg.commit(c.st)
+            end
+        end
+    end
+    out = out + 1
+    reply[out] = admitted and 1 or 0
+    for j = 1, n do
+        local c = checks[j]
+        local count, remaining, reset, retry = c.alg.result(c.st, admitted and c.charged, admitted)
+        reply[out + 1] = c.st.fits and 1 or 0
+        reply[out + 2] = count
+        reply[out + 3] = remaining
+        reply[out + 4] = reset
+        reply[out + 5] = retry
+        out = out + 5
+    end
+end
+
+return reply

@@ -1,0 +1,113 @@
+-- prelude.lua: helpers shared by the algorithm scripts (see main.lua for how the shim composes
+-- prelude, algorithms and main into the one script it loads).
+--
+-- Returns a table H: now_ms(), now_us(), muldiv(), int(), clamp_ms(), NEVER.
+--
+-- Time: one Redis `TIME` per script run, read on first use and then shared by every check of
+-- every request of the call, so all of them see the same instant. A call made only of fixed and
+-- sliding windows never reads it.
+--
+-- Precision: Lua numbers are doubles, exact for integers below 2^53 (9.007e15). Products that
+-- can pass that (a counter times a window in ms, elapsed ms times a rate times 1000) go through
+-- muldiv(), exact whenever its result is below 2^53. Values passed to redis.call() go through
+-- int() ("%d"), since Redis formats a Lua number argument with "%.17g" (1e+17 is not an integer
+-- to INCRBY or PEXPIRE). Times that could pass 2^52 ms (only absurd configurations, e.g. a
+-- bucket of 10^12 tokens refilled one per day) are capped by clamp_ms().
+
+-- luacheck: read globals redis
+local call = redis.call
+local tonumber = tonumber
+local floor = math.floor
+local format = string.format
+
+local H = {}
+
+-- Returned in place of a time when it will never come: a cost above the limit. The shim sends
+-- it as 18446744073709551615 (u64::MAX, as the Rust models in src/algorithms.rs do).
+H.NEVER = -1
+
+local TWO53 = 9007199254740992
+-- The largest TTL or time reported: 2^52 ms (~142,000 years), well inside Redis's limits.
+local MAX_MS = 4503599627370496
+
+local clock_ms, clock_us
+
+local function read_clock()
+    local t = call("TIME")
+    local sec, usec = tonumber(t[1]), tonumber(t[2])
+    clock_us = sec * 1000000 + usec
+    clock_ms = sec * 1000 + floor(usec / 1000)
+end
+
+--- Milliseconds since the epoch, from Redis's clock.
+function H.now_ms()
+    if not clock_ms then
+        read_clock()
+    end
+    return clock_ms
+end
+
+--- Microseconds since the epoch, from Redis's clock (exact until 2255).
+function H.now_us()
+    if not clock_us then
+        read_clock()
+    end
+    return clock_us
+end
+
+--- floor(a × b / c), or the ceiling when `up`: a, b integers in 0..2^53, c in 1..3×10^15.
+-- Exact whenever the result is below 2^53 (a larger result is only approximately right).
+function H.muldiv(a, b, c, up)
+    local p = a * b
+    if p < TWO53 then
+        -- p is exact; p / c rounds to within one of the true quotient, so correct it once.
+        local q = floor(p / c)
+        if q * c > p then
+            q = q - 1
+        end
+        if up and q * c < p then
+            q = q + 1
+        end
+        return q
+    end
+    -- a × b / c = qa × b + ra × b / c, where a = qa × c + ra; then ra × b / c by long division
+    -- over the bits of b, every intermediate below 3c (exact while c < 3×10^15).
+    local qa = floor(a / c)
+    local ra = a - qa * c
+    if ra < 0 then
+        qa, ra = qa - 1, ra + c
+    end
+    local bits, n, rest = {}, 0, b
+    while rest > 0 do
+        local bit = rest % 2
+        n = n + 1
+        bits[n] = bit
+        rest = (rest - bit) / 2
+    end
+    local q, r = 0, 0
+    for i = n, 1, -1 do
+        r = 2 * r + ra * bits[i]
+        local d = floor(r / c)
+        r = r - d * c
+        q = 2 * q + d
+    end
+    if up and r > 0 then
+        q = q + 1
+    end
+    return qa * b + q
+end
+
+--- A Redis command argument from an integer-valued number.
+function H.int(n)
+    return format("%d", n)
+end
+
+--- A time in ms capped at 2^52 (TTLs and reported times).
+function H.clamp_ms(ms)
+    if ms > MAX_MS then
+        return MAX_MS
+    end
+    return ms
+end
+
+return H

@@ -1,0 +1,216 @@
+//! `failure_mode: "local"`: while the shim cannot answer, each worker keeps enforcing every rule
+//! on its own, with a share of the limit (`limit ÷ local_fallback.replicas`) in fixed windows.
+//! Abuse stays bounded during an outage; on recovery decisions come from Redis again.
+//!
+//! Also the circuit breaker that spares requests a doomed callout: after a run of failures the
+//! filter stops calling the shim for a short while and applies the failure mode at once, then
+//! lets one request probe.
+
+use std::collections::HashMap;
+
+use crate::request::{Check, CheckKind};
+
+/// Per-worker fixed-window counters for the fallback.
+#[derive(Debug, Default)]
+pub struct LocalLimiter {
+    counters: HashMap<String, u64>,
+}
+
+/// Most counters a worker keeps; past it, the stale ones (older windows) are dropped.
+const MAX_COUNTERS: usize = 100_000;
+
+impl LocalLimiter {
+    /// Decides one request locally: admitted only if every enforced check fits its share, and
+    /// then every check is charged (all-or-nothing, as in the shim). Returns the denying checks
+    /// (indexes), empty when admitted.
+    pub fn check(&mut self, checks: &[Check], replicas: u64, now_ms: u64) -> Vec<usize> {
+        if self.counters.len() > MAX_COUNTERS {
+            self.counters.clear();
+        }
+        let slots: Vec<Option<(String, u64)>> = checks
+            .iter()
+            .map(|c| local_slot(c, replicas, now_ms))
+            .collect();
+        let denying: Vec<usize> = checks
+            .iter()
+            .zip(&slots)
+            .enumerate()
+            .filter(|(_, (c, slot))| {
+                !c.shadow
+                    && slot.as_ref().is_some_and(|(key, limit)| {
+                        self.counters.get(key).copied().unwrap_or(0) + c.cost > *limit
+                    })
+            })
+            .map(|(i, _)| i)
+            .collect();
+        if denying.is_empty() {
+            for (c, slot) in checks.iter().zip(slots) {
+                if let Some((key, _)) = slot {
+                    *self.counters.entry(key).or_insert(0) += c.cost;
+                }
+            }
+        }
+        denying
+    }
+}
+
+/// The local counter and limit for a check: its window (or period) and its share of the limit.
+/// Concurrency is not enforced locally (slots are only known to Redis).
+fn local_slot(check: &Check, replicas: u64, now_ms: u64) -> Option<(String, u64)> {
+    let (limit, window_ms) = match check.kind {
+        CheckKind::FixedWindow {
+            limit, window_ms, ..
+        }
+        | CheckKind::SlidingWindow {
+            limit, window_ms, ..
+        }
+        | CheckKind::SlidingLog {
+            limit, window_ms, ..
+        } => (limit, window_ms),
+        // A burst, then `rate` per period: at most burst + rate in any period.
+        CheckKind::TokenBucket {
+            burst,
+            rate,
+            period_ms,
+        }
+        | CheckKind::Gcra {
+            burst,
+            rate,
+            period_ms,
+        } => (burst.max(rate), period_ms),
+        CheckKind::Concurrency { .. } => return None,
+    };
+    let share = (limit / replicas.max(1)).max(1);
+    Some((
+        format!("{}|{}", check.key, now_ms / window_ms.max(1)),
+        share,
+    ))
+}
+
+/// Stops calling a shim that keeps failing.
+#[derive(Debug, Default)]
+pub struct Breaker {
+    consecutive_failures: u32,
+    open_until_ms: u64,
+}
+
+/// Failures in a row that open the breaker, and how long it stays open.
+pub const BREAKER_THRESHOLD: u32 = 5;
+pub const BREAKER_OPEN_MS: u64 = 1_000;
+
+impl Breaker {
+    /// Whether to call the shim now. While open, no; once the pause is over, one probe is let
+    /// through (and the breaker re-opens at once if it fails too).
+    pub fn allows_call(&mut self, now_ms: u64) -> bool {
+        now_ms >= self.open_until_ms
+    }
+
+    pub fn succeeded(&mut self) {
+        self.consecutive_failures = 0;
+        self.open_until_ms = 0;
+    }
+
+    pub fn failed(&mut self, now_ms: u64) {
+        self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+        if self.consecutive_failures >= BREAKER_THRESHOLD {
+            self.open_until_ms = now_ms + BREAKER_OPEN_MS;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(key: &str, kind: CheckKind, cost: u64) -> Check {
+        Check {
+            rule: 0,
+            key: key.into(),
+            cost,
+            shadow: false,
+            kind,
+        }
+    }
+
+    fn fixed(limit: u64) -> CheckKind {
+        CheckKind::FixedWindow {
+            limit,
+            window_ms: 1000,
+            ttl_ms: 1000,
+        }
+    }
+
+    #[test]
+    fn each_worker_enforces_its_share() {
+        let mut l = LocalLimiter::default();
+        let c = [check("k", fixed(10), 1)];
+        // 10 per second over 4 replicas: 2 per worker per second.
+        let admitted: Vec<bool> = (0..4).map(|_| l.check(&c, 4, 100).is_empty()).collect();
+        assert_eq!(admitted, [true, true, false, false]);
+        assert!(l.check(&c, 4, 1000).is_empty(), "next window");
+        assert!(
+            l.check(&[check("other", fixed(10), 1)], 4, 100).is_empty(),
+            "own counter per key"
+        );
+    }
+
+    #[test]
+    fn all_or_nothing_and_shadow_never_denies() {
+        let mut l = LocalLimiter::default();
+        let a = check("a", fixed(5), 1);
+        let b = check("b", fixed(1), 1);
+        assert!(l.check(&[a.clone(), b.clone()], 1, 0).is_empty());
+        assert_eq!(l.check(&[a.clone(), b.clone()], 1, 0), vec![1]);
+        // `a` was not charged by the denied request: 4 more fit.
+        let fits = (0..5)
+            .filter(|_| l.check(std::slice::from_ref(&a), 1, 0).is_empty())
+            .count();
+        assert_eq!(fits, 4);
+        let mut shadow = b.clone();
+        shadow.shadow = true;
+        assert!(l.check(&[shadow], 1, 0).is_empty());
+    }
+
+    #[test]
+    fn rate_algorithms_use_their_period_and_concurrency_is_not_local() {
+        let mut l = LocalLimiter::default();
+        let tb = [check(
+            "t",
+            CheckKind::TokenBucket {
+                burst: 3,
+                rate: 1,
+                period_ms: 1000,
+            },
+            1,
+        )];
+        let n = (0..10).filter(|_| l.check(&tb, 1, 0).is_empty()).count();
+        assert_eq!(n, 3);
+        let conc = [check(
+            "c",
+            CheckKind::Concurrency {
+                limit: 1,
+                timeout_ms: 1000,
+                id: "x".into(),
+            },
+            1,
+        )];
+        assert!((0..5).all(|_| l.check(&conc, 1, 0).is_empty()));
+    }
+
+    #[test]
+    fn breaker_opens_after_a_run_of_failures_and_probes_later() {
+        let mut b = Breaker::default();
+        for t in 0..4 {
+            b.failed(t);
+            assert!(b.allows_call(t), "below the threshold");
+        }
+        b.failed(10);
+        assert!(!b.allows_call(10));
+        assert!(!b.allows_call(1009));
+        assert!(b.allows_call(1010), "probe");
+        b.failed(1010);
+        assert!(!b.allows_call(1011), "a failed probe re-opens it");
+        b.succeeded();
+        assert!(b.allows_call(1011));
+    }
+}

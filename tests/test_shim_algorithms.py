@@ -1,0 +1,799 @@
+"""The shim's six algorithms, shadow checks, mixing and /v1/release, over HTTP against a real
+nginx and a real Redis (docs/wire-format.md v2; arithmetic pinned by src/algorithms.rs).
+
+The pure models of src/algorithms.rs are ported below (integers, like the Rust) so answers are
+compared exactly. The window algorithms take no time from Redis, so their answers are exact.
+The others read Redis's clock (TIME) inside the script: a test reads TIME just before and just
+after the call and asserts the answer lies between the model's answers at those two instants
+(every field is monotonic in time). Waits are short (refills of 100 ms, sleeps of at most
+~0.5 s, except the 1 s minimum lifetime of a concurrency slot).
+"""
+
+import http.client
+import json
+import time
+
+import pytest
+
+from shim_harness import free_port, redis_cli, run_redis, shim_process
+
+NEVER = 2**64 - 1  # u64::MAX: "never fits" (a cost above the limit), as in the Rust models
+
+
+# --- The models of src/algorithms.rs, in Python -----------------------------------------------
+
+def div_ceil(a, b):
+    return -(-a // b)
+
+
+def model_fixed_window(count, cost, limit, left_ms):
+    allowed = count + cost <= limit
+    after = count + cost if allowed else count
+    return dict(allowed=allowed, remaining=max(0, limit - after), reset_ms=left_ms,
+                retry_after_ms=0 if allowed else left_ms), after
+
+
+def _sliding_retry(prev, cur, cost, limit, weight, window):
+    if cost > limit:
+        return NEVER
+    room = limit - cost
+    if cur <= room:
+        max_weight = (room - cur) * window // prev if prev else window
+        return max(0, weight - max_weight)
+    return weight + window - room * window // cur
+
+
+def model_sliding_window(prev, cur, cost, limit, weight, window):
+    est = lambda c: div_ceil(prev * weight, window) + c  # noqa: E731
+    allowed = est(cur) + cost <= limit
+    after = cur + cost if allowed else cur
+    return dict(allowed=allowed, remaining=max(0, limit - est(after)),
+                reset_ms=weight if after == 0 else weight + window,
+                retry_after_ms=0 if allowed else _sliding_retry(prev, after, cost, limit, weight, window)), after
+
+
+def model_token_bucket(state, now_ms, cost, cap, rate, period):
+    full = cap * 1000
+    if state is None:
+        tokens = full
+    else:
+        t, ts = state
+        tokens = min(t + max(0, now_ms - ts) * rate * 1000 // period, full)
+    need = cost * 1000
+    allowed = tokens >= need
+    after = tokens - need if allowed else tokens
+    time_for = lambda missing: div_ceil(missing * period, rate * 1000)  # noqa: E731
+    retry = 0 if allowed else (NEVER if need > full else time_for(need - after))
+    return dict(allowed=allowed, remaining=after // 1000, reset_ms=time_for(full - after),
+                retry_after_ms=retry), (after, now_ms)
+
+
+def model_gcra(tat_us, now_us, cost, burst, rate, period):
+    """As gcra() in the model, with `now` in µs (the script reads TIME to the µs)."""
+    t = period * 1000 // rate
+    tat = max(tat_us or 0, now_us)
+    tol = t * burst
+    new = tat + t * cost
+    allowed = new - now_us <= tol
+    kept = new if allowed else tat
+    return dict(allowed=allowed, remaining=(tol - min(kept - now_us, tol)) // max(t, 1),
+                reset_ms=div_ceil(kept - now_us, 1000),
+                retry_after_ms=0 if allowed else div_ceil(new - now_us - tol, 1000)), kept
+
+
+def model_sliding_log(log, now, cost, limit, window):
+    live = [t for t in log if t + window > now]
+    count = len(live)
+    allowed = count + cost <= limit
+    after = live + [now] * cost if allowed else live
+    expires = lambda t: t + window - now  # noqa: E731
+    if allowed:
+        retry = 0
+    elif cost > limit:
+        retry = NEVER
+    else:
+        retry = expires(after[count + cost - limit - 1])
+    return dict(allowed=allowed, remaining=max(0, limit - len(after)),
+                reset_ms=expires(after[-1]) if after else 0, retry_after_ms=retry), after
+
+
+def test_models_reproduce_the_rust_tables():
+    """The ports above give the answers the table tests of src/algorithms.rs pin."""
+    for prev, cur, weight, allowed, remaining, retry in [
+            (0, 0, 1000, True, 9, 0), (10, 0, 1000, False, 0, 100), (10, 0, 500, True, 4, 0),
+            (10, 4, 500, True, 0, 0), (10, 5, 500, False, 0, 100), (0, 10, 300, False, 0, 400),
+            (4, 3, 1, True, 5, 0)]:
+        a, _ = model_sliding_window(prev, cur, 1, 10, weight, 1000)
+        assert (a["allowed"], a["remaining"], a["retry_after_ms"]) == (allowed, remaining, retry)
+    tat, seen = None, []
+    for now in [0, 0, 0, 0, 50, 100, 150, 200, 200]:
+        a, tat = model_gcra(tat, now * 1000, 1, 3, 10, 1000)
+        seen.append((a["allowed"], a["remaining"], a["retry_after_ms"]))
+    assert seen == [(True, 2, 0), (True, 1, 0), (True, 0, 0), (False, 0, 100), (False, 0, 50),
+                    (True, 0, 0), (False, 0, 50), (True, 0, 0), (False, 0, 100)]
+    a, s = model_token_bucket(None, 0, 1, 5, 1, 200)
+    assert (a["remaining"], a["reset_ms"]) == (4, 200)
+    a, _ = model_sliding_log([400, 900, 1100], 1100, 2, 3, 1000)
+    assert a["retry_after_ms"] == 800
+
+
+# --- Fixtures and helpers -----------------------------------------------------------------------
+
+class Backend:
+    def __init__(self, redis_port, shim):
+        self.redis = redis_port
+        self.shim = shim
+
+
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory):
+    """One Redis and one shim (1 worker), shared by this module's tests. The read timeout is
+    2 s, not 100 ms: these tests are about answers, and a starved CI machine can take longer
+    than 100 ms over the largest script runs (timeouts are tested in test_shim.py)."""
+    base = tmp_path_factory.mktemp("shim_alg")
+    with run_redis(base / "redis") as redis_port, \
+            shim_process(base / "shim", redis_port, SHIM_LOG_LEVEL="notice", REDIS_READ_TIMEOUT_MS=2000) as shim:
+        yield Backend(redis_port, shim)
+
+
+@pytest.fixture
+def clean(backend):
+    """The shared backend with an empty Redis."""
+    redis_cli(backend.redis, "FLUSHALL")
+    return backend
+
+
+def compact(doc):
+    return json.dumps(doc, separators=(",", ":"))
+
+
+def post(port, payload, path="/v1/check", method="POST", headers=None):
+    """One HTTP request; returns (status, raw body)."""
+    data = payload if isinstance(payload, (bytes, type(None))) else compact(payload).encode()
+    if headers is None:
+        headers = {"Content-Type": "application/json"}
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, path, body=data, headers=headers)
+        r = conn.getresponse()
+        return r.status, r.read(), {k.lower(): v for k, v in r.getheaders()}
+    finally:
+        conn.close()
+
+
+def ok(b, *requests):
+    """Sends one body with one entry per list of checks; returns its results (a 200)."""
+    status, raw, _ = post(b.shim.port, {"requests": [{"checks": list(c)} for c in requests]})
+    assert status == 200, f"{status} {raw[:500]!r}\n{b.shim.log_tails()}"
+    return json.loads(raw)["results"]
+
+
+def one(b, *checks):
+    """One request; returns its result."""
+    return ok(b, list(checks))[0]
+
+
+def now_us(b):
+    sec, usec = redis_cli(b.redis, "TIME")
+    return int(sec) * 1_000_000 + int(usec)
+
+
+def timed(b, *checks):
+    """One request, with Redis's clock (µs) read just before and just after it."""
+    before = now_us(b)
+    result = one(b, *checks)
+    return result, before, now_us(b)
+
+
+def between(answer, lo_model, hi_model, fields):
+    """Each field of `answer` lies between the model's answers at the two instants."""
+    for f in fields:
+        lo, hi = sorted((lo_model[f], hi_model[f]))
+        assert lo <= answer[f] <= hi, f"{f}={answer[f]} not in [{lo}, {hi}]: {answer}"
+
+
+def K(name, suffix):
+    return f"tollgate:{{{name}}}:{suffix}"
+
+
+def fw(name, limit, ttl_ms=10_000, **kw):
+    return dict(alg="fixed_window", key=K(name, "10000:1"), limit=limit, ttl_ms=ttl_ms, **kw)
+
+
+def sw(name, limit, weight_ms, window_ms=10_000, **kw):
+    return dict(alg="sliding_window", key=K(name, f"{window_ms}:5"), prev_key=K(name, f"{window_ms}:4"),
+                limit=limit, window_ms=window_ms, weight_ms=weight_ms, **kw)
+
+
+def sl(name, limit, window_ms=10_000, id="req-1", **kw):
+    return dict(alg="sliding_log", key=K(name, f"log:{window_ms}"), limit=limit, window_ms=window_ms,
+                id=id, **kw)
+
+
+def tb(name, burst, rate, period_ms, **kw):
+    return dict(alg="token_bucket", key=K(name, f"tb:{burst}:{rate}:{period_ms}"), burst=burst, rate=rate,
+                period_ms=period_ms, **kw)
+
+
+def gc(name, burst, rate, period_ms, **kw):
+    return dict(alg="gcra", key=K(name, f"gcra:{burst}:{rate}:{period_ms}"), burst=burst, rate=rate,
+                period_ms=period_ms, **kw)
+
+
+def cc(name, limit, id, ttl_ms=10_000, **kw):
+    return dict(alg="concurrency", key=K(name, "conc"), limit=limit, ttl_ms=ttl_ms, id=id, **kw)
+
+
+def release(b, *slots):
+    status, raw, _ = post(b.shim.port, {"releases": [{"key": k, "id": i} for k, i in slots]}, path="/v1/release")
+    assert status == 200, f"{status} {raw!r}"
+    return json.loads(raw)["released"]
+
+
+def fields(c):
+    return {k: c[k] for k in ("allowed", "remaining", "reset_ms", "retry_after_ms")}
+
+
+def assert_all_keys_expire(b):
+    keys = redis_cli(b.redis, "KEYS", "*")
+    assert keys, "nothing was written"
+    for k in keys:
+        assert redis_cli(b.redis, "PTTL", k) > 0, f"{k!r} has no TTL"
+
+
+# --- Reply shape ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("check,limit_field,has_count", [
+    (fw("a", 5), "limit", True), (sw("a", 5, 5000), "limit", True), (sl("a", 5), "limit", False),
+    (tb("a", 5, 1, 1000), "burst", False), (gc("a", 5, 1, 1000), "burst", False),
+    (cc("a", 5, "r1"), "limit", False),
+], ids=lambda v: v["alg"] if isinstance(v, dict) else None)
+def test_reply_fields_per_alg(clean, check, limit_field, has_count):
+    c = one(clean, check)["checks"][0]
+    expected = {"allowed", "limit", "remaining", "reset_ms", "retry_after_ms"} | ({"count"} if has_count else set())
+    assert set(c) == expected
+    assert c["limit"] == check[limit_field] and c["allowed"] is True and c["retry_after_ms"] == 0
+
+
+# --- Fixed window --------------------------------------------------------------------------------
+
+def test_fixed_window_burst_then_denied(clean):
+    seen = [one(clean, fw("a", 3))["checks"][0] for _ in range(4)]
+    assert [c["allowed"] for c in seen] == [True, True, True, False]
+    assert [c["retry_after_ms"] for c in seen[:3]] == [0, 0, 0]
+    denied = seen[3]
+    assert denied["remaining"] == 0 and denied["count"] == 3
+    assert 9000 < denied["reset_ms"] <= 10_000 and denied["retry_after_ms"] == denied["reset_ms"]
+
+
+# --- Sliding window: no clock in the script, so exact ---------------------------------------
+
+SLIDING_TABLE = [(p, c, w) for p in (0, 3, 10, 17) for c in (0, 5, 10, 12) for w in (1, 250, 999, 1000)] + [
+    (10, 4, 500), (4, 3, 1)]
+
+
+def test_sliding_window_matches_the_model_exactly(clean):
+    """Every (prev, cur, weight) of the Rust table tests, limit 10, window 1000: one body,
+    one request per state, each on its own keys."""
+    checks = []
+    for i, (prev, cur, weight) in enumerate(SLIDING_TABLE):
+        c = sw(f"s{i}", 10, weight, window_ms=1000)
+        for k, v in ((c["prev_key"], prev), (c["key"], cur)):
+            if v:
+                redis_cli(clean.redis, "SET", k, v, "PX", 60_000)
+        checks.append([c])
+    results = ok(clean, *checks)
+    for (prev, cur, weight), r in zip(SLIDING_TABLE, results):
+        want, after = model_sliding_window(prev, cur, 1, 10, weight, 1000)
+        got = r["checks"][0]
+        assert fields(got) == want, (prev, cur, weight)
+        assert got["count"] == after and r["allowed"] == want["allowed"]
+
+
+@pytest.mark.parametrize("prev,cur,cost,limit,weight,window", [
+    (10**12 - 1, 0, 1, 10**12, 86_399_999, 86_400_000),          # prev × weight ≈ 8.6e19 > 2^53
+    (999_999_999_989, 7, 3, 10**12, 86_399_999, 86_400_000),
+    (10**12, 10**12 - 5, 10, 10**12, 43_200_001, 86_400_000),     # retry in the next window
+    (123_456_789_012, 1, 1, 123_456_789_012, 86_400_000, 86_400_000),
+    (0, 0, 10**9, 10**9 - 1, 5000, 10_000),                        # cost above the limit: never
+])
+def test_sliding_window_large_numbers_are_exact(clean, prev, cur, cost, limit, weight, window):
+    c = sw("big", limit, weight, window_ms=window, cost=cost)
+    redis_cli(clean.redis, "SET", c["prev_key"], prev, "PX", 60_000)
+    if cur:
+        redis_cli(clean.redis, "SET", c["key"], cur, "PX", 60_000)
+    status, raw, _ = post(clean.shim.port, {"requests": [{"checks": [c]}]})
+    assert status == 200 and b"e+" not in raw, raw
+    got = json.loads(raw)["results"][0]["checks"][0]
+    want, after = model_sliding_window(prev, cur, cost, limit, weight, window)
+    assert fields(got) == want and got["count"] == after
+
+
+def test_sliding_window_with_a_previous_counter(clean):
+    c = sw("a", 10, weight_ms=5000)  # half of the previous window still counts
+    redis_cli(clean.redis, "SET", c["prev_key"], 8, "PX", 60_000)
+    seen = [one(clean, c)["checks"][0] for _ in range(7)]
+    # estimate = ceil(8 × 5000 / 10000) + cur = 4 + cur: six fit.
+    assert [s["allowed"] for s in seen] == [True] * 6 + [False]
+    assert [s["count"] for s in seen] == [1, 2, 3, 4, 5, 6, 6]
+    assert [s["remaining"] for s in seen] == [5, 4, 3, 2, 1, 0, 0]
+    # Denied: ceil(8w/10000) <= 3 needs w <= 3750, so 1250 ms from now; reset: both windows.
+    assert seen[6]["retry_after_ms"] == 1250 and seen[6]["reset_ms"] == 15_000
+    assert int(redis_cli(clean.redis, "GET", c["prev_key"])) == 8, "the previous window is only read"
+    assert 14_000 < redis_cli(clean.redis, "PTTL", c["key"]) <= 15_000, "weight_ms + window_ms"
+
+
+# --- Token bucket ------------------------------------------------------------------------------
+
+def test_token_bucket_burst_then_denied(clean):
+    seen = [timed(clean, tb("a", 5, 1, 10_000)) for _ in range(6)]
+    assert [r["allowed"] for r, _, _ in seen] == [True] * 5 + [False]
+    assert [r["checks"][0]["remaining"] for r, _, _ in seen] == [4, 3, 2, 1, 0, 0]
+    denied = seen[5][0]["checks"][0]
+    # Only ms passed since the first: about a whole period for the next token, five to full.
+    assert 9_000 < denied["retry_after_ms"] <= 10_000
+    assert 49_000 < denied["reset_ms"] <= 50_000
+    pttl = redis_cli(clean.redis, "PTTL", K("a", "tb:5:1:10000"))
+    assert 50_000 < pttl <= 51_000, "time to full + 1000 ms"
+
+
+def test_token_bucket_matches_the_model(clean):
+    """A stored bucket, then a check bracketed by Redis's clock."""
+    c = tb("a", 10, 3, 1000)  # 3 tokens per second: 1/3 token per 111.1 ms
+    for t, cost in [(2_500, 1), (2_500, 3), (0, 1), (9_999, 10), (10_000, 0), (700, 11)]:
+        start_ms = now_us(clean) // 1000
+        redis_cli(clean.redis, "HSET", c["key"], "t", t, "ts", start_ms - 37)
+        redis_cli(clean.redis, "PEXPIRE", c["key"], 60_000)
+        r, before, after = timed(clean, dict(c, cost=cost))
+        lo, _ = model_token_bucket((t, start_ms - 37), before // 1000, cost, 10, 3, 1000)
+        hi, _ = model_token_bucket((t, start_ms - 37), after // 1000, cost, 10, 3, 1000)
+        got = r["checks"][0]
+        between(got, lo, hi, ["remaining", "reset_ms", "retry_after_ms"])
+        assert got["allowed"] in (lo["allowed"], hi["allowed"]), (t, cost, got)
+
+
+def test_token_bucket_exact_when_no_time_passes(clean):
+    """A bucket stamped in the future refills nothing (the elapsed time is never negative)."""
+    c = tb("a", 10, 3, 1000)
+    future = now_us(clean) // 1000 + 10**7
+    for t, cost in [(2_500, 1), (2_500, 3), (0, 1), (9_999, 10), (700, 11)]:
+        redis_cli(clean.redis, "HSET", c["key"], "t", t, "ts", future)
+        redis_cli(clean.redis, "PEXPIRE", c["key"], 60_000)
+        got = one(clean, dict(c, cost=cost))["checks"][0]
+        want, _ = model_token_bucket((t, future), future, cost, 10, 3, 1000)
+        assert fields(got) == want, (t, cost)
+        stored = int(redis_cli(clean.redis, "HGET", c["key"], "t"))
+        assert stored == (t - cost * 1000 if want["allowed"] else t)
+
+
+def test_token_bucket_refills(clean):
+    c = tb("a", 2, 10, 1000)  # a token per 100 ms
+    # Three requests in one body share one instant (one TIME per script run).
+    assert [r["allowed"] for r in ok(clean, [c], [c], [c])] == [True, True, False]
+    time.sleep(0.25)
+    assert [r["allowed"] for r in ok(clean, [c], [c], [c])] == [True, True, False], "two tokens back"
+
+
+def test_token_bucket_cost_above_burst_never_fits(clean):
+    status, raw, _ = post(clean.shim.port, {"requests": [{"checks": [tb("a", 5, 1, 1000, cost=6)]}]})
+    assert status == 200 and b'"retry_after_ms":18446744073709551615' in raw, raw
+    assert redis_cli(clean.redis, "EXISTS", K("a", "tb:5:1:1000")) == 0
+
+
+# --- GCRA --------------------------------------------------------------------------------------
+
+def gcra_step(b, c):
+    """One GCRA check, compared with the model at the instants around it."""
+    tat = redis_cli(b.redis, "GET", c["key"])
+    tat = None if tat is None else int(tat)
+    r, before, after = timed(b, c)
+    lo, _ = model_gcra(tat, before, 1, c["burst"], c["rate"], c["period_ms"])
+    hi, _ = model_gcra(tat, after, 1, c["burst"], c["rate"], c["period_ms"])
+    got = r["checks"][0]
+    between(got, lo, hi, ["remaining", "reset_ms", "retry_after_ms"])
+    assert got["allowed"] in (lo["allowed"], hi["allowed"])
+    return got
+
+
+def test_gcra_burst_then_spacing(clean):
+    c = gc("a", 3, 10, 1000)  # T = 100 ms
+    seen = [gcra_step(clean, c) for _ in range(4)]
+    assert [s["allowed"] for s in seen] == [True, True, True, False]
+    assert [s["remaining"] for s in seen[:3]] == [2, 1, 0]
+    wait = seen[3]["retry_after_ms"]
+    assert 0 < wait <= 100
+    time.sleep(wait / 1000 + 0.005)
+    assert gcra_step(clean, c)["allowed"] is True, "one more after exactly the emission interval"
+    denied = gcra_step(clean, c)
+    assert denied["allowed"] is False and 0 < denied["retry_after_ms"] <= 100
+    pttl = redis_cli(clean.redis, "PTTL", c["key"])
+    assert 900 < pttl <= 1300, "ceil((TAT − now) / 1000) + 1000 ms, TAT ≈ now + 300 ms"
+
+
+def test_gcra_idle_gives_the_full_burst_again(clean):
+    c = gc("a", 2, 20, 1000)  # T = 50 ms
+    # Three requests in one body share one instant (one TIME per script run).
+    assert [r["allowed"] for r in ok(clean, [c], [c], [c])] == [True, True, False]
+    time.sleep(0.15)
+    assert [r["allowed"] for r in ok(clean, [c], [c], [c])] == [True, True, False]
+
+
+def test_gcra_tat_is_in_microseconds(clean):
+    c = gc("a", 1, 3, 1000)  # T = 333333 µs: ms would lose a third of a ms per request
+    before = now_us(clean)
+    assert one(clean, c)["allowed"] is True
+    tat = int(redis_cli(clean.redis, "GET", c["key"]))
+    assert before + 333_333 <= tat <= now_us(clean) + 333_333
+
+
+# --- Sliding log -------------------------------------------------------------------------------
+
+def test_sliding_log_burst_then_denied(clean):
+    seen = [one(clean, sl("a", 3, id=f"r{i}"))["checks"][0] for i in range(4)]
+    assert [s["allowed"] for s in seen] == [True, True, True, False]
+    assert [s["remaining"] for s in seen] == [2, 1, 0, 0]
+    assert 9_000 < seen[3]["retry_after_ms"] <= 10_000 and 9_000 < seen[3]["reset_ms"] <= 10_000
+    members = redis_cli(clean.redis, "ZRANGE", K("a", "log:10000"), 0, -1)
+    assert sorted(members) == [b"r0:1", b"r1:1", b"r2:1"]
+
+
+def test_sliding_log_matches_the_model_and_evicts(clean):
+    c = sl("a", 3, window_ms=1000, id="new")
+    t0 = now_us(clean) // 1000
+    log = [t0 - 700, t0 - 300, t0 - 100]  # the oldest slides out in ~300 ms, the next in ~700
+    for i, t in enumerate(log):
+        redis_cli(clean.redis, "ZADD", c["key"], t, f"old{i}:1")
+    r, before, after = timed(clean, c)
+    lo, _ = model_sliding_log(log, before // 1000, 1, 3, 1000)
+    hi, _ = model_sliding_log(log, after // 1000, 1, 3, 1000)
+    got = r["checks"][0]
+    assert got["allowed"] is False
+    between(got, lo, hi, ["remaining", "reset_ms", "retry_after_ms"])
+    # Two more would need the second oldest (at t0 − 300) to leave too.
+    r2, before, after = timed(clean, dict(c, cost=2))
+    lo, _ = model_sliding_log(log, before // 1000, 2, 3, 1000)
+    hi, _ = model_sliding_log(log, after // 1000, 2, 3, 1000)
+    between(r2["checks"][0], lo, hi, ["retry_after_ms"])
+    time.sleep(got["retry_after_ms"] / 1000 + 0.02)
+    ok_ = one(clean, dict(c, cost=1))["checks"][0]
+    assert ok_["allowed"] is True and ok_["remaining"] == 0 and ok_["reset_ms"] == 1000
+    members = redis_cli(clean.redis, "ZRANGE", c["key"], 0, -1)
+    assert b"old0:1" not in members and b"new:1" in members and len(members) == 3
+    assert 0 < redis_cli(clean.redis, "PTTL", c["key"]) <= 1000
+
+
+def test_sliding_log_cost_adds_distinct_members(clean):
+    r = one(clean, sl("a", 10, id="req-7", cost=4))["checks"][0]
+    assert r["remaining"] == 6
+    members = redis_cli(clean.redis, "ZRANGE", K("a", "log:10000"), 0, -1)
+    assert sorted(members) == [b"req-7:1", b"req-7:2", b"req-7:3", b"req-7:4"]
+    status, raw, _ = post(clean.shim.port, {"requests": [{"checks": [sl("a", 10, id="x", cost=11)]}]})
+    assert b'"retry_after_ms":18446744073709551615' in raw, raw
+
+
+def test_sliding_log_large_cost_is_added_in_batches(clean):
+    r = one(clean, sl("a", 10_000, id="big", cost=10_000))["checks"][0]
+    assert r["allowed"] is True and r["remaining"] == 0
+    assert redis_cli(clean.redis, "ZCARD", K("a", "log:10000")) == 10_000
+
+
+# --- Concurrency and /v1/release ----------------------------------------------------------------
+
+def test_concurrency_limit_release_and_readmission(clean):
+    key = K("a", "conc")
+    assert one(clean, cc("a", 2, "r1"))["allowed"] is True
+    second = one(clean, cc("a", 2, "r2"))["checks"][0]
+    assert second["remaining"] == 0 and 9_000 < second["reset_ms"] <= 10_000
+    third = one(clean, cc("a", 2, "r3"))["checks"][0]
+    assert third["allowed"] is False and third["remaining"] == 0 and third["retry_after_ms"] == 1000
+    assert one(clean, cc("a", 2, "r2"))["allowed"] is True, "a slot already held is refreshed, not added"
+    assert redis_cli(clean.redis, "ZCARD", key) == 2
+    assert release(clean, (key, "r1")) == 1
+    assert release(clean, (key, "r1"), (key, "nope")) == 0, "releasing twice or an unknown id is no error"
+    assert one(clean, cc("a", 2, "r3"))["allowed"] is True
+    assert sorted(redis_cli(clean.redis, "ZRANGE", key, 0, -1)) == [b"r2", b"r3"]
+    assert release(clean, (key, "r2"), (key, "r3")) == 2
+    assert redis_cli(clean.redis, "EXISTS", key) == 0, "an empty set is deleted"
+
+
+def test_concurrency_slots_expire(clean):
+    c = lambda i: cc("a", 2, i, ttl_ms=1000)  # noqa: E731
+    assert [one(clean, c(i))["allowed"] for i in ("r1", "r2", "r3")] == [True, True, False]
+    denied = one(clean, c("r3"))["checks"][0]
+    assert 0 < denied["retry_after_ms"] <= 1000
+    time.sleep(1.05)
+    assert one(clean, c("r3"))["allowed"] is True, "r1 and r2 expired"
+    assert redis_cli(clean.redis, "ZRANGE", K("a", "conc"), 0, -1) == [b"r3"]
+
+
+def test_concurrency_key_ttl_keeps_the_longest_slot(clean):
+    key = K("a", "conc")
+    one(clean, cc("a", 5, "long", ttl_ms=60_000))
+    one(clean, cc("a", 5, "short", ttl_ms=2_000))
+    assert redis_cli(clean.redis, "PTTL", key) > 50_000
+
+
+# --- Shadow checks, mixing, ordering -------------------------------------------------------------
+
+def test_shadow_check_over_its_limit_does_not_deny_and_is_not_charged(clean):
+    one(clean, fw("s", 1))  # the shadow limit's counter is full
+    r = one(clean, fw("s", 1, shadow=True), fw("e", 5))
+    assert r["allowed"] is True
+    assert [c["allowed"] for c in r["checks"]] == [False, True]
+    assert r["checks"][0]["count"] == 1 and r["checks"][0]["retry_after_ms"] > 0
+    assert int(redis_cli(clean.redis, "GET", K("s", "10000:1"))) == 1, "not charged"
+    assert int(redis_cli(clean.redis, "GET", K("e", "10000:1"))) == 1
+
+
+def test_shadow_check_that_fits_is_charged(clean):
+    r = one(clean, tb("s", 3, 1, 10_000, shadow=True), fw("e", 5))
+    assert r["allowed"] is True and r["checks"][0]["remaining"] == 2
+    assert int(redis_cli(clean.redis, "HGET", K("s", "tb:3:1:10000"), "t")) == 2000
+
+
+def test_shadow_checks_alone_never_deny(clean):
+    for alg_check in (fw("a", 1, shadow=True), gc("a", 1, 1, 10_000, shadow=True),
+                      cc("a", 1, "r1", shadow=True)):
+        one(clean, alg_check)
+    r = one(clean, fw("a", 1, shadow=True), gc("a", 1, 1, 10_000, shadow=True), cc("a", 1, "r2", shadow=True))
+    assert r["allowed"] is True and [c["allowed"] for c in r["checks"]] == [False, False, False]
+
+
+def test_shadow_must_not_hide_a_real_denial(clean):
+    one(clean, fw("a", 1))
+    r = one(clean, fw("a", 1), fw("b", 5, shadow=True))
+    assert r["allowed"] is False and [c["allowed"] for c in r["checks"]] == [False, True]
+    assert redis_cli(clean.redis, "EXISTS", K("b", "10000:1")) == 0, "a denied request charges nothing"
+
+
+def test_mixed_algorithms_are_all_or_nothing(clean):
+    empty = tb("x", 1, 1, 10_000)
+    one(clean, empty)  # the bucket is now empty
+    bucket = redis_cli(clean.redis, "HGETALL", empty["key"])
+    mix = [fw("m", 5), sw("m", 5, 5000), sl("m", 5, id="q1"), gc("m", 5, 1, 10_000), cc("m", 5, "q1"), empty]
+    r = one(clean, *mix)
+    assert r["allowed"] is False
+    assert [c["allowed"] for c in r["checks"]] == [True] * 5 + [False]
+    assert redis_cli(clean.redis, "KEYS", "tollgate:{m}*") == [], "nothing charged on any check"
+    assert redis_cli(clean.redis, "HGETALL", empty["key"]) == bucket
+    # Without the empty bucket: admitted, and every algorithm charged.
+    r = one(clean, *mix[:5])
+    assert r["allowed"] is True
+    assert [c["remaining"] for c in r["checks"]] == [4, 4, 4, 4, 4]
+    assert len(redis_cli(clean.redis, "KEYS", "tollgate:{m}*")) == 5
+    assert_all_keys_expire(clean)
+
+
+def test_mixed_denial_leaves_a_fixed_window_and_a_concurrency_set_untouched(clean):
+    one(clean, fw("m", 5), cc("m", 5, "q1"))
+    one(clean, tb("m", 1, 1, 10_000))
+    r = one(clean, fw("m", 5), cc("m", 5, "q2"), tb("m", 1, 1, 10_000))
+    assert r["allowed"] is False
+    assert int(redis_cli(clean.redis, "GET", K("m", "10000:1"))) == 1
+    assert redis_cli(clean.redis, "ZRANGE", K("m", "conc"), 0, -1) == [b"q1"]
+
+
+@pytest.mark.parametrize("make", [
+    lambda i: fw("o", 2), lambda i: sw("o", 2, 5000), lambda i: sl("o", 2, id=f"r{i}"),
+    lambda i: tb("o", 2, 1, 10_000), lambda i: gc("o", 2, 1, 10_000), lambda i: cc("o", 2, f"r{i}"),
+], ids=["fixed_window", "sliding_window", "sliding_log", "token_bucket", "gcra", "concurrency"])
+def test_requests_in_one_body_see_earlier_charges(clean, make):
+    results = ok(clean, *[[make(i)] for i in range(3)])
+    assert [r["allowed"] for r in results] == [True, True, False]
+    assert [r["checks"][0]["remaining"] for r in results] == [1, 0, 0]
+
+
+@pytest.mark.parametrize("make", [
+    lambda: fw("d", 1), lambda: sw("d", 1, 5000), lambda: sl("d", 1),
+    lambda: tb("d", 1, 1, 10_000), lambda: gc("d", 1, 1, 10_000),
+], ids=["fixed_window", "sliding_window", "sliding_log", "token_bucket", "gcra"])
+def test_same_key_twice_in_one_request_cannot_pass_its_limit(clean, make):
+    r = one(clean, make(), make())
+    assert r["allowed"] is False and [c["allowed"] for c in r["checks"]] == [True, False]
+    assert redis_cli(clean.redis, "KEYS", "*") == []
+    assert one(clean, make())["allowed"] is True
+
+
+def test_every_key_written_has_a_ttl(clean):
+    redis_cli(clean.redis, "SET", K("t", "10000:4"), 3)  # a previous window, set by hand
+    for i in range(3):
+        ok(clean, [fw("t", 2), sw("t", 2, 3000), sl("t", 2, id=f"r{i}"), tb("t", 2, 1, 1000),
+                   gc("t", 2, 1, 1000), cc("t", 2, f"r{i}")],
+           [fw("u", 9, cost=0), tb("u", 9, 1, 1000, cost=0), gc("u", 9, 1, 1000, cost=0)])
+    redis_cli(clean.redis, "DEL", K("t", "10000:4"))
+    keys = redis_cli(clean.redis, "KEYS", "*")
+    assert len(keys) == 6, keys  # cost 0 only reads
+    assert_all_keys_expire(clean)
+
+
+def test_cost_zero_only_reads_for_every_algorithm(clean):
+    r = one(clean, fw("z", 1, cost=0), sw("z", 1, 5000, cost=0), sl("z", 1, cost=0),
+            tb("z", 1, 1, 1000, cost=0), gc("z", 1, 1, 1000, cost=0))
+    assert r["allowed"] is True and [c["remaining"] for c in r["checks"]] == [1] * 5
+    assert redis_cli(clean.redis, "KEYS", "*") == []
+
+
+def test_survives_script_flush_with_every_algorithm(clean):
+    mix = lambda i: [fw("f", 9), sw("f", 9, 5000), sl("f", 9, id=f"r{i}"), tb("f", 9, 1, 10_000),  # noqa: E731
+                     gc("f", 9, 1, 10_000), cc("f", 9, f"r{i}")]
+    one(clean, *mix(0))
+    redis_cli(clean.redis, "SCRIPT", "FLUSH")
+    r = one(clean, *mix(1))
+    assert r["allowed"] is True and [c["remaining"] for c in r["checks"]] == [7] * 6
+    redis_cli(clean.redis, "SCRIPT", "FLUSH")
+    assert release(clean, (K("f", "conc"), "r0")) == 1
+
+
+def test_a_key_of_the_wrong_type_is_a_503(clean):
+    one(clean, tb("w", 5, 1, 1000))
+    status, raw, _ = post(clean.shim.port, {"requests": [{"checks": [
+        dict(fw("w", 5), key=K("w", "tb:5:1:1000"))]}]})
+    assert status == 503 and json.loads(raw)["error"] == "backend_unavailable", raw
+    assert b"WRONGTYPE" in raw
+
+
+def test_largest_sliding_window_body(clean):
+    """As many two-key checks as 64 KiB holds (KEYS and ARGV stay far below LuaJIT's 8000
+    arguments to unpack)."""
+    c = lambda i, j: {"alg": "sliding_window", "key": f"tollgate:{{{i}.{j}}}1",  # noqa: E731
+                      "prev_key": f"tollgate:{{{i}.{j}}}0", "limit": 9, "window_ms": 1000, "weight_ms": 9}
+    n = 1
+    while len(compact({"requests": [{"checks": [c(i, j) for j in range(32)]} for i in range(n + 1)]})) <= 64 * 1024:
+        n += 1
+    assert n * 32 > 500
+    results = ok(clean, *[[c(i, j) for j in range(32)] for i in range(n)])
+    assert all(r["allowed"] for r in results) and redis_cli(clean.redis, "DBSIZE") == n * 32
+
+
+def test_the_log_names_where_each_file_starts(backend):
+    log = (backend.shim.dir / "logs" / "error.log").read_text()
+    assert "check script" in log and "sliding_log.lua at line" in log and "release.lua" in log
+
+
+# --- Validation of the v2 fields ------------------------------------------------------------------
+
+def _c(**fields):
+    return {"requests": [{"checks": [{k: v for k, v in fields.items() if v is not None}]}]}
+
+
+P = "requests[0].checks[0]"
+SW = dict(alg="sliding_window", key="tollgate:{a}:10000:5", prev_key="tollgate:{a}:10000:4", limit=5,
+          window_ms=10_000, weight_ms=5000)
+SL = dict(alg="sliding_log", key="tollgate:{a}:log", limit=5, window_ms=10_000, id="r1")
+TB = dict(alg="token_bucket", key="tollgate:{a}:tb", burst=5, rate=1, period_ms=1000)
+CC = dict(alg="concurrency", key="tollgate:{a}:conc", limit=5, ttl_ms=10_000, id="r1")
+ID_MSG = "must be a string of 1..128 printable ASCII characters (0x21..0x7e)"
+
+BAD_CHECKS = [
+    ("alg unknown", _c(**dict(TB, alg="leaky_bucket")), f'{P}.alg: must be "fixed_window", "sliding_window"'),
+    ("alg not a string", _c(**dict(TB, alg=1)), f"{P}.alg: must be"),
+    ("alg null", b'{"requests":[{"checks":[{"alg":null,"key":"tollgate:{a}","limit":1,"ttl_ms":1}]}]}', f"{P}.alg: must be"),
+    ("field of another alg", _c(**dict(TB, limit=5)), f'{P}.limit: unknown field for alg "token_bucket"'),
+    ("ttl_ms on a sliding window", _c(**dict(SW, ttl_ms=5)), f'{P}.ttl_ms: unknown field for alg "sliding_window"'),
+    ("id on a fixed window", _c(key="tollgate:{a}", limit=1, ttl_ms=1, id="x"), f'{P}.id: unknown field for alg "fixed_window"'),
+    ("unknown field", _c(**dict(SL, colour="red")), f"{P}.colour: unknown field"),
+    ("shadow a string", _c(**dict(TB, shadow="true")), f"{P}.shadow: must be a boolean"),
+    ("shadow a number", _c(**dict(TB, shadow=1)), f"{P}.shadow: must be a boolean"),
+    ("shadow null", b'{"requests":[{"checks":[{"key":"tollgate:{a}","limit":1,"ttl_ms":1,"shadow":null}]}]}', f"{P}.shadow: must be a boolean"),
+    ("prev_key missing", _c(**dict(SW, prev_key=None)), f"{P}.prev_key: is required"),
+    ("prev_key other tag", _c(**dict(SW, prev_key="tollgate:{b}:10000:4")), f"{P}.prev_key: must carry the same non-empty {{hash tag}} as key"),
+    ("prev_key no tag", _c(**dict(SW, key="tollgate:{a", prev_key="tollgate:{a")), f"{P}.prev_key: must carry the same"),
+    ("prev_key empty tag", _c(**dict(SW, key="tollgate:{}:1", prev_key="tollgate:{}:0")), f"{P}.prev_key: must carry the same"),
+    ("prev_key bad prefix", _c(**dict(SW, prev_key="other:{a}:4")), f'{P}.prev_key: must start with "tollgate:{{"'),
+    ("prev_key not a string", _c(**dict(SW, prev_key=4)), f"{P}.prev_key: must be a string of 1..512"),
+    ("window_ms below 1000", _c(**dict(SW, window_ms=999, weight_ms=1)), f"{P}.window_ms: must be an integer in 1000..86400000"),
+    ("window_ms above a day", _c(**dict(SL, window_ms=86_400_001)), f"{P}.window_ms: must be an integer in 1000..86400000"),
+    ("weight_ms 0", _c(**dict(SW, weight_ms=0)), f"{P}.weight_ms: must be an integer in 1..10000 (window_ms)"),
+    ("weight_ms above window_ms", _c(**dict(SW, weight_ms=10_001)), f"{P}.weight_ms: must be an integer in 1..10000 (window_ms)"),
+    ("weight_ms missing", _c(**dict(SW, weight_ms=None)), f"{P}.weight_ms: is required"),
+    ("sliding_log limit above 10000", _c(**dict(SL, limit=10_001)), f"{P}.limit: must be an integer in 1..10000"),
+    ("id missing", _c(**dict(SL, id=None)), f"{P}.id: is required"),
+    ("id empty", _c(**dict(SL, id="")), f"{P}.id: {ID_MSG}"),
+    ("id too long", _c(**dict(CC, id="x" * 129)), f"{P}.id: {ID_MSG}"),
+    ("id with a space", _c(**dict(CC, id="a b")), f"{P}.id: {ID_MSG}"),
+    ("id non-ASCII", _c(**dict(CC, id="\u00e9")), f"{P}.id: {ID_MSG}"),
+    ("id a number", _c(**dict(SL, id=7)), f"{P}.id: {ID_MSG}"),
+    ("burst 0", _c(**dict(TB, burst=0)), f"{P}.burst: must be an integer in 1..1000000000000"),
+    ("burst too big", _c(**dict(TB, alg="gcra", burst=10**12 + 1)), f"{P}.burst: must be an integer in 1..1000000000000"),
+    ("rate 0", _c(**dict(TB, rate=0)), f"{P}.rate: must be an integer in 1..1000000000"),
+    ("rate too big", _c(**dict(TB, alg="gcra", rate=10**9 + 1)), f"{P}.rate: must be an integer in 1..1000000000"),
+    ("period_ms 0", _c(**dict(TB, period_ms=0)), f"{P}.period_ms: must be an integer in 1..86400000"),
+    ("period_ms fractional", _c(**dict(TB, alg="gcra", period_ms=1.5)), f"{P}.period_ms: must be an integer in 1..86400000"),
+    ("rate missing", _c(**dict(TB, rate=None)), f"{P}.rate: is required"),
+    ("concurrency ttl_ms below 1000", _c(**dict(CC, ttl_ms=999)), f"{P}.ttl_ms: must be an integer in 1000..86400000"),
+    ("concurrency cost 2", _c(**dict(CC, cost=2)), f'{P}.cost: must be 1 for alg "concurrency"'),
+    ("concurrency cost 0", _c(**dict(CC, cost=0)), f'{P}.cost: must be 1 for alg "concurrency"'),
+    ("concurrency limit 0", _c(**dict(CC, limit=0)), f"{P}.limit: must be an integer in 1..1000000000000"),
+    ("cost of a bucket", _c(**dict(TB, cost=-1)), f"{P}.cost: must be an integer in 0..1000000000"),
+]
+
+
+@pytest.mark.parametrize("payload,message", [(p, m) for _, p, m in BAD_CHECKS], ids=[i for i, _, _ in BAD_CHECKS])
+def test_bad_v2_fields_are_a_400_naming_the_field(clean, payload, message):
+    status, raw, headers = post(clean.shim.port, payload)
+    assert status == 400, raw
+    body = json.loads(raw)
+    assert body["error"] == "bad_request" and message in body["message"], body["message"]
+    assert redis_cli(clean.redis, "DBSIZE") == 0
+
+
+@pytest.mark.parametrize("check", [SW, SL, TB, dict(TB, alg="gcra"), CC, dict(CC, cost=1, shadow=False),
+                                   dict(SW, weight_ms=10_000, shadow=True), dict(SL, id="!" * 128)],
+                         ids=["sw", "sl", "tb", "gcra", "conc", "conc-cost-1", "sw-full-weight", "id-128"])
+def test_valid_v2_checks_are_accepted(clean, check):
+    assert post(clean.shim.port, _c(**check))[0] == 200
+
+
+# --- /v1/release: validation and errors -----------------------------------------------------------
+
+CONC = "tollgate:{a}:conc"
+BAD_RELEASES = [
+    ("not JSON", b"{", "body: not valid JSON"),
+    ("an array", b"[]", "body: must be a JSON object"),
+    ("releases missing", {}, "releases: is required"),
+    ("releases empty", {"releases": []}, "releases: must be an array of 1..256 releases"),
+    ("releases an object", {"releases": {"key": CONC, "id": "r"}}, "releases: must be an array"),
+    ("257 releases", {"releases": [{"key": CONC, "id": "r"}] * 257}, "releases: must be an array of 1..256 releases"),
+    ("unknown top-level field", {"releases": [{"key": CONC, "id": "r"}], "v": 1}, "v: unknown field"),
+    ("release not an object", {"releases": ["x"]}, "releases[0]: must be an object"),
+    ("unknown release field", {"releases": [{"key": CONC, "id": "r", "limit": 1}]}, "releases[0].limit: unknown field"),
+    ("key missing", {"releases": [{"id": "r"}]}, "releases[0].key: is required"),
+    ("key not a conc key", {"releases": [{"key": "tollgate:{a}:60000:1", "id": "r"}]}, 'releases[0].key: must end with "}:conc"'),
+    ("key bare suffix", {"releases": [{"key": "tollgate:{a}:xconc", "id": "r"}]}, 'releases[0].key: must end with "}:conc"'),
+    ("key other prefix", {"releases": [{"key": "other:{a}:conc", "id": "r"}]}, 'releases[0].key: must start with "tollgate:{"'),
+    ("key with a space", {"releases": [{"key": "tollgate:{a b}:conc", "id": "r"}]}, "releases[0].key: must be a string"),
+    ("id missing", {"releases": [{"key": CONC}]}, "releases[0].id: is required"),
+    ("id too long", {"releases": [{"key": CONC, "id": "x" * 129}]}, f"releases[0].id: {ID_MSG}"),
+    ("second one bad", {"releases": [{"key": CONC, "id": "r"}, {"key": CONC, "id": ""}]}, f"releases[1].id: {ID_MSG}"),
+]
+
+
+@pytest.mark.parametrize("payload,message", [(p, m) for _, p, m in BAD_RELEASES], ids=[i for i, _, _ in BAD_RELEASES])
+def test_bad_release_is_a_400_naming_the_field(clean, payload, message):
+    one(clean, cc("a", 5, "r"))
+    status, raw, _ = post(clean.shim.port, payload, path="/v1/release")
+    assert status == 400, raw
+    body = json.loads(raw)
+    assert body["error"] == "bad_request" and message in body["message"], body["message"]
+    assert redis_cli(clean.redis, "ZCARD", CONC) == 1
+
+
+def test_release_http_errors(clean):
+    status, raw, headers = post(clean.shim.port, None, path="/v1/release", method="GET", headers={})
+    assert status == 405 and headers["allow"] == "POST" and json.loads(raw)["error"] == "method_not_allowed"
+    status, raw, _ = post(clean.shim.port, {"releases": [{"key": CONC, "id": "r"}]}, path="/v1/release",
+                          headers={"Content-Type": "text/plain"})
+    assert status == 415 and json.loads(raw)["error"] == "unsupported_media_type"
+    big = json.dumps({"releases": [{"key": CONC, "id": "r"}]})[:-1] + " " * (64 * 1024) + "}"
+    status, raw, _ = post(clean.shim.port, big.encode(), path="/v1/release")
+    assert status == 413 and json.loads(raw)["error"] == "payload_too_large"
+    status, raw, _ = post(clean.shim.port, None, path="/v1/release/x", method="POST")
+    assert status == 404
+
+
+def test_release_of_256_slots(clean):
+    key = K("many", "conc")
+    ok(clean, *[[cc("many", 300, f"r{i}")] for i in range(256)])
+    assert release(clean, *[(key, f"r{i}") for i in range(256)]) == 256
+    assert redis_cli(clean.redis, "EXISTS", key) == 0
+
+
+def test_release_with_redis_down_is_a_503(tmp_path):
+    with shim_process(tmp_path / "shim", free_port()) as shim:
+        status, raw, _ = post(shim.port, {"releases": [{"key": CONC, "id": "r"}]}, path="/v1/release")
+        assert status == 503 and json.loads(raw)["error"] == "backend_unavailable", raw
+
+
+def test_acl_user_with_the_documented_commands_runs_every_algorithm(tmp_path):
+    """lua-redis-shim/README.md lists the commands an ACL user needs; exactly those suffice."""
+    commands = ("evalsha script|load ping get incrby pexpire pttl time hmget hset set zadd zcard zscore "
+                "zrange zrem zremrangebyscore").split()
+    acl = ["tollgate", "on", ">pw", "~tollgate:*"] + [f"+{c}" for c in commands]
+    with run_redis(tmp_path / "redis", extra_args=("--user", *acl)) as port, \
+            shim_process(tmp_path / "shim", port, REDIS_USER="tollgate", REDIS_PASSWORD="pw") as shim:
+        b = Backend(port, shim)
+        mix = [fw("acl", 5), sw("acl", 5, 5000), sl("acl", 5), tb("acl", 5, 1, 1000), gc("acl", 5, 1, 1000),
+               cc("acl", 5, "r1")]
+        assert one(b, *mix)["allowed"] is True
+        assert one(b, *mix[:5], cc("acl", 1, "r2"))["allowed"] is False
+        assert release(b, (K("acl", "conc"), "r1")) == 1
