@@ -188,20 +188,15 @@ impl Plugin {
     }
 
     /// The reply to a root batch: each request gets its own verdict.
-    fn on_batch_reply(&self, token: u32, body_size: usize) {
+    fn on_batch_reply(&self, token: u32, num_headers: usize, body_size: usize) {
         let Some((sent_ms, batch)) = self.batcher.borrow_mut().complete(token) else {
             debug!("ignoring reply to callout {token}: not a pending batch");
             return;
         };
         let now_ms = WasmHost.now_ms();
         WasmHost.record_metric(self.metrics.callout_ms, now_ms.saturating_sub(sent_ms));
-        let body = WasmHost.callout_body(body_size);
-        let dispatch_status = WasmHost.callout_dispatch_status();
-        let reply = CalloutReply {
-            status: WasmHost.callout_status(),
-            dispatch_status: dispatch_status.as_deref(),
-            body: &body,
-        };
+        let data = CalloutData::read(num_headers, body_size);
+        let reply = data.reply();
         let requests: Vec<&[Check]> = batch.iter().map(|p| p.checks.as_slice()).collect();
         match decision::from_batch_callout(&self.config, &requests, reply, now_ms) {
             Ok(decided) => {
@@ -344,12 +339,12 @@ impl Context for TollgateRoot {
     fn on_http_call_response(
         &mut self,
         token_id: u32,
-        _headers: usize,
+        num_headers: usize,
         body_size: usize,
         _trailers: usize,
     ) {
         if let Some(plugin) = &self.plugin {
-            plugin.on_batch_reply(token_id, body_size);
+            plugin.on_batch_reply(token_id, num_headers, body_size);
         }
     }
 }
@@ -520,7 +515,7 @@ impl Context for TollgateHttp {
     fn on_http_call_response(
         &mut self,
         token_id: u32,
-        _headers: usize,
+        num_headers: usize,
         body_size: usize,
         _trailers: usize,
     ) {
@@ -542,14 +537,8 @@ impl Context for TollgateHttp {
         }
         let now_ms = WasmHost.now_ms();
         WasmHost.record_metric(plugin.metrics.callout_ms, now_ms.saturating_sub(sent_ms));
-        let body = WasmHost.callout_body(body_size);
-        let dispatch_status = WasmHost.callout_dispatch_status();
-        let reply = CalloutReply {
-            status: WasmHost.callout_status(),
-            dispatch_status: dispatch_status.as_deref(),
-            body: &body,
-        };
-        match decision::from_callout(&plugin.config, &checks, reply, now_ms) {
+        let data = CalloutData::read(num_headers, body_size);
+        match decision::from_callout(&plugin.config, &checks, data.reply(), now_ms) {
             Ok((verdict, exhausted)) => {
                 debug!("{} checks, verdict {verdict:?}", checks.len());
                 plugin.breaker.borrow_mut().succeeded();
@@ -639,6 +628,40 @@ impl HttpContext for TollgateHttp {
                 plugin.batcher.borrow_mut().alone_done()
             }
             _ => {}
+        }
+    }
+}
+
+/// What a completed callout brought back, read once.
+struct CalloutData {
+    status: Option<u32>,
+    dispatch_status: Option<String>,
+    body: Vec<u8>,
+}
+
+impl CalloutData {
+    /// A failed call has no response headers, and reading them then is an error the SDK turns
+    /// into a panic: only read what the host says is there.
+    fn read(num_headers: usize, body_size: usize) -> CalloutData {
+        let has_headers = num_headers > 0;
+        CalloutData {
+            status: has_headers.then(|| WasmHost.callout_status()).flatten(),
+            dispatch_status: has_headers
+                .then(|| WasmHost.callout_dispatch_status())
+                .flatten(),
+            body: if body_size > 0 {
+                WasmHost.callout_body(body_size)
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    fn reply(&self) -> CalloutReply<'_> {
+        CalloutReply {
+            status: self.status,
+            dispatch_status: self.dispatch_status.as_deref(),
+            body: &self.body,
         }
     }
 }

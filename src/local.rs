@@ -96,7 +96,7 @@ pub struct Breaker {
 
 /// Failures in a row that open the breaker, and how long it stays open.
 pub const BREAKER_THRESHOLD: u32 = 5;
-pub const BREAKER_OPEN_MS: u64 = 1_000;
+pub const BREAKER_OPEN_MS: u64 = 500;
 
 impl Breaker {
     /// Whether to call the shim now. While open, no; once the pause is over, one probe is let
@@ -206,11 +206,11 @@ mod tests {
         }
         b.failed(10);
         assert!(!b.allows_call(10));
-        assert!(!b.allows_call(1009));
-        assert!(b.allows_call(1010), "probe");
-        b.failed(1010);
-        assert!(!b.allows_call(1011), "a failed probe re-opens it");
+        assert!(!b.allows_call(509));
+        assert!(b.allows_call(510), "probe");
+        b.failed(510);
+        assert!(!b.allows_call(511), "a failed probe re-opens it");
         b.succeeded();
-        assert!(b.allows_call(1011));
+        assert!(b.allows_call(511));
     }
 }

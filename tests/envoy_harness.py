@@ -230,6 +230,12 @@ def run_envoy(workdir: Path, plugin_config: dict, shim_port: int, routes=None, c
         wait_ready(envoy)
         yield envoy
     finally:
+        # What tests check after the fact: was it still up, had it reloaded its Wasm VM?
+        envoy.alive_at_end = proc.poll() is None
+        try:
+            envoy.vm_reloads_at_end = envoy.stat("wasm.tollgate.vm_reload") if envoy.alive_at_end else None
+        except OSError:
+            envoy.vm_reloads_at_end = None
         stop(proc)
 
 

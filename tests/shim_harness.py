@@ -174,13 +174,13 @@ def run_redis(dir, port: int = None, extra_args=()):
 
 # --- The shim -------------------------------------------------------------------------------
 
-def start_shim(dir, redis_port: int, shim_dir: Path = SHIM_DIR, **env) -> Proc:
+def start_shim(dir, redis_port: int, shim_dir: Path = SHIM_DIR, port: int = None, **env) -> Proc:
     """`lua-redis-shim/shim --prefix dir` on a free port, with REDIS_PORT=redis_port and `env`
     (e.g. REDIS_POOL_SIZE=4). Ready when GET /healthz answers at all: a shim whose Redis is
     down answers 503, which some tests want. Logs: dir/logs/error.log and dir/stderr.log."""
     dir = Path(dir)
     dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(_HERMETIC_PREFIXES)}
     full_env.update(SHIM_LISTEN=f"127.0.0.1:{port}", REDIS_HOST="127.0.0.1", REDIS_PORT=str(redis_port))
     full_env.update({k: str(v) for k, v in env.items()})
@@ -206,9 +206,9 @@ def start_shim(dir, redis_port: int, shim_dir: Path = SHIM_DIR, **env) -> Proc:
 
 
 @contextlib.contextmanager
-def shim_process(dir, redis_port: int, **env):
+def shim_process(dir, redis_port: int, port: int = None, **env):
     """Yields the shim's Proc (port, dir, log_tails()); stops it on exit."""
-    proc = start_shim(dir, redis_port, **env)
+    proc = start_shim(dir, redis_port, port=port, **env)
     try:
         yield proc
     finally:
@@ -216,7 +216,8 @@ def shim_process(dir, redis_port: int, **env):
 
 
 @contextlib.contextmanager
-def run_shim(dir, redis_port: int, **env):
-    """Yields the port of a shim in front of Redis on redis_port; stops it on exit."""
-    with shim_process(dir, redis_port, **env) as proc:
+def run_shim(dir, redis_port: int, port: int = None, **env):
+    """Yields the port of a shim in front of Redis on redis_port (on `port`, else a free one);
+    stops it on exit."""
+    with shim_process(dir, redis_port, port=port, **env) as proc:
         yield proc.port
