@@ -141,6 +141,8 @@ def envoy_config(plugin_config: dict, shim_port: int, listen_port: int, admin_po
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "test",
+        # Room for the 64 KiB header values of the hostile-input tests (default: 60 KiB).
+        "max_request_headers_kb": 96,
         "route_config": {
             "name": "test",
             "virtual_hosts": [{"name": "test", "domains": ["*"], "routes": routes or DEFAULT_ROUTES}],
