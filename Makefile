@@ -7,10 +7,10 @@ APT_PACKAGES := nginx-light libnginx-mod-http-lua lua-resty-core lua-resty-lruca
 	lua-cjson redis-server redis-tools lua-check wrk
 PYTEST ?= python3 -m pytest
 
-.PHONY: help setup build run test unit-test lint validate fmt clean
+.PHONY: help setup setup-fuzz build run test unit-test fuzz fuzz-smoke lint validate fmt clean bench bench-setup
 
 help: ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 setup: ## Install what is missing (Debian packages, Envoy, pytest, the wasm32-wasip1 target); idempotent
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -35,8 +35,27 @@ unit-test: ## Host unit tests of the pure logic
 validate: build ## Check every shipped Envoy config with `envoy --mode validate` (runs the filter's on_configure)
 	envoy --mode validate -c envoy.yaml --disable-hot-restart -l warn
 
-test: setup build unit-test validate ## Everything: unit tests, shim tests and end-to-end tests through real Envoy
+test: setup build unit-test validate fuzz-smoke ## Everything: unit, fuzz smoke, shim and end-to-end tests through real Envoy
 	$(PYTEST) -q tests/
+
+FUZZ_TARGETS := config keys shim_reply
+FUZZ_SECONDS ?= 60
+
+setup-fuzz: ## Install cargo-fuzz (crates.io) if missing; needs the nightly toolchain
+	@cargo fuzz --version >/dev/null 2>&1 || cargo install cargo-fuzz --locked
+
+fuzz: setup-fuzz ## Fuzz the config parser, key building and the shim-reply decoder, FUZZ_SECONDS each
+	cd fuzz && for t in $(FUZZ_TARGETS); do cargo +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; done
+
+fuzz-smoke: ## A 10-second fuzz run of each target (part of `make test`; skipped without nightly)
+	@if rustup toolchain list | grep -q '^nightly'; then $(MAKE) --no-print-directory fuzz FUZZ_SECONDS=10; \
+	else echo "fuzz smoke skipped: no nightly toolchain (rustup toolchain install nightly)"; fi
+
+bench-setup: ## Install oha (open-loop load generator) with cargo if missing; takes a few minutes, once
+	@command -v oha >/dev/null || [ -x "$$HOME/.cargo/bin/oha" ] || cargo install oha --locked
+
+bench: setup build bench-setup ## Benchmark Tollgate against Envoy/nginx baselines (< 10 min): bench/results/latest.md, .svg
+	python3 bench/run.py
 
 lint: ## rustfmt check, clippy on host and wasm targets, luacheck
 	cargo fmt --all -- --check
