@@ -94,16 +94,9 @@ impl Plugin {
     fn log_shadow_denials(&self, rules: &[usize]) {
         for &i in rules {
             let name = self.config.rules.get(i).map_or("?", |r| r.name.as_str());
-            let admitted = self
-                .shadow_denials
-                .borrow_mut()
-                .admit(WasmHost.now_ms(), LOG_INTERVAL_MS);
-            match admitted {
-                Some(suppressed) => info!(
-                    "rule {name} (shadow mode) would have denied a request ({suppressed} more shadow denials not logged)"
-                ),
-                None => debug!("rule {name} (shadow mode) would have denied this request"),
-            }
+            log_throttled(&self.shadow_denials, log::Level::Info, |held_back| {
+                format!("rule {name} (shadow mode) would have denied a request ({held_back} more shadow denials not logged)")
+            });
         }
     }
 
@@ -114,17 +107,10 @@ impl Plugin {
         if *failure != Failure::CircuitOpen {
             self.breaker.borrow_mut().failed(now_ms);
         }
-        let admitted = self
-            .failures
-            .borrow_mut()
-            .admit(WasmHost.now_ms(), LOG_INTERVAL_MS);
-        match admitted {
-            Some(suppressed) => warn!(
-                "{failure}; applying failure mode {:?} ({suppressed} similar failures not logged)",
-                self.config.failure_mode
-            ),
-            None => debug!("{failure}"),
-        }
+        let mode = self.config.failure_mode;
+        log_throttled(&self.failures, log::Level::Warn, |held_back| {
+            format!("{failure}; applying failure mode {mode:?} ({held_back} similar failures not logged)")
+        });
         let outcome = match self.config.failure_mode {
             FailureMode::Allow => Outcome::FailedOpen,
             FailureMode::Deny => Outcome::FailedClosed,
@@ -263,6 +249,23 @@ impl Plugin {
             self.fail_all(expired, &Failure::Status(504));
         }
         self.flush();
+    }
+}
+
+/// Logs at `level` at most once per [`LOG_INTERVAL_MS`] per worker, saying how many lines it
+/// held back since; the held-back ones go to debug.
+fn log_throttled(
+    throttle: &RefCell<LogThrottle>,
+    level: log::Level,
+    message: impl FnOnce(u64) -> String,
+) {
+    match throttle
+        .borrow_mut()
+        .admit(WasmHost.now_ms(), LOG_INTERVAL_MS)
+    {
+        Some(held_back) => log::log!(level, "{}", message(held_back)),
+        None if log::log_enabled!(log::Level::Debug) => debug!("{}", message(0)),
+        None => {}
     }
 }
 
