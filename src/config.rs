@@ -129,6 +129,8 @@ struct RawShim {
     authority: String,
     #[serde(default = "default_timeout")]
     timeout: String,
+    #[serde(default)]
+    secret: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -330,6 +332,18 @@ pub struct ShimTarget {
     pub release_path: String,
     pub authority: String,
     pub timeout: Duration,
+    /// Sent as `x-tollgate-secret` on every callout when the shim requires it. Never logged.
+    pub secret: Option<Secret>,
+}
+
+/// A shared secret: usable, but never shown by `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(hidden)")
+    }
 }
 
 /// A local reply the filter sends (deny or fail-closed).
@@ -614,6 +628,17 @@ fn compile_shim(raw: RawShim) -> Result<ShimTarget, ConfigError> {
             "must be between 1ms and 60s",
         ));
     }
+    if let Some(secret) = &raw.secret {
+        // The value itself is never echoed: config errors end up in logs.
+        let printable = secret.bytes().all(|b| (0x21..=0x7e).contains(&b));
+        if secret.is_empty() || secret.len() > 256 || !printable {
+            return Err(invalid(
+                "shim.secret",
+                "(hidden)",
+                "must be 1 to 256 printable ASCII characters without spaces",
+            ));
+        }
+    }
     let release_path = format!(
         "{}/release",
         raw.path.rsplit_once('/').map_or("", |(dir, _)| dir)
@@ -622,6 +647,7 @@ fn compile_shim(raw: RawShim) -> Result<ShimTarget, ConfigError> {
         upstream: raw.upstream,
         release_path,
         path: raw.path,
+        secret: raw.secret.map(Secret),
         authority: raw.authority,
         timeout,
     })
@@ -1248,6 +1274,10 @@ mod tests {
                 "shim.path: must be an absolute path without spaces (got \"v1\")",
             ),
             (
+                Box::new(|v| v["shim"]["secret"] = json!("has space")),
+                "shim.secret: must be 1 to 256 printable ASCII characters without spaces (got (hidden))",
+            ),
+            (
                 Box::new(|v| v["shim"]["authority"] = json!("")),
                 "shim.authority: must be a non-empty host name",
             ),
@@ -1618,6 +1648,21 @@ mod tests {
             found += 1;
         }
         assert_eq!(found, 2);
+    }
+
+    #[test]
+    fn the_shim_secret_never_shows() {
+        let json = r#"{"shim": {"upstream": "s", "secret": "s3cr3t-value"},
+                       "rules": [{"name": "r", "limit": 1, "window": "1s"}]}"#;
+        let c = Config::from_json(json.as_bytes()).unwrap();
+        assert_eq!(
+            c.shim.secret.as_ref().map(|s| s.0.as_str()),
+            Some("s3cr3t-value")
+        );
+        assert!(!format!("{c:?}").contains("s3cr3t"));
+        let bad = json.replace("s3cr3t-value", "s3cr3t value");
+        let err = Config::from_json(bad.as_bytes()).unwrap_err().to_string();
+        assert!(!err.contains("s3cr3t"), "{err}");
     }
 
     #[test]

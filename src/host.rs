@@ -106,12 +106,15 @@ impl Host for WasmHost {
     }
 
     fn dispatch(&self, shim: &ShimTarget, body: &[u8]) -> Result<u32, HostError> {
-        let headers = vec![
+        let mut headers = vec![
             (":method", "POST"),
             (":path", shim.path.as_str()),
             (":authority", shim.authority.as_str()),
             ("content-type", "application/json"),
         ];
+        if let Some(secret) = &shim.secret {
+            headers.push(("x-tollgate-secret", secret.0.as_str()));
+        }
         hostcalls::dispatch_http_call(&shim.upstream, headers, Some(body), vec![], shim.timeout)
             .map_err(HostError)
     }
@@ -144,12 +147,15 @@ impl Host for WasmHost {
         body: &[u8],
     ) -> Result<u32, HostError> {
         hostcalls::set_effective_context(root_context_id).map_err(HostError)?;
-        let headers = vec![
+        let mut headers = vec![
             (":method", "POST"),
             (":path", shim.release_path.as_str()),
             (":authority", shim.authority.as_str()),
             ("content-type", "application/json"),
         ];
+        if let Some(secret) = &shim.secret {
+            headers.push(("x-tollgate-secret", secret.0.as_str()));
+        }
         hostcalls::dispatch_http_call(&shim.upstream, headers, Some(body), vec![], shim.timeout)
             .map_err(HostError)
     }
