@@ -10,7 +10,7 @@
 --     ALG.fixed_window = (function(...) <fixed_window.lua> end)(H)
 --     ...                                 (sliding_window, sliding_log, token_bucket, gcra,
 --                                          concurrency)
---     return (function(...) <main.lua> end)(ALG)
+--     return (function(...) <main.lua> end)(ALG, H)
 --
 -- Each file is a plain Lua chunk (`...` are its arguments), so each lints on its own and its
 -- locals stay its own: the composed script creates no globals (Redis 7 forbids it). Line
@@ -32,7 +32,10 @@
 --        one ARGV per check, space-separated: "<alg> <cost> <shadow 0|1> <args...>"
 --        (the algorithm's ARGV, as its file says; keys and ids have no spaces)
 -- Reply: flat array; for each request: admitted (1|0), then for each of its checks: fits (1|0),
---        count, remaining, reset_ms, retry_after_ms
+--        count, remaining, reset_ms, retry_after_ms; last, Redis's TIME in ms (-1 when this ACL
+--        user may not run TIME): the instant every check of the call used, which the gateway
+--        compares with its own clock to measure its skew. Last, so that a reader walking the
+--        requests needs not know about it.
 --
 -- A request is admitted iff every check that is not shadow fits; then every check that fits
 -- (shadow ones included) is charged, and a denied request charges nothing. Requests are
@@ -45,7 +48,7 @@
 -- requests of the call already made; the shim answers 503.
 
 -- luacheck: read globals redis KEYS ARGV
-local ALG = ...
+local ALG, H = ...
 local tonumber = tonumber
 local tostring = tostring
 local error = error
@@ -110,4 +113,5 @@ for _ = 1, tonumber(ARGV[1]) do
     end
 end
 
+reply[out + 1] = H.try_now_ms() or -1
 return reply

@@ -1,11 +1,12 @@
 -- prelude.lua: helpers shared by the algorithm scripts (see main.lua for how the shim composes
 -- prelude, algorithms and main into the one script it loads).
 --
--- Returns a table H: now_ms(), now_us(), muldiv(), int(), clamp_ms(), NEVER.
+-- Returns a table H: now_ms(), now_us(), try_now_ms(), muldiv(), int(), clamp_ms(), NEVER.
 --
 -- Time: one Redis `TIME` per script run, read on first use and then shared by every check of
--- every request of the call, so all of them see the same instant. A call made only of fixed and
--- sliding windows never reads it.
+-- every request of the call, so all of them see the same instant. main.lua reports it to the
+-- gateway (try_now_ms), reading it last when no check did (fixed and sliding windows never
+-- use it).
 --
 -- Precision: Lua numbers are doubles, exact for integers below 2^53 (9.007e15). Products that
 -- can pass that (a counter times a window in ms, elapsed ms times a rate times 1000) go through
@@ -16,6 +17,7 @@
 
 -- luacheck: read globals redis
 local call = redis.call
+local pcall_ = redis.pcall
 local tonumber = tonumber
 local floor = math.floor
 local format = string.format
@@ -32,8 +34,8 @@ local MAX_MS = 4503599627370496
 
 local clock_ms, clock_us
 
-local function read_clock()
-    local t = call("TIME")
+local function read_clock(t)
+    t = t or call("TIME")
     local sec, usec = tonumber(t[1]), tonumber(t[2])
     clock_us = sec * 1000000 + usec
     clock_ms = sec * 1000 + floor(usec / 1000)
@@ -43,6 +45,19 @@ end
 function H.now_ms()
     if not clock_ms then
         read_clock()
+    end
+    return clock_ms
+end
+
+--- H.now_ms(), or nil when Redis refuses TIME to this ACL user. Such a user can still run
+-- fixed and sliding windows (they never read the clock); the others fail on H.now_ms().
+function H.try_now_ms()
+    if not clock_ms then
+        local t = pcall_("TIME")
+        if t.err then
+            return nil
+        end
+        read_clock(t)
     end
     return clock_ms
 end

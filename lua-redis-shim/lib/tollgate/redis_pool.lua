@@ -1,24 +1,49 @@
--- tollgate.redis_pool: Redis connections from the per-worker cosocket keepalive pool.
+-- tollgate.redis_pool: Redis connections from the per-worker cosocket keepalive pool, and the
+-- one place that runs a script against Redis: a single server, a master found through Redis
+-- Sentinel, or Redis Cluster (tollgate.cluster), each optionally over TLS.
 --
--- The pool: each nginx worker keeps up to `pool_size` idle connections to Redis (one pool, named
--- after host, port, user and db). `connect()` takes an idle one when there is one, else opens a
--- new one; `keepalive()` gives it back after a request that fully succeeded, and closes it when
--- the pool is already full. Any error closes the connection instead: after a timeout a late
--- reply may still be on its way and would be read by the next borrower as its own. So Redis sees
--- at most SHIM_WORKERS x pool_size idle connections, plus short-lived ones during bursts of more
--- than pool_size concurrent requests per worker. AUTH and SELECT stick to a connection, so they
--- are sent only on a fresh one (get_reused_times() == 0).
+-- The pool: each nginx worker keeps up to `pool_size` idle connections per Redis server (one
+-- pool per server, named after the address, user, db and TLS). `connect()` takes an idle one
+-- when there is one, else opens a new one; `keepalive()` gives it back after a request that
+-- fully succeeded, and closes it when the pool is already full. Any error closes the
+-- connection instead: after a timeout a late reply may still be on its way and would be read by
+-- the next borrower as its own. So each Redis sees at most SHIM_WORKERS x pool_size idle
+-- connections, plus short-lived ones during bursts of more than pool_size concurrent requests
+-- per worker. The TLS handshake, AUTH and SELECT stick to a connection, so they run only on a
+-- fresh one (get_reused_times() == 0).
+--
+-- Sentinel (REDIS_SENTINELS, REDIS_SENTINEL_MASTER): the master's address is asked from the
+-- sentinels (SENTINEL get-master-addr-by-name, each sentinel in turn until one answers) and
+-- cached per worker for REDIS_SENTINEL_REFRESH_MS; a fresh connection checks with ROLE that it
+-- reached a master. A connection error, a READONLY reply or a ROLE other than master drops the
+-- cached address, and the call is retried once when the sentinels then name another address.
+-- (Debian's lua-resty-redis-connector 0.06 resolves through Sentinel too, but sends AUTH
+-- without a user, on every connection, without TLS, and asks the sentinels on every connect.)
 
 -- luacheck: read globals ngx
 local ngx = ngx
+local ngx_log = ngx.log
+local ngx_now = ngx.now
+local ngx_WARN = ngx.WARN
+local ngx_null = ngx.null
 local type = type
+local pairs = pairs
+local error = error
 local pcall = pcall
 local rawget = rawget
 local tostring = tostring
+local tonumber = tonumber
 local require = require
+local unpack = unpack
 local setmetatable = setmetatable
+local os_getenv = os.getenv
+local io_open = io.open
+local find = string.find
+local gmatch = string.gmatch
+local match = string.match
+local concat = table.concat
 
-local _M = { _VERSION = "0.1.0" }
+local _M = { _VERSION = "0.2.0" }
 local mt = { __index = _M }
 
 -- OpenResty and Kong ship `resty.redis`; Debian packages the same library as `nginx.redis`.
@@ -40,8 +65,9 @@ end
 _M.client = module_name .. " " .. tostring(rawget(redis, "_VERSION"))
 
 -- Both libraries generate a Redis command for any unknown method name (red:foo() sends FOO),
--- so probe the module table itself. nginx.redis 0.27 (Debian 12) predates set_timeouts; the
--- cosocket underneath has had settimeouts since lua-nginx-module 0.10.7.
+-- so probe the module table itself. nginx.redis 0.27 (Debian 12) predates set_timeouts and the
+-- `ssl` connect option; the cosocket underneath has had settimeouts since lua-nginx-module
+-- 0.10.7 and sslhandshake since 0.9.11, so both are called on it directly.
 local has_set_timeouts = rawget(redis, "set_timeouts") ~= nil
 
 local function set_timeouts(red, connect_ms, send_ms, read_ms)
@@ -51,69 +77,373 @@ local function set_timeouts(red, connect_ms, send_ms, read_ms)
     return rawget(red, "_sock"):settimeouts(connect_ms, send_ms, read_ms)
 end
 
---- A pool for one Redis server.
+--------------------------------------------------------------------------------------------
+-- Settings read from the environment (init phase: a bad value raises, nginx does not start)
+
+local function env(name)
+    local v = os_getenv(name)
+    if v == "" then
+        return nil
+    end
+    return v
+end
+
+local function env_bool(name, default)
+    local v = env(name)
+    if v == nil then
+        return default
+    end
+    if v == "1" or v == "true" or v == "yes" or v == "on" then
+        return true
+    elseif v == "0" or v == "false" or v == "no" or v == "off" then
+        return false
+    end
+    error(name .. "=" .. v .. ": must be 1 or 0", 0)
+end
+
+-- "host:port,host:port" (IPv6 as [addr]:port) to { { host =, port = }, ... }.
+local function env_addresses(name)
+    local v = env(name)
+    if v == nil then
+        return nil
+    end
+    local list = {}
+    for item in gmatch(v, "[^,%s]+") do
+        local host, port = match(item, "^%[([^%]]+)%]:(%d+)$")
+        if not host then
+            host, port = match(item, "^([^:]+):(%d+)$")
+        end
+        port = tonumber(port)
+        if not host or port < 1 or port > 65535 then
+            error(name .. "=" .. v .. ": " .. item .. " is not host:port", 0)
+        end
+        list[#list + 1] = { host = host, port = port }
+    end
+    if #list == 0 then
+        error(name .. "=" .. v .. ": no host:port in it", 0)
+    end
+    return list
+end
+
+local function read_pem(path, name)
+    local f, err = io_open(path, "rb")
+    if not f then
+        error(name .. "=" .. path .. ": " .. tostring(err), 0)
+    end
+    local pem = f:read("*a")
+    f:close()
+    if not pem or not find(pem, "-----BEGIN", 1, true) then
+        error(name .. "=" .. path .. ": not a PEM file", 0)
+    end
+    return pem
+end
+
+-- Fills in the high-availability and TLS settings the caller did not give, from the
+-- environment; see README.md, "High availability, clustering and security".
+local function ha_options(opts)
+    local o = {}
+    for k, v in pairs(opts) do
+        o[k] = v
+    end
+    if o.tls == nil then
+        o.tls = env_bool("REDIS_TLS", false)
+    end
+    o.tls_ca_file = o.tls_ca_file or env("REDIS_TLS_CA_FILE")
+    if o.tls_verify == nil then
+        -- lua_ssl_trusted_certificate (rendered by the launcher) is the only CA store.
+        o.tls_verify = env_bool("REDIS_TLS_VERIFY", o.tls_ca_file ~= nil)
+    end
+    if o.tls and o.tls_verify and not o.tls_ca_file then
+        error("REDIS_TLS_VERIFY=1 needs REDIS_TLS_CA_FILE (the CA bundle nginx verifies with)", 0)
+    end
+    o.tls_server_name = o.tls_server_name or env("REDIS_TLS_SERVER_NAME")
+    -- A client certificate (Redis tls-auth-clients yes): the PEM files are read here, by the
+    -- master process, so the key file may stay readable by root only.
+    local cert_file = o.tls_client_cert_file or env("REDIS_TLS_CLIENT_CERT")
+    local key_file = o.tls_client_key_file or env("REDIS_TLS_CLIENT_KEY")
+    if (cert_file == nil) ~= (key_file == nil) then
+        error("REDIS_TLS_CLIENT_CERT and REDIS_TLS_CLIENT_KEY go together", 0)
+    end
+    if cert_file then
+        o.tls_client_cert_pem = read_pem(cert_file, "REDIS_TLS_CLIENT_CERT")
+        o.tls_client_key_pem = read_pem(key_file, "REDIS_TLS_CLIENT_KEY")
+    end
+    o.sentinels = o.sentinels or env_addresses("REDIS_SENTINELS")
+    o.sentinel_master = o.sentinel_master or env("REDIS_SENTINEL_MASTER")
+    o.sentinel_user = o.sentinel_user or env("REDIS_SENTINEL_USER")
+    o.sentinel_password = o.sentinel_password or env("REDIS_SENTINEL_PASSWORD")
+    if o.sentinel_refresh_ms == nil then
+        local v = env("REDIS_SENTINEL_REFRESH_MS") or "5000"
+        o.sentinel_refresh_ms = match(v, "^%d+$") and tonumber(v)
+        if not o.sentinel_refresh_ms or o.sentinel_refresh_ms > 86400000 then
+            error("REDIS_SENTINEL_REFRESH_MS=" .. v .. ": must be an integer in 0..86400000", 0)
+        end
+    end
+    o.cluster_nodes = o.cluster_nodes or env_addresses("REDIS_CLUSTER_NODES")
+    if o.sentinels and not o.sentinel_master then
+        error("REDIS_SENTINELS needs REDIS_SENTINEL_MASTER (the monitored master's name)", 0)
+    end
+    if o.sentinels and o.cluster_nodes then
+        error("REDIS_SENTINELS and REDIS_CLUSTER_NODES exclude each other", 0)
+    end
+    if o.cluster_nodes and o.db ~= 0 then
+        error("REDIS_DB must be 0 with REDIS_CLUSTER_NODES (Redis Cluster has one database)", 0)
+    end
+    return o
+end
+
+--------------------------------------------------------------------------------------------
+-- Connections to one server
+
+-- The cosocket connect options (pool name and size) of a server, made once per address.
+local function pool_opts(self, host, port, kind)
+    local name = kind .. host .. ":" .. port
+    local o = self.pools[name]
+    if not o then
+        local opts = self.opts
+        o = {
+            pool = "tollgate:" .. name .. ":" .. (opts.user or "") .. ":" .. opts.db
+                   .. (opts.tls and ":tls" or ""),
+            pool_size = opts.pool_size,
+        }
+        self.pools[name] = o
+    end
+    return o
+end
+
+-- Sets the client certificate on a new connection; parsed once per worker (cdata made in the
+-- master would not survive the fork reliably).
+local function set_client_cert(self, red)
+    if not self.client_cert then
+        local ssl = require "ngx.ssl"
+        local cert, err = ssl.parse_pem_cert(self.opts.tls_client_cert_pem)
+        if not cert then
+            return nil, err
+        end
+        local key
+        key, err = ssl.parse_pem_priv_key(self.opts.tls_client_key_pem)
+        if not key then
+            return nil, err
+        end
+        self.client_cert, self.client_key = cert, key
+    end
+    return rawget(red, "_sock"):setclientcert(self.client_cert, self.client_key)
+end
+
+-- A connected client to host:port, TLS done on a fresh connection; also returns whether the
+-- connection is fresh. `kind` separates the pools of sentinels ("s:") from Redis servers ("").
+local function open(self, host, port, kind)
+    local opts = self.opts
+    local where = host .. ":" .. port
+    local red, err = redis:new()
+    if not red then
+        return nil, "redis " .. where .. ": " .. tostring(err)
+    end
+    set_timeouts(red, opts.connect_timeout_ms, opts.send_timeout_ms, opts.read_timeout_ms)
+    local ok
+    ok, err = red:connect(host, port, pool_opts(self, host, port, kind))
+    if not ok then
+        return nil, "redis " .. where .. ": connect: " .. tostring(err)
+    end
+    local fresh = red:get_reused_times() == 0
+    if fresh and opts.tls then
+        if opts.tls_client_cert_pem then
+            ok, err = set_client_cert(self, red)
+            if not ok then
+                red:close()
+                return nil, "redis " .. where .. ": TLS client certificate: " .. tostring(err)
+            end
+        end
+        -- false: no session to reuse; the server name is sent as SNI and, when verifying,
+        -- checked against the certificate (with the chain, against lua_ssl_trusted_certificate).
+        ok, err = rawget(red, "_sock"):sslhandshake(false, opts.tls_server_name, opts.tls_verify)
+        if not ok then
+            red:close()
+            return nil, "redis " .. where .. ": TLS handshake: " .. tostring(err)
+        end
+    end
+    return red, nil, fresh
+end
+
+-- AUTH (with the ACL user when there is one), then SELECT, on a fresh connection.
+local function login(red, where, user, password, db)
+    local ok, err
+    if password then
+        if user then
+            ok, err = red:auth(user, password)
+        else
+            ok, err = red:auth(password)
+        end
+        if not ok then
+            return nil, "redis " .. where .. ": AUTH: " .. tostring(err)
+        end
+    end
+    if db and db ~= 0 then
+        ok, err = red:select(db)
+        if not ok then
+            return nil, "redis " .. where .. ": SELECT: " .. tostring(err)
+        end
+    end
+    return true
+end
+
+--- Borrows a ready connection to host:port (TLS, AUTH and SELECT done), or returns nil, err.
+-- `check_role`: on a fresh connection, fail unless ROLE says master (Sentinel mode).
+function _M.connect_to(self, host, port, check_role)
+    local opts = self.opts
+    local red, err, fresh = open(self, host, port, "")
+    if not red then
+        return nil, err
+    end
+    if fresh then
+        local where = host .. ":" .. port
+        local ok
+        ok, err = login(red, where, opts.user, opts.password, opts.db)
+        if ok and check_role then
+            local role
+            role, err = red:role()
+            if type(role) == "table" and role[1] == "master" then
+                ok = true
+            else
+                ok, err = nil, "redis " .. where .. ": ROLE: "
+                               .. (role and tostring(role[1]) or tostring(err))
+                               .. ", not master"
+            end
+        end
+        if not ok then
+            red:close()
+            return nil, err
+        end
+    end
+    return red
+end
+
+--------------------------------------------------------------------------------------------
+-- Sentinel
+
+-- Asks the sentinels, in order, for the master's address.
+local function ask_sentinels(self)
+    local opts = self.opts
+    local errs = {}
+    for i = 1, #opts.sentinels do
+        local s = opts.sentinels[i]
+        local where = "sentinel " .. s.host .. ":" .. s.port
+        local red, err, fresh = open(self, s.host, s.port, "s:")
+        local ok = red
+        if red and fresh then
+            ok, err = login(red, where, opts.sentinel_user, opts.sentinel_password)
+        end
+        local addr
+        if ok then
+            addr, err = red:sentinel("get-master-addr-by-name", opts.sentinel_master)
+            if type(addr) == "table" and type(addr[1]) == "string" then
+                _M.keepalive(self, red)
+                return addr[1], tonumber(addr[2])
+            end
+            err = (addr == ngx_null) and "unknown master " .. opts.sentinel_master
+                  or tostring(err)
+        end
+        if red then
+            red:close()
+        end
+        errs[#errs + 1] = where .. ": " .. tostring(err)
+    end
+    return nil, "no sentinel answered: " .. concat(errs, "; ")
+end
+
+-- The master's address: the cached one while fresh, else the sentinels' answer. While one
+-- request of the worker asks, the others go on with the cached address; and it is kept (and
+-- asked again after a second) while no sentinel answers.
+local function master(self)
+    local now = ngx_now()
+    local m = self.master
+    if m and now < m.expires then
+        return m.host, m.port
+    end
+    if m then
+        m.expires = now + 1
+    end
+    local host, port = ask_sentinels(self)
+    if not host then
+        if m then
+            ngx_log(ngx_WARN, "redis: ", port, "; still using ", m.host, ":", m.port)
+            return m.host, m.port
+        end
+        return nil, port
+    end
+    if m and (m.host ~= host or m.port ~= port) then
+        ngx_log(ngx_WARN, "redis: Sentinel master ", self.opts.sentinel_master, " is now ",
+                host, ":", port, " (was ", m.host, ":", m.port, ")")
+    end
+    self.master = { host = host, port = port, expires = now + self.opts.sentinel_refresh_ms / 1000 }
+    self.where = host .. ":" .. port
+    return host, port
+end
+
+-- Forgets the cached master, so that the next call asks the sentinels.
+local function forget_master(self)
+    if self.master then
+        self.master.expires = 0
+    end
+end
+
+--------------------------------------------------------------------------------------------
+-- The pool
+
+--- A pool for one Redis server, a Sentinel-monitored master or a Redis Cluster.
 -- opts: host, port, user (optional), password (optional), db, connect_timeout_ms,
--- send_timeout_ms, read_timeout_ms, pool_size, keepalive_ms.
+-- send_timeout_ms, read_timeout_ms, pool_size, keepalive_ms; and optionally tls, tls_verify,
+-- tls_ca_file, tls_server_name, tls_client_cert_file, tls_client_key_file, sentinels,
+-- sentinel_master, sentinel_user, sentinel_password, sentinel_refresh_ms, cluster_nodes:
+-- those not given are read from the environment (REDIS_TLS, REDIS_SENTINELS, ... see
+-- README.md), so new() raises on a bad one: call it in init_by_lua.
 function _M.new(opts)
     if type(opts) ~= "table" or type(opts.host) ~= "string" or type(opts.port) ~= "number" then
         error("redis_pool.new: opts.host (string) and opts.port (number) are required", 2)
     end
-    local self = {
+    opts = ha_options(opts)
+    local self = setmetatable({
         opts = opts,
+        pools = {},
         where = opts.host .. ":" .. opts.port,
-        connect_opts = {
-            pool = "tollgate:" .. opts.host .. ":" .. opts.port .. ":" .. (opts.user or "")
-                   .. ":" .. opts.db,
-            pool_size = opts.pool_size,
-        },
-    }
-    return setmetatable(self, mt)
+    }, mt)
+    if opts.sentinels then
+        self.mode = "sentinel"
+        self.where = "Sentinel master " .. opts.sentinel_master
+    elseif opts.cluster_nodes then
+        self.mode = "cluster"
+        self.where = "cluster"
+        self.cluster = require("tollgate.cluster").new(self, opts.cluster_nodes)
+    else
+        self.mode = "single"
+    end
+    return self
 end
 
---- Borrows a ready connection (authenticated, database selected), or returns nil, err.
+--- Borrows a ready connection (to the server, the current master, or in cluster mode to
+-- some node), or returns nil, err. Sets self.where to the address.
 function _M.connect(self)
-    local opts = self.opts
-    local red, err = redis:new()
+    if self.mode == "single" then
+        return self:connect_to(self.opts.host, self.opts.port)
+    elseif self.mode == "cluster" then
+        return self.cluster:connect_any()
+    end
+    local host, port = master(self)
+    if not host then
+        return nil, "redis " .. self.where .. ": " .. port
+    end
+    local red, err = self:connect_to(host, port, true)
     if not red then
-        return nil, "redis " .. self.where .. ": " .. tostring(err)
+        forget_master(self)
     end
-    set_timeouts(red, opts.connect_timeout_ms, opts.send_timeout_ms, opts.read_timeout_ms)
-
-    local ok
-    ok, err = red:connect(opts.host, opts.port, self.connect_opts)
-    if not ok then
-        return nil, "redis " .. self.where .. ": connect: " .. tostring(err)
-    end
-
-    local reused = red:get_reused_times()
-    if reused == 0 then
-        if opts.password then
-            if opts.user then
-                ok, err = red:auth(opts.user, opts.password)
-            else
-                ok, err = red:auth(opts.password)
-            end
-            if not ok then
-                red:close()
-                return nil, "redis " .. self.where .. ": AUTH: " .. tostring(err)
-            end
-        end
-        if opts.db ~= 0 then
-            ok, err = red:select(opts.db)
-            if not ok then
-                red:close()
-                return nil, "redis " .. self.where .. ": SELECT: " .. tostring(err)
-            end
-        end
-    end
-    return red
+    return red, err
 end
 
 --- Returns a connection to the pool. Call only when every command on it succeeded.
 function _M.keepalive(self, red)
     local ok, err = red:set_keepalive(self.opts.keepalive_ms, self.opts.pool_size)
     if not ok then
-        ngx.log(ngx.WARN, "redis ", self.where, ": set_keepalive: ", err)
+        ngx_log(ngx_WARN, "redis ", self.where, ": set_keepalive: ", err)
         red:close()
     end
 end
@@ -121,6 +451,74 @@ end
 --- Closes a connection that saw an error, so it never goes back to the pool.
 function _M.close(_, red)
     red:close()
+end
+
+--------------------------------------------------------------------------------------------
+-- Running a script
+
+--- One EVALSHA of script `s` ({ name, source, sha }) on `red`; on NOSCRIPT (the script cache
+-- was flushed, Redis restarted or failed over, or a cluster node never saw it) SCRIPT LOAD and
+-- retry once. `asking`: send ASKING before each EVALSHA (a Redis Cluster ASK redirection).
+-- Returns the reply, or nil, err (err starts with Redis's error code, e.g. "MOVED ...").
+function _M.eval(red, s, nkeys, args, asking)
+    if asking then
+        local ok, err = red:asking()
+        if not ok then
+            return nil, "ASKING: " .. tostring(err)
+        end
+    end
+    local res, err = red:evalsha(s.sha, nkeys, unpack(args))
+    if res == false and find(tostring(err), "^NOSCRIPT") then
+        local sha
+        sha, err = red:script("load", s.source)
+        if not sha then
+            return nil, "SCRIPT LOAD " .. s.name .. ": " .. tostring(err)
+        end
+        return _M.eval(red, s, nkeys, args, asking)
+    end
+    if not res then
+        return nil, tostring(err)
+    end
+    return res
+end
+
+--- Runs script `s` with `nkeys` KEYS and ARGV (`args`: KEYS then ARGV) and returns its reply,
+-- or nil, err. In cluster mode, `shape` says how the script's arguments split by hash slot and
+-- how the replies merge (tollgate.cluster); elsewhere it is unused.
+function _M.run(self, s, nkeys, args, shape)
+    if self.mode == "cluster" then
+        return self.cluster:run(s, nkeys, args, shape)
+    end
+    local err
+    for attempt = 1, 2 do
+        local before = self.master and self.master.host .. ":" .. self.master.port
+        local red
+        red, err = self:connect()
+        if red then
+            local reply
+            reply, err = _M.eval(red, s, nkeys, args)
+            if reply then
+                self:keepalive(red)
+                return reply
+            end
+            red:close()
+            err = "redis " .. self.where .. ": EVALSHA " .. s.name .. ": " .. err
+            if self.mode ~= "sentinel" or not find(err, ": READONLY") then
+                return nil, err
+            end
+            -- A demoted master (a failover happened): ask the sentinels again.
+            forget_master(self)
+        end
+        if self.mode ~= "sentinel" or attempt == 2 then
+            break
+        end
+        -- Retry once, only if the sentinels now name another master.
+        local host, port = master(self)
+        if not host or host .. ":" .. port == before then
+            break
+        end
+    end
+    return nil, err
 end
 
 return _M

@@ -3,12 +3,16 @@
 -- init(dir) runs in init_by_lua: it reads the configuration from the environment and the Redis
 -- scripts from <dir>/scripts (composing the check script, see scripts/main.lua), and raises on
 -- a bad setting so nginx refuses to start.
--- check(), release(), healthz(), not_found() and too_large() are content handlers.
+-- check(), release(), healthz(), metrics(), not_found() and too_large() are content handlers.
+-- With a shared secret (TOLLGATE_SHIM_SECRET), check() and release() answer 401 unless the
+-- request carries it in x-tollgate-secret; /healthz and /metrics stay open.
 
 local cjson = require "cjson"
 local validate = require "tollgate.validate"
 local redis_pool = require "tollgate.redis_pool"
+local metrics = require "tollgate.metrics"
 local new_tab = require "table.new"
+local bit = require "bit"
 
 -- luacheck: globals ngx
 local ngx = ngx
@@ -18,6 +22,7 @@ local ngx_header = ngx.header
 local ngx_sha1_bin = ngx.sha1_bin
 local ngx_ERR = ngx.ERR
 local ngx_NOTICE = ngx.NOTICE
+local ngx_INFO = ngx.INFO
 local req_get_method = ngx.req.get_method
 local req_read_body = ngx.req.read_body
 local req_get_body_data = ngx.req.get_body_data
@@ -26,17 +31,18 @@ local type = type
 local error = error
 local tostring = tostring
 local tonumber = tonumber
-local unpack = unpack
 local loadstring = loadstring
 local io_open = io.open
 local os_getenv = os.getenv
 local format = string.format
 local byte = string.byte
 local gsub = string.gsub
-local find = string.find
 local lower = string.lower
 local match = string.match
 local concat = table.concat
+local bxor = bit.bxor
+local bor = bit.bor
+local metrics_now = metrics.now
 
 local _M = { _VERSION = "0.2.0" }
 
@@ -44,6 +50,7 @@ local conf     -- the settings, from the environment (init)
 local pool     -- tollgate.redis_pool for conf.redis (init)
 local script   -- the composed check script: { name, source, sha, layout } (init)
 local release_script -- release.lua: { name, source, sha } (init)
+local secret   -- what x-tollgate-secret must be, or nil: none required (init)
 
 -- The algorithms' script files, in the order they are composed, and what each check sends
 -- them: its KEYS and its ARGV (the contract atop each file). `limit` names the field reported
@@ -112,6 +119,38 @@ local function read_config()
     }
 end
 
+-- The shared secret, from TOLLGATE_SHIM_SECRET or the file TOLLGATE_SHIM_SECRET_FILE names (one
+-- trailing newline dropped), or nil when neither is set. No error message quotes it.
+local function read_secret()
+    local value, file = env("TOLLGATE_SHIM_SECRET"), env("TOLLGATE_SHIM_SECRET_FILE")
+    if value and file then
+        error("TOLLGATE_SHIM_SECRET and TOLLGATE_SHIM_SECRET_FILE are both set: set one", 0)
+    end
+    local name = "TOLLGATE_SHIM_SECRET"
+    if file then
+        name = "TOLLGATE_SHIM_SECRET_FILE=" .. file
+        local f, err = io_open(file, "rb")
+        if not f then
+            error(name .. ": " .. tostring(err), 0)
+        end
+        value = f:read("*a")
+        f:close()
+        value = value and (gsub(value, "\r?\n$", ""))
+    end
+    if value == nil then
+        return nil
+    end
+    if #value == 0 or #value > 256 or match(value, "[^\33-\126]") then
+        error(name .. ": the secret must be 1..256 printable ASCII characters, no spaces", 0)
+    end
+    -- nginx's debug log prints every request header, so it would hold the secret.
+    if lower(env("SHIM_LOG_LEVEL", "")) == "debug" then
+        error(name .. " with SHIM_LOG_LEVEL=debug: the debug log would hold the secret (nginx"
+              .. " logs every request header); use info or above", 0)
+    end
+    return value
+end
+
 local function to_hex(s)
     return (gsub(s, ".", function(c) return format("%02x", byte(c)) end))
 end
@@ -175,7 +214,7 @@ local function compose(dir)
             return nil, err
         end
     end
-    ok, err = add("main.lua", "return (function(...)", "end)(ALG)")
+    ok, err = add("main.lua", "return (function(...)", "end)(ALG, H)")
     if not ok then
         return nil, err
     end
@@ -193,7 +232,10 @@ function _M.init(dir)
         error("shim.init: dir must be the shim's directory", 2)
     end
     conf = read_config()
+    secret = read_secret()
     pool = redis_pool.new(conf.redis)
+    metrics.init(conf.redis.pool_size)
+    metrics.instrument_pool(pool)
     local err
     script, err = compose(dir)
     if not script then
@@ -282,51 +324,33 @@ local function script_args(requests, total)
     return keys, nkeys
 end
 
--- One EVALSHA; on NOSCRIPT (the cache was flushed, Redis restarted or failed over) SCRIPT LOAD
--- and retry once.
-local function eval(red, s, nkeys, args)
-    local res, err = red:evalsha(s.sha, nkeys, unpack(args))
-    if res == false and find(tostring(err), "^NOSCRIPT") then
-        local sha
-        sha, err = red:script("load", s.source)
-        if not sha then
-            return nil, "SCRIPT LOAD " .. s.name .. ": " .. tostring(err)
-        end
-        res, err = red:evalsha(s.sha, nkeys, unpack(args))
-    end
-    if not res then
-        return nil, "EVALSHA " .. s.name .. ": " .. tostring(err)
-    end
-    return res
-end
+-- How each script's KEYS and ARGV split by hash slot on Redis Cluster (tollgate.cluster).
+local SHAPES = require("tollgate.cluster").shapes(ALG_BY_NAME)
 
--- Runs a script on one pooled connection.
+-- Runs a script: one EVALSHA on a pooled connection (SCRIPT LOAD and one retry on NOSCRIPT),
+-- following Sentinel failovers, or on Redis Cluster once per hash slot (tollgate.redis_pool).
 local function run(s, nkeys, args)
-    local red, err = pool:connect()
-    if not red then
-        return nil, err
-    end
-    local reply
-    reply, err = eval(red, s, nkeys, args)
-    if not reply then
-        pool:close(red)
-        return nil, "redis " .. pool.where .. ": " .. err
-    end
-    pool:keepalive(red)
-    return reply
+    return pool:run(s, nkeys, args, s == release_script and SHAPES.release or SHAPES.check)
 end
 
 local CHECK_FORMAT = '%s{"allowed":%s,"limit":%s,%s"remaining":%s,"reset_ms":%s,'
                      .. '"retry_after_ms":%s}'
 
--- The 200 body from the check script's flat reply (see the contract atop scripts/main.lua).
+-- The 200 body from the check script's flat reply (see the contract atop scripts/main.lua),
+-- and how many requests it admits. The reply ends with Redis's time in ms, sent as `now_ms`
+-- unless it is -1 (no TIME for this ACL user).
 local function encode_results(requests, total, reply)
-    if type(reply) ~= "table" or #reply ~= #requests + 5 * total then
+    local size = #requests + 5 * total
+    local now = type(reply) == "table" and reply[size + 1]
+    if type(now) ~= "number" or #reply ~= size + 1 then
         return nil, "unexpected reply from the " .. script.name
     end
-    local out, pos = { '{"results":[' }, 1
+    local out, pos, allowed = { '{"results":[' }, 1, 0
     for i = 1, #requests do
         local checks = requests[i].checks
+        if reply[pos] == 1 then
+            allowed = allowed + 1
+        end
         out[#out + 1] = (i > 1 and ',{"allowed":' or '{"allowed":') .. tostring(reply[pos] == 1)
                         .. ',"checks":['
         for j = 1, #checks do
@@ -350,8 +374,36 @@ local function encode_results(requests, total, reply)
         out[#out + 1] = "]}"
         pos = pos + 1 + 5 * #checks
     end
-    out[#out + 1] = "]}"
-    return concat(out)
+    out[#out + 1] = now >= 0 and '],"now_ms":' .. int(now) .. "}" or "]}"
+    return concat(out), nil, allowed
+end
+
+-- a == b in a time that depends on their lengths only: every byte up to the longer length is
+-- compared, with no early exit.
+local function equal_constant_time(a, b)
+    local la, lb = #a, #b
+    local diff = bxor(la, lb)
+    for i = 1, la > lb and la or lb do
+        diff = bor(diff, bxor(byte(a, i) or 0, byte(b, i) or 0))
+    end
+    return diff == 0
+end
+
+-- True when no secret is configured or x-tollgate-secret holds it; else sends the 401. Neither
+-- the secret nor the presented value is ever logged.
+local function authorized()
+    if not secret then
+        return true
+    end
+    local presented = ngx.var.http_x_tollgate_secret
+    if presented and equal_constant_time(presented, secret) then
+        return true
+    end
+    -- Info level: a misconfigured gateway would otherwise log a line per request.
+    ngx_log(ngx_INFO, "unauthorized: ", presented and "wrong" or "missing",
+            " x-tollgate-secret from ", ngx.var.remote_addr)
+    send_error(401, "unauthorized", "missing or wrong x-tollgate-secret")
+    return false
 end
 
 -- `application/json`, in any case, with or without parameters (`; charset=utf-8`).
@@ -390,6 +442,9 @@ end
 
 --- POST /v1/check
 function _M.check()
+    if not authorized() then
+        return
+    end
     local body = read_post_body()
     if not body then
         return
@@ -400,20 +455,27 @@ function _M.check()
     end
 
     local args, nkeys = script_args(requests, total)
+    local started = metrics_now()
     local reply, err = run(script, nkeys, args)
-    local out
+    metrics.observe_redis(metrics_now() - started)
+    local out, allowed
     if reply then
-        out, err = encode_results(requests, total, reply)
+        out, err, allowed = encode_results(requests, total, reply)
     end
     if not out then
+        metrics.redis_error()
         ngx_log(ngx_ERR, "check: ", err)
         return send_error(503, "backend_unavailable", err)
     end
+    metrics.checked(total, allowed, #requests - allowed)
     return send(200, out)
 end
 
 --- POST /v1/release: frees concurrency slots.
 function _M.release()
+    if not authorized() then
+        return
+    end
     local body = read_post_body()
     if not body then
         return
@@ -429,11 +491,14 @@ function _M.release()
         args[i], args[n + i] = releases[i].key, releases[i].id
     end
     local released
+    local started = metrics_now()
     released, err = run(release_script, n, args)
+    metrics.observe_redis(metrics_now() - started)
     if released and type(released) ~= "number" then
         released, err = nil, "unexpected reply from release.lua"
     end
     if not released then
+        metrics.redis_error()
         ngx_log(ngx_ERR, "release: ", err)
         return send_error(503, "backend_unavailable", err)
     end
@@ -458,14 +523,31 @@ function _M.healthz()
         pool:close(red)
         err = "redis " .. pool.where .. ": PING: " .. tostring(err)
     end
+    metrics.redis_error()
     ngx_log(ngx_ERR, "healthz: ", err)
     return send_error(503, "backend_unavailable", err)
+end
+
+--- GET /metrics: the Prometheus text format (tollgate.metrics). Open like /healthz (no
+-- secret), on the same listener.
+function _M.metrics()
+    local method = req_get_method()
+    if method ~= "GET" and method ~= "HEAD" then
+        ngx_header["Allow"] = "GET, HEAD"
+        return send_error(405, "method_not_allowed", "this path accepts GET and HEAD only")
+    end
+    local body = metrics.render()
+    ngx.status = 200
+    ngx_header["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
+    ngx_header["Content-Length"] = #body
+    ngx_print(body)
 end
 
 --- Any other path.
 function _M.not_found()
     return send_error(404, "not_found",
-                      "no such path: use POST /v1/check, POST /v1/release or GET /healthz")
+                      "no such path: use POST /v1/check, POST /v1/release, GET /healthz"
+                      .. " or GET /metrics")
 end
 
 --- error_page 413: a body over client_max_body_size.
