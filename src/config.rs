@@ -96,8 +96,28 @@ struct RawConfig {
     #[serde(default)]
     local_fallback: Option<RawLocalFallback>,
     #[serde(default)]
+    clock: RawClock,
+    #[serde(default)]
     client_ip: RawClientIp,
     rules: Vec<RawRule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClock {
+    #[serde(default = "default_true")]
+    correct_skew: bool,
+    #[serde(default)]
+    simulated_skew_ms: i64,
+}
+
+impl Default for RawClock {
+    fn default() -> Self {
+        RawClock {
+            correct_skew: true,
+            simulated_skew_ms: 0,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -521,6 +541,10 @@ pub struct Config {
     /// With `failure_mode: "local"`: how many workers share each limit during an outage
     /// (gateway replicas × workers per replica for a strict bound).
     pub local_fallback_replicas: u64,
+    /// Compute window keys on Redis's clock (learned from shim replies), not the gateway's.
+    pub correct_clock_skew: bool,
+    /// Moves this gateway's clock, to rehearse skew in tests and drills. 0 in production.
+    pub simulated_skew_ms: i64,
     pub client_ip: ClientIp,
     pub rules: Vec<Rule>,
 }
@@ -591,6 +615,8 @@ impl TryFrom<RawConfig> for Config {
             over_limit_cache: raw.over_limit_cache,
             coalesce: raw.coalesce,
             local_fallback_replicas: compile_local_fallback(raw.failure_mode, raw.local_fallback)?,
+            correct_clock_skew: raw.clock.correct_skew,
+            simulated_skew_ms: compile_simulated_skew(raw.clock.simulated_skew_ms)?,
             client_ip: compile_client_ip(raw.client_ip)?,
             rules,
         })
@@ -1007,6 +1033,17 @@ fn compile_local_fallback(
         )),
         (_, None) => Ok(1),
     }
+}
+
+fn compile_simulated_skew(ms: i64) -> Result<i64, ConfigError> {
+    if ms.unsigned_abs() > MAX_WINDOW.as_millis() as u64 {
+        return Err(invalid(
+            "clock.simulated_skew_ms",
+            ms,
+            "must be within one day",
+        ));
+    }
+    Ok(ms)
 }
 
 fn compile_client_ip(raw: RawClientIp) -> Result<ClientIp, ConfigError> {

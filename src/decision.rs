@@ -83,7 +83,15 @@ pub fn from_callout(
     now_ms: u64,
 ) -> Result<(Verdict, Vec<cache::Entry>), Failure> {
     let mut decided = from_batch_callout(config, &[checks], reply, now_ms)?;
-    decided.pop().ok_or(Failure::NoStatus)
+    decided.verdicts.pop().ok_or(Failure::NoStatus)
+}
+
+/// The verdicts of one callout (one per request, each with the cache entries it teaches), and
+/// Redis's time from the reply, for clock-skew correction.
+#[derive(Debug)]
+pub struct Decided {
+    pub verdicts: Vec<(Verdict, Vec<cache::Entry>)>,
+    pub server_now_ms: Option<u64>,
 }
 
 /// Decides every request of a completed callout (`requests[i]`: the checks of request `i`),
@@ -93,14 +101,14 @@ pub fn from_batch_callout(
     requests: &[&[Check]],
     reply: CalloutReply<'_>,
     now_ms: u64,
-) -> Result<Vec<(Verdict, Vec<cache::Entry>)>, Failure> {
+) -> Result<Decided, Failure> {
     match (reply.status, reply.dispatch_status) {
         (Some(200), _) => {
             let shape: Vec<usize> = requests.iter().map(|c| c.len()).collect();
-            let results = wire::decode(reply.body, &shape).map_err(Failure::Malformed)?;
-            Ok(requests
+            let decoded = wire::decode(reply.body, &shape).map_err(Failure::Malformed)?;
+            let verdicts = requests
                 .iter()
-                .zip(&results)
+                .zip(&decoded.results)
                 .map(|(checks, result)| {
                     let entries = if result.allowed || !config.over_limit_cache {
                         Vec::new()
@@ -113,7 +121,11 @@ pub fn from_batch_callout(
                     };
                     (decide(config, checks, result), entries)
                 })
-                .collect())
+                .collect();
+            Ok(Decided {
+                verdicts,
+                server_now_ms: decoded.now_ms,
+            })
         }
         (Some(other), _) => Err(Failure::Status(other)),
         (None, Some(why)) => Err(Failure::Dispatch(why.to_string())),
@@ -751,9 +763,10 @@ mod tests {
         let one = &two[..1];
         let decided =
             from_batch_callout(&config(), &[&two, one], reply(Some(200), body), 0).unwrap();
-        assert!(matches!(decided[0].0, Verdict::Allow { .. }));
-        assert!(matches!(decided[1].0, Verdict::Deny(_)));
-        assert_eq!(decided[1].1.len(), 1);
+        assert!(matches!(decided.verdicts[0].0, Verdict::Allow { .. }));
+        assert!(matches!(decided.verdicts[1].0, Verdict::Deny(_)));
+        assert_eq!(decided.server_now_ms, None);
+        assert_eq!(decided.verdicts[1].1.len(), 1);
         let wrong_shape = from_batch_callout(&config(), &[one, one], reply(Some(200), body), 0);
         assert!(matches!(wrong_shape, Err(Failure::Malformed(_))));
     }

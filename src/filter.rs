@@ -17,6 +17,7 @@ use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
 
 use crate::batch::{Batcher, Limits, Pending};
 use crate::cache;
+use crate::clock::{self, SkewEstimator};
 use crate::config::{Config, FailureMode};
 use crate::decision::{self, CalloutReply, Failure, Verdict};
 use crate::host::{Host, HostError, WasmHost};
@@ -31,6 +32,8 @@ use crate::wire;
 const LOG_INTERVAL_MS: u64 = 10_000;
 /// How often the root flushes queued requests and runs the watchdog, when coalescing.
 const TICK_MS: u64 = 1;
+/// How often workers pick up the shared clock offset when they have no other reason to tick.
+const CLOCK_TICK_MS: u64 = 1_000;
 /// Grace beyond the callout timeout before the watchdog fails a request itself.
 const WATCHDOG_GRACE_MS: u64 = 50;
 
@@ -63,12 +66,58 @@ struct Plugin {
     /// `failure_mode: "local"` counters, and the breaker that stops calling a failing shim.
     local: RefCell<LocalLimiter>,
     breaker: RefCell<Breaker>,
+    /// Gateway clock → Redis clock, learned from replies and shared by the workers.
+    skew: Cell<SkewEstimator>,
     /// Verdicts the root reached for queued requests that it allowed: the response headers to
     /// add and the slots to release, picked up by the request's own context.
     allowed: RefCell<HashMap<u32, (Headers, Slots)>>,
 }
 
+/// Shared-data key of the clock offset every worker of a gateway uses.
+const CLOCK_OFFSET_KEY: &str = "tollgate.clock_offset";
+
 impl Plugin {
+    /// This gateway's own clock (moved by `clock.simulated_skew_ms` in drills): for timing
+    /// callouts.
+    fn gateway_ms(&self) -> u64 {
+        WasmHost
+            .now_ms()
+            .saturating_add_signed(self.config.simulated_skew_ms)
+    }
+
+    /// The clock decisions run on: the gateway clock moved onto Redis's time when skew
+    /// correction is on, so every gateway computes the same window keys.
+    fn now(&self) -> u64 {
+        let offset = if self.config.correct_clock_skew {
+            self.skew.get().offset_ms()
+        } else {
+            0
+        };
+        clock::corrected(self.gateway_ms(), offset)
+    }
+
+    /// Learns from a reply's Redis time, and shares the estimate with the other workers.
+    fn observe_clock(&self, sent_ms: u64, received_ms: u64, server_ms: Option<u64>) {
+        let (Some(server_ms), true) = (server_ms, self.config.correct_clock_skew) else {
+            return;
+        };
+        let mut skew = self.skew.get();
+        skew.observe(sent_ms, received_ms, server_ms);
+        self.skew.set(skew);
+        WasmHost.shared_set(CLOCK_OFFSET_KEY, &clock::encode(skew.offset_ms()));
+    }
+
+    /// Picks up what other workers learned about the clock.
+    fn refresh_clock(&self) {
+        if let Some(offset) = WasmHost
+            .shared_get(CLOCK_OFFSET_KEY)
+            .as_deref()
+            .and_then(clock::decode)
+        {
+            self.skew.set(SkewEstimator::with_offset(offset));
+        }
+    }
+
     fn request_id(&self) -> String {
         let n = self.next_id.get();
         self.next_id.set(n.wrapping_add(1));
@@ -103,7 +152,7 @@ impl Plugin {
     /// Logs a failure (throttled), counts it, and returns the failure mode's verdict for a
     /// request with these checks.
     fn failure_verdict(&self, failure: &Failure, checks: &[Check]) -> Verdict {
-        let now_ms = WasmHost.now_ms();
+        let now_ms = self.now();
         if *failure != Failure::CircuitOpen {
             self.breaker.borrow_mut().failed(now_ms);
         }
@@ -167,7 +216,7 @@ impl Plugin {
                 Ok(token) => self
                     .batcher
                     .borrow_mut()
-                    .sent(token, batch, WasmHost.now_ms()),
+                    .sent(token, batch, self.gateway_ms()),
                 Err(e) => self.fail_all(batch, &Failure::Dispatch(e.to_string())),
             }
         }
@@ -179,15 +228,16 @@ impl Plugin {
             debug!("ignoring reply to callout {token}: not a pending batch");
             return;
         };
-        let now_ms = WasmHost.now_ms();
-        WasmHost.record_metric(self.metrics.callout_ms, now_ms.saturating_sub(sent_ms));
+        let received_ms = self.gateway_ms();
+        WasmHost.record_metric(self.metrics.callout_ms, received_ms.saturating_sub(sent_ms));
         let data = CalloutData::read(num_headers, body_size);
         let reply = data.reply();
         let requests: Vec<&[Check]> = batch.iter().map(|p| p.checks.as_slice()).collect();
-        match decision::from_batch_callout(&self.config, &requests, reply, now_ms) {
+        match decision::from_batch_callout(&self.config, &requests, reply, self.now()) {
             Ok(decided) => {
                 self.breaker.borrow_mut().succeeded();
-                for (pending, (verdict, exhausted)) in batch.iter().zip(decided) {
+                self.observe_clock(sent_ms, received_ms, decided.server_now_ms);
+                for (pending, (verdict, exhausted)) in batch.iter().zip(decided.verdicts) {
                     self.remember_exhausted(&exhausted);
                     self.deliver(pending, verdict, slots_of(&pending.checks));
                 }
@@ -240,11 +290,12 @@ impl Plugin {
 
     /// The watchdog: fails whatever waited past the callout timeout, then sends what is queued.
     fn on_tick(&self) {
+        self.refresh_clock();
         let deadline = self.config.shim.timeout.as_millis() as u64 + WATCHDOG_GRACE_MS;
         let expired = self
             .batcher
             .borrow_mut()
-            .expired(WasmHost.now_ms(), deadline);
+            .expired(self.gateway_ms(), deadline);
         if !expired.is_empty() {
             self.fail_all(expired, &Failure::Status(504));
         }
@@ -382,6 +433,9 @@ impl RootContext for TollgateRoot {
         );
         if config.coalesce {
             WasmHost.set_tick_period_ms(TICK_MS);
+        } else if config.correct_clock_skew {
+            // Only to pick up the clock offset other workers learned.
+            WasmHost.set_tick_period_ms(CLOCK_TICK_MS);
         }
         // Seeded by the host's random source (WASI random_get).
         let id_prefix = std::collections::hash_map::RandomState::new()
@@ -398,6 +452,7 @@ impl RootContext for TollgateRoot {
             batcher: RefCell::new(Batcher::new(Limits::default())),
             local: RefCell::new(LocalLimiter::default()),
             breaker: RefCell::new(Breaker::default()),
+            skew: Cell::new(SkewEstimator::default()),
             allowed: RefCell::new(HashMap::new()),
         }));
         true
@@ -538,13 +593,21 @@ impl Context for TollgateHttp {
         if plugin.config.coalesce {
             plugin.batcher.borrow_mut().alone_done();
         }
-        let now_ms = WasmHost.now_ms();
-        WasmHost.record_metric(plugin.metrics.callout_ms, now_ms.saturating_sub(sent_ms));
+        let received_ms = plugin.gateway_ms();
+        WasmHost.record_metric(
+            plugin.metrics.callout_ms,
+            received_ms.saturating_sub(sent_ms),
+        );
         let data = CalloutData::read(num_headers, body_size);
-        match decision::from_callout(&plugin.config, &checks, data.reply(), now_ms) {
-            Ok((verdict, exhausted)) => {
-                debug!("{} checks, verdict {verdict:?}", checks.len());
+        match decision::from_batch_callout(&plugin.config, &[&checks], data.reply(), plugin.now()) {
+            Ok(decided) => {
                 plugin.breaker.borrow_mut().succeeded();
+                plugin.observe_clock(sent_ms, received_ms, decided.server_now_ms);
+                let Some((verdict, exhausted)) = decided.verdicts.into_iter().next() else {
+                    self.fail(Failure::NoStatus, &checks, true);
+                    return;
+                };
+                debug!("{} checks, verdict {verdict:?}", checks.len());
                 plugin.remember_exhausted(&exhausted);
                 self.apply(verdict, true, slots_of(&checks));
             }
@@ -559,7 +622,7 @@ impl HttpContext for TollgateHttp {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
         let plugin = self.plugin.clone();
         let request_id = plugin.request_id();
-        let now_ms = WasmHost.now_ms();
+        let now_ms = plugin.now();
         let checks = checks_for(&plugin.config, &WasmHost, now_ms, &request_id);
         if checks.is_empty() {
             return Action::Continue;
@@ -575,17 +638,18 @@ impl HttpContext for TollgateHttp {
         if !plugin.may_call() {
             return self.fail(Failure::CircuitOpen, &checks, false);
         }
+        let sent_ms = plugin.gateway_ms();
         if !plugin.config.coalesce {
-            return self.dispatch_alone(checks, now_ms);
+            return self.dispatch_alone(checks, sent_ms);
         }
         let alone = plugin.batcher.borrow_mut().try_alone();
         if alone {
-            return self.dispatch_alone(checks, now_ms);
+            return self.dispatch_alone(checks, sent_ms);
         }
         plugin
             .batcher
             .borrow_mut()
-            .enqueue(self.context_id, checks, now_ms);
+            .enqueue(self.context_id, checks, sent_ms);
         self.state = State::Queued;
         Action::Pause
     }

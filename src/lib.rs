@@ -6,6 +6,7 @@
 pub mod algorithms;
 pub mod batch;
 pub mod cache;
+pub mod clock;
 pub mod config;
 pub mod decision;
 pub mod duration;

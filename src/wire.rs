@@ -155,6 +155,16 @@ pub struct CheckResult {
 #[derive(Deserialize)]
 struct WireReply {
     results: Vec<RequestResult>,
+    /// Redis's clock when it ran the checks (absent from older shims).
+    #[serde(default)]
+    now_ms: Option<u64>,
+}
+
+/// A decoded reply: one result per request, and Redis's time if the shim sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub results: Vec<RequestResult>,
+    pub now_ms: Option<u64>,
 }
 
 /// Encodes the checks of several gateway requests into one `POST /v1/check` body.
@@ -184,7 +194,7 @@ pub fn encode_release(slots: &[(&str, &str)]) -> Vec<u8> {
 
 /// Decodes a `200` reply and checks that it answers exactly the requests and checks sent
 /// (`shape[i]` = number of checks of request `i`).
-pub fn decode(body: &[u8], shape: &[usize]) -> Result<Vec<RequestResult>, String> {
+pub fn decode(body: &[u8], shape: &[usize]) -> Result<Reply, String> {
     let reply: WireReply =
         serde_json::from_slice(body).map_err(|e| format!("malformed shim reply: {e}"))?;
     if reply.results.len() != shape.len() {
@@ -202,7 +212,10 @@ pub fn decode(body: &[u8], shape: &[usize]) -> Result<Vec<RequestResult>, String
             ));
         }
     }
-    Ok(reply.results)
+    Ok(Reply {
+        results: reply.results,
+        now_ms: reply.now_ms,
+    })
 }
 
 #[cfg(test)]
@@ -319,7 +332,7 @@ mod tests {
         let body = br#"{"results":[{"allowed":false,"checks":[
             {"allowed":true,"limit":100,"count":37,"remaining":63,"reset_ms":41990},
             {"allowed":false,"limit":20,"count":20,"remaining":0,"reset_ms":3990}]}]}"#;
-        let results = decode(body, &[2]).unwrap();
+        let results = decode(body, &[2]).unwrap().results;
         assert!(!results[0].allowed);
         assert_eq!(
             results[0].checks[1],

@@ -45,6 +45,31 @@ def test_exact_admission_across_two_gateways(clean, tmp_path):
     assert total == {200: 100, 429: 900}
 
 
+def test_a_skewed_gateway_counts_in_the_same_windows(clean, tmp_path):
+    """Gateway A's clock runs 3 s ahead (simulated); B's is right. With skew correction A
+    learns Redis's time from the shim's replies and uses the same window keys as B; without
+    it (control gateway C), it counts in the next window."""
+    rules = [rule("skew", 1000, window="10s")]
+    skewed = {"simulated_skew_ms": 3000}
+    with run_envoy(tmp_path / "a", plugin(rules, clock=skewed), clean["shim"]) as a, \
+            run_envoy(tmp_path / "b", plugin(rules), clean["shim"]) as b, \
+            run_envoy(tmp_path / "c", plugin(rules, clock={**skewed, "correct_skew": False}), clean["shim"]) as c:
+        for envoy in (a, b, c):  # the first reply teaches the offset
+            request(envoy.port, "/v1/search", {"x-api-key": "warm-up"})
+        # Wait for the last 2.5 s of a 10 s window: A's raw clock is already in the next one.
+        while not 7.0 <= time.time() % 10 < 7.5:
+            time.sleep(0.05)
+        window = int(time.time() // 10)
+        for envoy in (a, b):
+            for _ in range(5):
+                assert request(envoy.port, "/v1/search", {"x-api-key": "shared"}).status == 200
+        request(c.port, "/v1/search", {"x-api-key": "control"})
+        keys = {k.decode(): int(redis_cli(clean["redis"], "GET", k)) for k in redis_cli(clean["redis"], "KEYS", "tollgate:{skew|=[sc]*")}
+    print(f"clock skew +3 s: keys {keys} (real window {window})")
+    assert keys[f"tollgate:{{skew|=shared}}:10000:{window}"] == 10, "A and B counted in one window"
+    assert f"tollgate:{{skew|=control}}:10000:{window + 1}" in keys, "without correction: the next window"
+
+
 def test_counters_are_separate_per_value_rule_and_route(clean, tmp_path):
     rules = [
         # Per API key and route, on the search and login policies only.
