@@ -206,6 +206,47 @@ def test_over_limit_cache_denies_without_callouts_across_workers(clean, tmp_path
     assert 1 <= int(later.headers["retry-after"]) <= 60
 
 
+def scrape(port):
+    """A Prometheus text page as {series: value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as r:
+        lines = r.read().decode().splitlines()
+    return {
+        series: float(value)
+        for series, _, value in (line.rpartition(" ") for line in lines if line and not line.startswith("#"))
+    }
+
+
+def test_gateway_and_shim_metrics_agree_on_known_traffic(clean, tmp_path):
+    """5 requests against a limit of 3, no cache: both ends count 5 checks, 3 allowed, 2 denied."""
+    config = plugin([rule("metered", 3)], over_limit_cache=False, coalesce=False)
+    with run_envoy(tmp_path, config, clean["shim"]) as envoy:
+        wait_for_window_room(60, 10)
+        before = scrape(clean["shim"])
+        statuses = [request(envoy.port, "/v1/search", SEARCH_KEY).status for _ in range(5)]
+        after = scrape(clean["shim"])
+        gateway = {n: envoy.stat(f"wasmcustom.tollgate_{n}_total") for n in ("requests_checked", "requests_allowed", "requests_denied")}
+    shim = {
+        series: after.get(series, 0) - before.get(series, 0)
+        for series in (
+            "tollgate_shim_checks_total",
+            'tollgate_shim_requests_total{decision="allowed"}',
+            'tollgate_shim_requests_total{decision="denied"}',
+            'tollgate_shim_http_requests_total{endpoint="check",status="200"}',
+            "tollgate_shim_redis_duration_seconds_count",
+        )
+    }
+    print(f"metrics after {statuses}: gateway {gateway}, shim {shim}")
+    assert statuses == [200, 200, 200, 429, 429]
+    assert gateway == {"requests_checked": 5, "requests_allowed": 3, "requests_denied": 2}
+    assert shim == {
+        "tollgate_shim_checks_total": 5,
+        'tollgate_shim_requests_total{decision="allowed"}': 3,
+        'tollgate_shim_requests_total{decision="denied"}': 2,
+        'tollgate_shim_http_requests_total{endpoint="check",status="200"}': 5,
+        "tollgate_shim_redis_duration_seconds_count": 5,
+    }
+
+
 def test_failed_open_is_counted(tmp_path):
     with run_envoy(tmp_path, plugin([rule("r", 10)]), free_port()) as envoy:
         assert [request(envoy.port, "/v1/search", SEARCH_KEY).status for _ in range(3)] == [200] * 3
