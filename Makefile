@@ -7,7 +7,7 @@ APT_PACKAGES := nginx-light libnginx-mod-http-lua lua-resty-core lua-resty-lruca
 	lua-cjson redis-server redis-tools lua-check wrk
 PYTEST ?= python3 -m pytest
 
-.PHONY: help setup setup-fuzz build run test unit-test fuzz fuzz-smoke lint validate fmt clean bench bench-setup
+.PHONY: help setup setup-fuzz build run test unit-test fuzz fuzz-smoke soak lint validate fmt clean bench bench-setup
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -56,6 +56,11 @@ bench-setup: ## Install oha (open-loop load generator) with cargo if missing; ta
 
 bench: setup build bench-setup ## Benchmark Tollgate against Envoy/nginx baselines (< 10 min): bench/results/latest.md, .svg
 	python3 bench/run.py
+
+SOAK_SECONDS ?= 600
+
+soak: setup build ## Steady load for SOAK_SECONDS (default 600): memory plateaus, every key has a TTL, no errors logged
+	python3 tests/soak.py $(SOAK_SECONDS)
 
 lint: ## rustfmt check, clippy on host and wasm targets, luacheck
 	cargo fmt --all -- --check
