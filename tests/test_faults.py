@@ -194,9 +194,10 @@ def test_shim_reloaded_under_load(tmp_path, backend):
         f = load.figures("shim reloaded 3x under load (failure_mode deny)")
         assert_envoy_healthy(envoy)
     assert f["answered"] == f["sent"]
-    # A graceful reload finishes in-flight requests; a request that races a closing keep-alive
-    # connection may still fail once.
-    assert f["failed_closed"] <= 3, f
+    # A graceful reload finishes in-flight requests, but closes idle keep-alive connections: a
+    # callout that Envoy sends on one at that instant fails (and takes the failure mode). A few
+    # per reload at most, never a hang.
+    assert f["failed_closed"] <= max(10, f["sent"] // 100), f
 
 
 class BrokenShim:
