@@ -66,6 +66,21 @@ fn property(paths: &[&[&str]]) -> Option<Vec<u8>> {
     })
 }
 
+/// A JSON `POST` to the shim (with its shared secret, if any) as an HTTP callout.
+fn post(shim: &ShimTarget, path: &str, body: &[u8]) -> Result<u32, HostError> {
+    let mut headers = vec![
+        (":method", "POST"),
+        (":path", path),
+        (":authority", shim.authority.as_str()),
+        ("content-type", "application/json"),
+    ];
+    if let Some(secret) = &shim.secret {
+        headers.push(("x-tollgate-secret", secret.0.as_str()));
+    }
+    hostcalls::dispatch_http_call(&shim.upstream, headers, Some(body), vec![], shim.timeout)
+        .map_err(HostError)
+}
+
 impl RequestView for WasmHost {
     fn header(&self, name: &str) -> Option<Vec<u8>> {
         hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
@@ -106,17 +121,7 @@ impl Host for WasmHost {
     }
 
     fn dispatch(&self, shim: &ShimTarget, body: &[u8]) -> Result<u32, HostError> {
-        let mut headers = vec![
-            (":method", "POST"),
-            (":path", shim.path.as_str()),
-            (":authority", shim.authority.as_str()),
-            ("content-type", "application/json"),
-        ];
-        if let Some(secret) = &shim.secret {
-            headers.push(("x-tollgate-secret", secret.0.as_str()));
-        }
-        hostcalls::dispatch_http_call(&shim.upstream, headers, Some(body), vec![], shim.timeout)
-            .map_err(HostError)
+        post(shim, &shim.path, body)
     }
 
     fn callout_status(&self) -> Option<u32> {
@@ -147,17 +152,7 @@ impl Host for WasmHost {
         body: &[u8],
     ) -> Result<u32, HostError> {
         hostcalls::set_effective_context(root_context_id).map_err(HostError)?;
-        let mut headers = vec![
-            (":method", "POST"),
-            (":path", shim.release_path.as_str()),
-            (":authority", shim.authority.as_str()),
-            ("content-type", "application/json"),
-        ];
-        if let Some(secret) = &shim.secret {
-            headers.push(("x-tollgate-secret", secret.0.as_str()));
-        }
-        hostcalls::dispatch_http_call(&shim.upstream, headers, Some(body), vec![], shim.timeout)
-            .map_err(HostError)
+        post(shim, &shim.release_path, body)
     }
 
     fn send_local_reply(&self, reply: &LocalReply) -> Result<(), HostError> {
