@@ -547,6 +547,9 @@ pub struct Config {
     pub simulated_skew_ms: i64,
     pub client_ip: ClientIp,
     pub rules: Vec<Rule>,
+    /// Some rule keeps per-request state (concurrency slots, sliding-log entries), which needs
+    /// a unique request id; otherwise none is made.
+    pub needs_request_id: bool,
 }
 
 impl Config {
@@ -605,7 +608,11 @@ impl TryFrom<RawConfig> for Config {
             rules.push(rule);
         }
 
+        let needs_request_id = rules
+            .iter()
+            .any(|r| matches!(r.algorithm, Algorithm::Concurrency | Algorithm::SlidingLog));
         Ok(Config {
+            needs_request_id,
             shim,
             failure_mode: raw.failure_mode,
             key_prefix: raw.key_prefix,

@@ -621,7 +621,11 @@ impl Context for TollgateHttp {
 impl HttpContext for TollgateHttp {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
         let plugin = self.plugin.clone();
-        let request_id = plugin.request_id();
+        let request_id = if plugin.config.needs_request_id {
+            plugin.request_id()
+        } else {
+            String::new()
+        };
         let now_ms = plugin.now();
         let checks = checks_for(&plugin.config, &WasmHost, now_ms, &request_id);
         if checks.is_empty() {
