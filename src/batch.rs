@@ -171,6 +171,11 @@ impl Batcher {
     pub fn queued(&self) -> usize {
         self.queue.len()
     }
+
+    /// Root batches waiting for their reply.
+    pub fn batches_in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
 }
 
 #[cfg(test)]

@@ -68,6 +68,10 @@ struct Plugin {
     breaker: RefCell<Breaker>,
     /// Gateway clock → Redis clock, learned from replies and shared by the workers.
     skew: Cell<SkewEstimator>,
+    /// A shared queue only this worker's root listens to: an HTTP context "kicks" it to have
+    /// the root send queued requests now instead of at the next tick.
+    kick_queue: Option<u32>,
+    kick_pending: Cell<bool>,
     /// Verdicts the root reached for queued requests that it allowed: the response headers to
     /// add and the slots to release, picked up by the request's own context.
     allowed: RefCell<HashMap<u32, (Headers, Slots)>>,
@@ -105,6 +109,24 @@ impl Plugin {
         skew.observe(sent_ms, received_ms, server_ms);
         self.skew.set(skew);
         WasmHost.shared_set(CLOCK_OFFSET_KEY, &clock::encode(skew.offset_ms()));
+    }
+
+    /// Asks the root to send queued requests now (at most one kick outstanding).
+    fn kick(&self) {
+        if let (Some(queue), false) = (self.kick_queue, self.kick_pending.get()) {
+            if WasmHost.enqueue(queue, b"k").is_ok() {
+                self.kick_pending.set(true);
+            }
+        }
+    }
+
+    /// The root's side of a kick.
+    fn on_kick(&self) {
+        if let Some(queue) = self.kick_queue {
+            WasmHost.drain_queue(queue);
+        }
+        self.kick_pending.set(false);
+        self.flush();
     }
 
     /// Picks up what other workers learned about the clock.
@@ -441,6 +463,14 @@ impl RootContext for TollgateRoot {
         let id_prefix = std::collections::hash_map::RandomState::new()
             .build_hasher()
             .finish();
+        // Named per VM (so per worker): each worker's root gets its own kicks.
+        let kick_queue = if config.coalesce {
+            WasmHost
+                .register_queue(&format!("tollgate.kick.{id_prefix:016x}"))
+                .ok()
+        } else {
+            None
+        };
         self.plugin = Some(Rc::new(Plugin {
             config,
             root_context_id: self.context_id,
@@ -453,6 +483,8 @@ impl RootContext for TollgateRoot {
             local: RefCell::new(LocalLimiter::default()),
             breaker: RefCell::new(Breaker::default()),
             skew: Cell::new(SkewEstimator::default()),
+            kick_queue,
+            kick_pending: Cell::new(false),
             allowed: RefCell::new(HashMap::new()),
         }));
         true
@@ -461,6 +493,12 @@ impl RootContext for TollgateRoot {
     fn on_tick(&mut self) {
         if let Some(plugin) = &self.plugin {
             plugin.on_tick();
+        }
+    }
+
+    fn on_queue_ready(&mut self, _queue_id: u32) {
+        if let Some(plugin) = &self.plugin {
+            plugin.on_kick();
         }
     }
 
@@ -591,7 +629,14 @@ impl Context for TollgateHttp {
         };
         let plugin = self.plugin.clone();
         if plugin.config.coalesce {
-            plugin.batcher.borrow_mut().alone_done();
+            let waiting = {
+                let mut batcher = plugin.batcher.borrow_mut();
+                batcher.alone_done();
+                batcher.queued() > 0 && batcher.batches_in_flight() == 0
+            };
+            if waiting {
+                plugin.kick();
+            }
         }
         let received_ms = plugin.gateway_ms();
         WasmHost.record_metric(
@@ -650,10 +695,16 @@ impl HttpContext for TollgateHttp {
         if alone {
             return self.dispatch_alone(checks, sent_ms);
         }
-        plugin
-            .batcher
-            .borrow_mut()
-            .enqueue(self.context_id, checks, sent_ms);
+        let idle_root = {
+            let mut batcher = plugin.batcher.borrow_mut();
+            batcher.enqueue(self.context_id, checks, sent_ms);
+            batcher.batches_in_flight() == 0
+        };
+        if idle_root {
+            // Only a request's own callout is in flight: nothing would send the queue before
+            // the next tick.
+            plugin.kick();
+        }
         self.state = State::Queued;
         Action::Pause
     }

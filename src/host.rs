@@ -49,6 +49,11 @@ pub trait Host: RequestView {
     /// an error means that context is gone.
     fn set_effective_context(&self, context_id: u32) -> Result<(), HostError>;
     fn set_tick_period_ms(&self, period_ms: u64);
+    /// A shared queue whose `on_queue_ready` runs on this (root) context's worker.
+    fn register_queue(&self, name: &str) -> Result<u32, HostError>;
+    fn enqueue(&self, queue_id: u32, value: &[u8]) -> Result<(), HostError>;
+    /// Empties a queue; returns how many items it held.
+    fn drain_queue(&self, queue_id: u32) -> usize;
     /// Shared data, visible to every worker of this VM (the over-limit cache).
     fn shared_get(&self, key: &str) -> Option<Vec<u8>>;
     fn shared_set(&self, key: &str, value: &[u8]);
@@ -201,5 +206,21 @@ impl Host for WasmHost {
 
     fn set_tick_period_ms(&self, period_ms: u64) {
         let _ = hostcalls::set_tick_period(std::time::Duration::from_millis(period_ms));
+    }
+
+    fn register_queue(&self, name: &str) -> Result<u32, HostError> {
+        hostcalls::register_shared_queue(name).map_err(HostError)
+    }
+
+    fn enqueue(&self, queue_id: u32, value: &[u8]) -> Result<(), HostError> {
+        hostcalls::enqueue_shared_queue(queue_id, Some(value)).map_err(HostError)
+    }
+
+    fn drain_queue(&self, queue_id: u32) -> usize {
+        let mut n = 0;
+        while let Ok(Some(_)) = hostcalls::dequeue_shared_queue(queue_id) {
+            n += 1;
+        }
+        n
     }
 }
