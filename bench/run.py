@@ -1,0 +1,894 @@
+#!/usr/bin/env python3
+"""The Tollgate benchmark: `make bench` (or `python3 bench/run.py [--quick]`).
+
+Runs each setup in turn on this machine, with the same load generators, and reports every
+number next to the baseline measured in the same run (bench/README.md says how to read it):
+
+  A   Envoy, no rate limiting (direct_response)                       baseline of A-C, E-G
+  B   Envoy + envoy.filters.http.local_ratelimit (nothing denied)
+  C   Envoy + envoy.filters.http.lua: httpCall to the shim, same check as Tollgate
+  D0  nginx + Lua content handler, no limiting                        baseline of D
+  D   the same nginx, access_by_lua doing INCR + EXPIRE in Redis itself
+  E0  Tollgate loaded, but no rule applies: the Wasm filter's own cost, no callout
+  E   Tollgate, every request checked in Redis (nothing denied; callouts coalesced, the default)
+  E1  the same with coalescing off: one callout per request, like C
+  F   Tollgate under abuse: every request over its limit (1 per minute)
+  G   Tollgate with the shim down (failure_mode allow, the cluster on a closed port)
+
+Per setup: saturation throughput (closed loop, wrk, 32 and 128 connections), latency
+percentiles at fixed offered rates (open loop, oha; 25/50/75 % of A's throughput at 32
+connections, and 10 %, a rate every setup should sustain), CPU microseconds per request of
+Envoy, nginx and Redis (/proc utime+stime over the measured phases ÷ requests completed), peak
+RSS (VmHWM), shim calls and Redis commands per request, and for E Redis memory per key.
+
+Every process gets fresh random loopback ports and is stopped when its setup ends, even on
+failure; configs and logs stay in bench/.work/<setup>/. Results: bench/results/latest.md and
+latest.svg. Standard library only; the Envoy config comes from tests/envoy_harness.py.
+"""
+
+import argparse
+import collections
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import http.client
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+WORK = BENCH / ".work"
+RESULTS = BENCH / "results"
+# The .wasm every setup loads: a copy taken at the start, so a rebuild during the run cannot
+# give setups different filters (and the sha256 in the results names what ran).
+WASM_COPY = WORK / "tollgate.wasm"
+# What is benchmarked: the work tree's build and shim, unless --wasm / --shim-dir say otherwise.
+SOURCES = {"wasm": None, "shim": None}
+sys.path.insert(0, str(ROOT / "tests"))
+
+# One place for Envoy configs and process handling: the end-to-end test harness.
+from envoy_harness import WASM, Envoy, envoy_command, envoy_config, plugin, route, rule, wait_ready  # noqa: E402
+from envoy_harness import stop as stop_popen  # noqa: E402
+from shim_harness import SHIM_DIR, Proc, free_port, redis_cli, redis_info, start_redis, start_shim, stop  # noqa: E402
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+WRK_THREADS = 2           # one per core; the load generator shares the cores with everything else
+LATENCY_CONNECTIONS = 32  # oha's connections for the fixed-rate phases
+REDIS_POOL_SIZE = 256     # idle Redis connections per nginx worker, shim and D alike (> 128 conns)
+NGINX_MODULES_DIR = os.environ.get("NGINX_MODULES_DIR", "/usr/share/nginx/modules")
+# `cargo install oha` puts it in ~/.cargo/bin, which is not always on PATH.
+OHA = shutil.which("oha") or str(Path.home() / ".cargo" / "bin" / "oha")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How long each phase runs."""
+
+    warmup_s: int
+    saturation_s: int
+    rate_s: int
+    connections: tuple
+    load_fractions: tuple   # offered rates, as fractions of A's throughput at 32 connections
+    memory_keys: int        # distinct keys for E's Redis memory phase
+
+
+FULL = Plan(warmup_s=1, saturation_s=5, rate_s=5, connections=(32, 128), load_fractions=(0.1, 0.25, 0.5, 0.75),
+            memory_keys=10_000)
+QUICK = Plan(warmup_s=1, saturation_s=1, rate_s=1, connections=(32, 128), load_fractions=(0.5,), memory_keys=1_000)
+
+
+# --- Results ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Latency:
+    offered: float
+    achieved: float
+    p50: float   # milliseconds
+    p90: float
+    p99: float
+    p999: float
+    statuses: dict
+    errors: int
+
+
+@dataclasses.dataclass
+class Row:
+    """One setup's numbers."""
+
+    key: str
+    name: str
+    base: str                                               # the row its ratios are against
+    rps: dict = dataclasses.field(default_factory=dict)     # connections -> req/s
+    latency: dict = dataclasses.field(default_factory=dict)  # load fraction -> Latency
+    cpu_ticks: dict = dataclasses.field(default_factory=dict)  # role -> clock ticks
+    requests: int = 0                                       # completed in the measured phases
+    statuses: dict = dataclasses.field(default_factory=dict)  # "2xx", "non-2xx", "socket errors" -> n
+    rss_kb: dict = dataclasses.field(default_factory=dict)  # role -> VmHWM
+    counters: dict = dataclasses.field(default_factory=dict)  # see counters(): deltas over the phases
+    memory_per_key: dict = None
+    error: str = None
+    warning: str = None
+
+    def per_request(self, counter):
+        if counter not in self.counters or not self.requests:
+            return None
+        return self.counters[counter] / self.requests
+
+    def cpu_us_per_request(self, role):
+        if role not in self.cpu_ticks or not self.requests:
+            return None
+        return self.cpu_ticks[role] / CLK_TCK * 1e6 / self.requests
+
+
+# --- Processes -------------------------------------------------------------------------------
+
+def descendants(pid: int) -> list:
+    """pid and every process below it (nginx workers, Envoy under func-e)."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                todo.extend(int(c) for c in task.read_text().split())
+    return found
+
+
+def cpu_ticks(pids) -> int:
+    """utime + stime of these processes (all their threads), in clock ticks."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])   # fields 14 and 15 of proc(5)
+    return total
+
+
+def peak_rss_kb(pids) -> int:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            m = re.search(r"^VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.M)
+            total += int(m.group(1)) if m else 0
+    return total
+
+
+@contextlib.contextmanager
+def owned(proc: Proc):
+    try:
+        yield proc
+    finally:
+        stop(proc)
+
+
+def wait_http(url: str, what: str, popen: subprocess.Popen, logs, deadline_s: float = 10.0):
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if popen.poll() is not None:
+            raise RuntimeError(f"{what} exited with {popen.returncode}; see {logs}")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{what} not ready after {deadline_s}s; see {logs}")
+
+
+@dataclasses.dataclass
+class Target:
+    """What the load generators hit, and the processes whose costs count."""
+
+    url: str
+    roles: dict          # role ("envoy", "nginx", "redis") -> root pid
+    envoy: Envoy = None
+    redis_port: int = None
+    shim_up: bool = False   # a shim is running: every callout should succeed
+
+    def pids(self) -> dict:
+        return {role: descendants(pid) for role, pid in self.roles.items()}
+
+
+# --- Configs ---------------------------------------------------------------------------------
+
+# The same routes for every Envoy setup; the route metadata picks the Tollgate rules.
+ROUTES = [
+    route("keys", {"prefix": "/keys"}, policy="keys", body="ok\n"),
+    route("bench", {"prefix": "/"}, policy="bench", body="ok\n"),
+]
+NO_DENY = 10**9
+
+# E and G: a per-client-IP rule on every request, a per-API-key rule on /keys (memory phase).
+CHECKED_RULES = [
+    rule("bench", NO_DENY, descriptors=["client_ip"], match={"policies": ["bench"]}),
+    rule("keys", NO_DENY, descriptors=["header:x-api-key"], match={"policies": ["keys"]}),
+]
+# E0: the filter runs on every request, but no rule applies: what the Wasm costs by itself.
+NO_MATCH_RULES = [rule("bench", NO_DENY, descriptors=["client_ip"], match={"path_prefix": "/never"})]
+# F: one key, one request per minute: after the first request everything is over the limit.
+ABUSE_RULES = [rule("bench", 1, descriptors=["client_ip"])]
+
+LOCAL_RATELIMIT = {
+    "name": "envoy.filters.http.local_ratelimit",
+    "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+        "stat_prefix": "bench_local_rate_limit",
+        "token_bucket": {"max_tokens": NO_DENY, "tokens_per_fill": NO_DENY, "fill_interval": "1s"},
+        # Both default to 0 %: without them the filter neither counts nor enforces.
+        "filter_enabled": {"runtime_key": "lrl_enabled", "default_value": {"numerator": 100}},
+        "filter_enforced": {"runtime_key": "lrl_enforced", "default_value": {"numerator": 100}},
+    },
+}
+
+
+def lua_filter() -> dict:
+    return {
+        "name": "envoy.filters.http.lua",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+            "default_source_code": {"inline_string": (BENCH / "envoy" / "lua_check.lua").read_text()},
+        },
+    }
+
+
+def envoy_bootstrap(filter_kind: str, rules, shim_port: int, port: int, admin_port: int, **plugin_options) -> dict:
+    """tests/envoy_harness.py's config, with the Wasm filter swapped for `filter_kind`'s."""
+    tollgate = plugin(rules or CHECKED_RULES, **plugin_options)
+    config = envoy_config(tollgate, shim_port, port, admin_port, routes=ROUTES)
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    wasm, router = hcm["http_filters"]
+    wasm["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] = str(WASM_COPY)
+    hcm["stat_prefix"] = "bench"
+    hcm["http_filters"] = {
+        "none": [],
+        "local_ratelimit": [LOCAL_RATELIMIT],
+        "lua": [lua_filter()],
+        "tollgate": [wasm],
+    }[filter_kind] + [router]
+    return config
+
+
+def render_nginx_conf(listen_port: int, redis_port: int) -> str:
+    conf = (BENCH / "nginx" / "nginx.conf.in").read_text()
+    values = {
+        "NGINX_MODULES_DIR": NGINX_MODULES_DIR,
+        "BENCH_NGINX_DIR": str(BENCH / "nginx"),
+        "LISTEN": f"127.0.0.1:{listen_port}",
+        "REDIS_PORT": str(redis_port),
+        "POOL_SIZE": str(REDIS_POOL_SIZE),
+    }
+    for name, value in values.items():
+        conf = conf.replace("${" + name + "}", value)
+    return conf
+
+
+# --- Setups ----------------------------------------------------------------------------------
+
+def redis_and_shim(work: Path, stack: contextlib.ExitStack) -> tuple:
+    """Starts Redis and the shim (one worker) in front of it; `stack` stops them."""
+    redis = stack.enter_context(owned(start_redis(work / "redis")))
+    shim = stack.enter_context(owned(start_shim(work / "shim", redis.port, shim_dir=SOURCES["shim"],
+                                                SHIM_WORKERS=1, REDIS_POOL_SIZE=REDIS_POOL_SIZE)))
+    return redis, shim
+
+
+@contextlib.contextmanager
+def envoy_target(work: Path, filter_kind: str, rules=None, with_shim=False, **plugin_options):
+    """Envoy (one worker) with `filter_kind`, and Redis + the shim when the setup uses them."""
+    with contextlib.ExitStack() as stack:
+        roles, redis_port = {}, None
+        shim_port = free_port()   # closed, unless a shim takes it below
+        if with_shim:
+            redis, shim = redis_and_shim(work, stack)
+            shim_port, redis_port = shim.port, redis.port
+            roles.update(nginx=shim.popen.pid, redis=redis.popen.pid)
+        port, admin_port = free_port(), free_port()
+        config_path = work / "envoy.json"
+        config = envoy_bootstrap(filter_kind, rules, shim_port, port, admin_port, **plugin_options)
+        config_path.write_text(json.dumps(config, indent=1))
+        log_path = work / "envoy.log"
+        cmd, env = envoy_command(config_path, ["--concurrency", "1", "-l", "warn", "--log-path", str(log_path)])
+        with open(work / "envoy.stdout", "wb") as out:
+            popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=work)
+        stack.callback(stop_popen, popen)
+        envoy = Envoy(popen, port, admin_port, log_path)
+        wait_ready(envoy)
+        roles["envoy"] = popen.pid
+        yield Target(f"http://127.0.0.1:{port}/", roles, envoy, redis_port, shim_up=with_shim)
+
+
+@contextlib.contextmanager
+def nginx_target(work: Path, path: str, with_redis: bool):
+    """Setup D's nginx (bench/nginx/), one worker; Redis only when the location uses it."""
+    with contextlib.ExitStack() as stack:
+        roles, redis_port = {}, free_port()
+        if with_redis:
+            redis = stack.enter_context(owned(start_redis(work / "redis")))
+            roles["redis"], redis_port = redis.popen.pid, redis.port
+        port = free_port()
+        for d in ("logs", "tmp"):
+            (work / d).mkdir(parents=True, exist_ok=True)
+        (work / "nginx.conf").write_text(render_nginx_conf(port, redis_port))
+        with open(work / "stderr.log", "wb") as err:
+            popen = subprocess.Popen(
+                ["nginx", "-p", f"{work}/", "-c", str(work / "nginx.conf"), "-g", "daemon off;"],
+                stdin=subprocess.DEVNULL, stdout=err, stderr=subprocess.STDOUT)
+        stack.callback(stop_popen, popen)
+        url = f"http://127.0.0.1:{port}{path}"
+        wait_http(url, "nginx", popen, work / "logs" / "error.log")
+        roles["nginx"] = popen.pid
+        yield Target(url, roles, None, redis_port if with_redis else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    key: str
+    name: str
+    base: str
+    start: object   # work dir -> context manager yielding a Target
+
+
+SETUPS = [
+    Setup("A", "Envoy, no rate limiting (direct_response)", "A",
+          lambda w: envoy_target(w, "none")),
+    Setup("B", "Envoy + local_ratelimit (token bucket, nothing denied)", "A",
+          lambda w: envoy_target(w, "local_ratelimit")),
+    Setup("C", "Envoy + Lua filter, httpCall to the shim", "A",
+          lambda w: envoy_target(w, "lua", with_shim=True)),
+    Setup("D0", "nginx + Lua, no limiting", "D0",
+          lambda w: nginx_target(w, "/plain", with_redis=False)),
+    Setup("D", "nginx + Lua, INCR+EXPIRE in Redis (access phase)", "D0",
+          lambda w: nginx_target(w, "/limited", with_redis=True)),
+    Setup("E0", "Tollgate loaded, no rule applies (no callout)", "A",
+          lambda w: envoy_target(w, "tollgate", NO_MATCH_RULES)),
+    Setup("E", "Tollgate, every request checked in Redis", "A",
+          lambda w: envoy_target(w, "tollgate", with_shim=True)),
+    Setup("E1", "Tollgate, coalescing off: one callout per request", "A",
+          lambda w: envoy_target(w, "tollgate", with_shim=True, coalesce=False)),
+    Setup("F", "Tollgate under abuse (all over the limit)", "A",
+          lambda w: envoy_target(w, "tollgate", ABUSE_RULES, with_shim=True)),
+    Setup("G", "Tollgate, shim down (failure_mode allow)", "A",
+          lambda w: envoy_target(w, "tollgate")),
+]
+
+
+# --- Load ------------------------------------------------------------------------------------
+
+class LoadLog:
+    """Keeps every load generator's command and output in the setup's work dir."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def run(self, cmd, timeout_s) -> str:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        with open(self.path, "a") as f:
+            f.write(f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}\n")
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
+        return proc.stdout
+
+
+def wrk(log: LoadLog, url: str, connections: int, seconds: int) -> tuple:
+    """Closed loop: (requests completed, req/s, statuses)."""
+    out = log.run(["wrk", "-t", str(WRK_THREADS), "-c", str(connections), "-d", f"{seconds}s", "--timeout", "2s", url],
+                  seconds + 30)
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    failed = int(non_2xx.group(1)) if non_2xx else 0
+    return requests, rps, {"2xx": requests - failed, "non-2xx": failed,
+                           "socket errors": sum(int(n) for n in errors.groups()) if errors else 0}
+
+
+def oha(log: LoadLog, url: str, rate: float, seconds: int) -> Latency:
+    """Open loop at `rate` req/s; latency counted from each request's scheduled start."""
+    out = log.run([OHA, "--no-tui", "--output-format", "json", "--latency-correction",
+                   "-q", f"{rate:.0f}", "-z", f"{seconds}s", "-c", str(LATENCY_CONNECTIONS), url], seconds + 60)
+    data = json.loads(out)
+    pct = data["latencyPercentiles"]
+    statuses = {str(k): v for k, v in data.get("statusCodeDistribution", {}).items()}
+    ms = lambda s: (s or 0.0) * 1000  # noqa: E731
+    return Latency(
+        offered=rate,
+        achieved=sum(statuses.values()) / seconds,
+        p50=ms(pct["p50"]), p90=ms(pct["p90"]), p99=ms(pct["p99"]), p999=ms(pct["p99.9"]),
+        statuses=statuses,
+        # Requests still in flight when -z ends are "aborted due to deadline": not failures.
+        errors=sum(n for e, n in data.get("errorDistribution", {}).items() if "deadline" not in e),
+    )
+
+
+def counters(target: Target) -> dict:
+    """What the setup did, to check it does what it says: callouts Envoy made to the shim cluster
+    (failed connects included) and how many failed (4xx, 5xx: refused, timed out, shim error);
+    commands Redis processed, those its scripts ran included."""
+    c = {}
+    if target.envoy:
+        stat = lambda name: target.envoy.stat(f"cluster.tollgate_shim.{name}")  # noqa: E731
+        c["callouts"] = stat("upstream_rq_completed")
+        c["callouts_failed"] = stat("upstream_rq_4xx") + stat("upstream_rq_5xx")
+    if target.redis_port:
+        c["redis_commands"] = int(redis_info(target.redis_port, "stats")["total_commands_processed"])
+    return c
+
+
+@contextlib.contextmanager
+def metered(row: Row, target: Target):
+    """Adds the CPU the target's processes spend inside the block, and its counters, to the row."""
+    pids = target.pids()
+    before, counted = {role: cpu_ticks(p) for role, p in pids.items()}, counters(target)
+    yield
+    for role, p in pids.items():
+        count(row.cpu_ticks, {role: cpu_ticks(p) - before[role]})
+    count(row.counters, {k: v - counted[k] for k, v in counters(target).items()})
+
+
+def perf_record(target: Target, work: Path, seconds: int):
+    """`perf record` on Envoy for `seconds` (started in the background); --perf only. Envoy's
+    binary is stripped, so the report splits by DSO: envoy, kernel, the V8 JIT (the Wasm)."""
+    if "envoy" not in target.roles or not shutil.which("perf"):
+        return None
+    return subprocess.Popen(
+        ["perf", "record", "-F", "499", "-g", "-o", str(work / "perf.data"), "-p", str(target.roles["envoy"]),
+         "--", "sleep", str(seconds)],
+        stdout=subprocess.DEVNULL, stderr=open(work / "perf.log", "wb"))
+
+
+def perf_report(work: Path):
+    with open(work / "perf.txt", "w") as out:
+        subprocess.run(["perf", "report", "-i", str(work / "perf.data"), "--stdio", "--no-children",
+                        "--sort", "dso", "-g", "none"],
+                       stdout=out, stderr=subprocess.DEVNULL, timeout=120)
+
+
+def measure(setup: Setup, target: Target, plan: Plan, rates, work: Path, perf: bool) -> Row:
+    """Saturation at each connection count, then latency at each offered rate. `rates` (load
+    fraction -> req/s) is None for A, which derives them from its own throughput at 32."""
+    row = Row(setup.key, setup.name, setup.base)
+    log = LoadLog(work / "load.log")
+    for connections in plan.connections:
+        wrk(log, target.url, connections, plan.warmup_s)
+        recorder = perf and connections == plan.connections[0] and perf_record(target, work, plan.saturation_s)
+        with metered(row, target):
+            requests, rps, statuses = wrk(log, target.url, connections, plan.saturation_s)
+        if recorder:
+            recorder.wait()
+            perf_report(work)
+        row.rps[connections] = rps
+        row.requests += requests
+        count(row.statuses, statuses)
+    if rates is None:
+        rates = {f: row.rps[plan.connections[0]] * f for f in plan.load_fractions}
+    for fraction, rate in rates.items():
+        with metered(row, target):
+            lat = oha(log, target.url, rate, plan.rate_s)
+        row.latency[fraction] = lat
+        row.requests += sum(lat.statuses.values())
+        count(row.statuses, {"2xx" if s.startswith("2") else "non-2xx": n for s, n in lat.statuses.items()})
+        count(row.statuses, {"socket errors": lat.errors})
+    row.rss_kb = {role: peak_rss_kb(p) for role, p in target.pids().items()}
+    # A few timeouts under overload are real; more than 1 % means the shim is broken.
+    failed = row.counters.get("callouts_failed", 0)
+    if target.shim_up and failed > 0.01 * row.counters.get("callouts", 0):
+        row.warning = (f"{failed} of {row.counters['callouts']} shim calls failed, so this row does not measure what "
+                       f"it says: see bench/.work/{setup.key}/shim/logs/error.log")
+    return row
+
+
+def count(into: dict, counts: dict):
+    for k, n in counts.items():
+        into[k] = into.get(k, 0) + n
+
+
+def memory_per_key(target: Target, keys: int, threads: int = 8) -> dict:
+    """E only: `keys` requests to /keys, each with its own x-api-key, so Tollgate creates that
+    many Redis counters; INFO memory before and after ÷ the keys created."""
+    host, port = "127.0.0.1", int(target.url.split(":")[2].split("/")[0])
+
+    def send(first):
+        statuses = collections.Counter()
+        conn = http.client.HTTPConnection(host, port, timeout=5)
+        for i in range(first, keys, threads):
+            conn.request("GET", "/keys", headers={"x-api-key": f"bench-key-{i:08d}"})
+            response = conn.getresponse()
+            response.read()
+            statuses[response.status] += 1
+        conn.close()
+        return statuses
+
+    used = lambda: int(redis_info(target.redis_port, "memory")["used_memory"])  # noqa: E731
+    keys_before, mem_before = redis_cli(target.redis_port, "DBSIZE"), used()
+    with ThreadPoolExecutor(threads) as pool:
+        statuses = dict(sum(pool.map(send, range(threads)), collections.Counter()))
+    keys_after, mem_after = redis_cli(target.redis_port, "DBSIZE"), used()
+    created = keys_after - keys_before
+    _, sample = redis_cli(target.redis_port, "SCAN", "0", "MATCH", "tollgate:{keys|*", "COUNT", "1000")
+    return {
+        "keys": created,
+        "statuses": statuses,
+        "bytes_per_key": (mem_after - mem_before) / created if created else None,
+        "memory_usage_sample": redis_cli(target.redis_port, "MEMORY", "USAGE", sample[0]) if sample else None,
+        "sample_key": sample[0].decode() if sample else None,
+    }
+
+
+# --- Report ----------------------------------------------------------------------------------
+
+def fmt(v, spec=".0f", none="–"):
+    return none if v is None else format(v, spec)
+
+
+def ratio(row: Row, rows: dict, connections: int):
+    base = rows.get(row.base)
+    if not base or connections not in base.rps or connections not in row.rps or not base.rps[connections]:
+        return None
+    return row.rps[connections] / base.rps[connections]
+
+
+def markdown(rows: dict, plan: Plan, meta: dict) -> str:
+    conns = plan.connections
+    out = [
+        "# Tollgate benchmark",
+        "",
+        f"- **Date**: {meta['date']} (took {meta['took']})",
+        f"- **Command**: `{meta['command']}` — {meta['plan']}",
+        f"- **Machine**: {meta['machine']}",
+        f"- **Versions**: {meta['versions']}",
+        f"- **Tollgate**: {meta['tollgate']}",
+        f"- **Drift**: A again at the end of the run: {meta['drift']}. Other tenants move absolute numbers a lot;",
+        "  compare ratios within one run.",
+        "- Envoy `--concurrency 1`, one nginx worker (shim and D), Redis, wrk and oha all on the same cores.",
+        "  Ratios are against the baseline of the same run: A for Envoy setups, D0 for D. See bench/README.md.",
+        "",
+        f"## Throughput at saturation (closed loop: wrk -t{WRK_THREADS}, {plan.saturation_s} s after a "
+        f"{plan.warmup_s} s warm-up)",
+        "",
+        "| | setup | " + " | ".join(f"req/s @{c} | vs base @{c}" for c in conns)
+        + " | shim calls/req | Redis cmds/req | responses |",
+        "|---|---|" + "---:|---:|" * len(conns) + "---:|---:|---|",
+    ]
+    for r in rows.values():
+        if r.error:
+            out.append(f"| {r.key} | {r.name} | failed: {r.error} |")
+            continue
+        cells = [f"{fmt(r.rps.get(c))} | {fmt(ratio(r, rows, c), '.2f')}×" for c in conns]
+        st = r.statuses
+        responses = f"{st.get('2xx', 0)} 2xx, {st.get('non-2xx', 0)} non-2xx"
+        if st.get("socket errors"):
+            responses += f", {st['socket errors']} socket errors"
+        if r.counters.get("callouts_failed"):
+            responses += f"; {r.counters['callouts_failed']} shim calls failed"
+        out.append(f"| {r.key} | {r.name} | " + " | ".join(cells) + f" | {fmt(r.per_request('callouts'), '.3f')} | "
+                   f"{fmt(r.per_request('redis_commands'), '.3f')} | {responses} |")
+    out += [
+        "",
+        f"## Latency at fixed offered rates (open loop: oha -q RATE --latency-correction, "
+        f"{LATENCY_CONNECTIONS} connections, {plan.rate_s} s)",
+        "",
+        "Rates are fractions of A's throughput at 32 connections. Milliseconds; *added* = p50 / p99 "
+        "minus the baseline's at the same rate. An achieved rate below the offered one means the setup "
+        "is past saturation there: its latency is mostly queueing.",
+        "",
+        "| | setup | load | offered req/s | achieved | p50 | p90 | p99 | p99.9 | added p50 | added p99 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows.values():
+        for fraction, lat in r.latency.items():
+            base = rows.get(r.base)
+            blat = base.latency.get(fraction) if base else None
+            def added(p, lat=lat, blat=blat, r=r):
+                return None if blat is None or r.key == r.base else getattr(lat, p) - getattr(blat, p)
+            out.append(
+                f"| {r.key} | {r.name} | {fraction:.0%} | {lat.offered:.0f} | {lat.achieved:.0f} | "
+                f"{lat.p50:.2f} | {lat.p90:.2f} | {lat.p99:.2f} | {lat.p999:.2f} | "
+                f"{fmt(added('p50'), '+.2f')} | {fmt(added('p99'), '+.2f')} |")
+    out += [
+        "",
+        "## Cost per request",
+        "",
+        "CPU: utime+stime from /proc/PID/stat over all measured phases (warm-ups excluded) ÷ requests "
+        "completed in them. *nginx* is the shim (C, E, E1, F) or D's own nginx (master + worker). Peak RSS: "
+        "VmHWM at the end of the setup.",
+        "",
+        "| | setup | CPU µs/req Envoy | nginx | Redis | total | peak RSS MB Envoy | nginx | Redis |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows.values():
+        if r.error:
+            continue
+        cpu = [r.cpu_us_per_request(role) for role in ("envoy", "nginx", "redis")]
+        total = sum(c for c in cpu if c is not None)
+        rss = [r.rss_kb.get(role) for role in ("envoy", "nginx", "redis")]
+        out.append(f"| {r.key} | {r.name} | " + " | ".join(fmt(c) for c in cpu) + f" | {total:.0f} | "
+                   + " | ".join(fmt(m / 1024 if m is not None else None, '.1f') for m in rss) + " |")
+    mem = rows.get("E") and rows["E"].memory_per_key
+    if mem:
+        out += [
+            "",
+            "## Redis memory per active key (E)",
+            "",
+            f"{mem['keys']} requests with distinct `x-api-key` values (statuses {mem['statuses']}) created "
+            f"{mem['keys']} counters: INFO `used_memory` grew by **{fmt(mem['bytes_per_key'])} bytes per key** "
+            f"(`MEMORY USAGE` of one, `{mem['sample_key']}`: {mem['memory_usage_sample']} bytes).",
+        ]
+    problems = [f"- **{r.key}**: {r.error or r.warning}" for r in rows.values() if r.error or r.warning]
+    if problems:
+        out += ["", "## Problems in this run", "", *problems]
+    return "\n".join(out) + "\n"
+
+
+def overloaded(lat: Latency) -> bool:
+    """Past saturation at this offered rate: the open-loop queue grows, latency is queueing."""
+    return lat.achieved < 0.95 * lat.offered
+
+
+def nice_ticks(low: float, high: float, n: int = 5) -> list:
+    """Round axis ticks covering low..high (low <= 0 <= high), zero among them."""
+    raw = (high - low) / n or 1.0
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    return [step * i for i in range(math.floor(low / step), math.ceil(high / step) + 1)]
+
+
+class BarPanel:
+    """One grouped bar chart in the SVG: groups (setups) of bars (series) on a linear axis."""
+
+    WIDTH, LEFT, BAR, GAP, HEIGHT = 900, 70, 30, 34, 190
+
+    def __init__(self, y0, title, series_colors, value_fmt):
+        self.y0, self.title, self.colors, self.fmt = y0, title, series_colors, value_fmt
+
+    def render(self, groups, low, high, clipped_note=None) -> list:
+        """groups: [(label, [(value or None, clipped?)])]. The axis spans low..high; a value
+        outside is drawn to the edge, and hatched when marked clipped, with its real value."""
+        p, top_y, bottom_y = [], self.y0, self.y0 + self.HEIGHT
+        p.append(f'<text x="{self.LEFT}" y="{self.y0 - 14}" font-size="14" font-weight="bold">{esc(self.title)}</text>')
+        ticks = nice_ticks(min(low, 0.0), max(high, 0.0))
+        lo, hi = ticks[0], ticks[-1]
+        y_of = lambda v: bottom_y - (bottom_y - top_y) * (max(lo, min(v, hi)) - lo) / (hi - lo)  # noqa: E731
+        for t in ticks:
+            p.append(f'<line x1="{self.LEFT}" y1="{y_of(t):.1f}" x2="{self.WIDTH - 10}" y2="{y_of(t):.1f}" '
+                     f'stroke="{"#999" if t == 0 else "#e3e3e3"}"/>')
+            p.append(f'<text x="{self.LEFT - 6}" y="{y_of(t) + 4:.1f}" font-size="10" text-anchor="end">'
+                     f'{self.fmt(t)}</text>')
+        zero, x = y_of(0.0), self.LEFT + 12
+        for label, bars in groups:
+            for j, (v, clipped) in enumerate(bars):
+                bx, cx = x + j * self.BAR, x + j * self.BAR + (self.BAR - 3) / 2
+                if v is None:
+                    p.append(f'<text x="{cx}" y="{zero - 3}" font-size="9" text-anchor="middle">n/a</text>')
+                    continue
+                y = y_of(v)
+                fill = f"url(#hatch{j})" if clipped else list(self.colors.values())[j]
+                p.append(f'<rect x="{bx}" y="{min(y, zero):.1f}" width="{self.BAR - 3}" height="{abs(zero - y):.1f}" '
+                         f'fill="{fill}"><title>{esc(label)}: {self.fmt(v)}</title></rect>')
+                label_y = y - 3 if v >= 0 else y + 11
+                p.append(f'<text x="{cx}" y="{label_y:.1f}" font-size="9" text-anchor="middle">'
+                         f'{self.fmt(v)}{"*" if clipped else ""}</text>')
+            p.append(f'<text x="{x + len(bars) * self.BAR / 2}" y="{bottom_y + 15}" font-size="12" '
+                     f'text-anchor="middle" font-weight="bold">{esc(label)}</text>')
+            x += len(bars) * self.BAR + self.GAP
+        lx = self.LEFT + 12
+        for name, color in self.colors.items():
+            p.append(f'<rect x="{lx}" y="{bottom_y + 26}" width="10" height="10" fill="{color}"/>')
+            p.append(f'<text x="{lx + 14}" y="{bottom_y + 35}" font-size="11">{esc(name)}</text>')
+            lx += 24 + 6 * len(name)
+        if clipped_note:
+            p.append(f'<text x="{lx + 10}" y="{bottom_y + 35}" font-size="11" fill="#555">{esc(clipped_note)}</text>')
+        return p
+
+
+def latency_panel(rows: dict, shown: list, fraction: float, y0: int) -> list:
+    """Added p50 / p99 over the baseline at one offered rate; overloaded setups hatched."""
+    groups, in_range = [], [0.5]
+    for r in shown:
+        lat, base = r.latency.get(fraction), rows[r.base].latency.get(fraction) if r.base in rows else None
+        bars = []
+        for p in ("p50", "p99"):
+            if lat is None or base is None:
+                bars.append((None, False))
+                continue
+            bars.append((getattr(lat, p) - getattr(base, p), overloaded(lat)))
+            if not overloaded(lat):
+                in_range.append(getattr(lat, p) - getattr(base, p))
+        groups.append((r.key, bars))
+    rate = rows["A"].latency[fraction].offered if "A" in rows and fraction in rows["A"].latency else 0
+    panel = BarPanel(y0, f"Added latency at {fraction:.0%} of A's throughput ({rate:.0f} req/s, open loop), "
+                     "ms over the baseline", {"p50": "#f28e2b", "p99": "#e15759"},
+                     lambda v: f"{v:.0f}" if abs(v) >= 10 else f"{v:.2f}")
+    return panel.render(groups, min(in_range) * 1.2, max(in_range) * 1.2,
+                        "* hatched: past saturation at this rate (queueing), axis clipped")
+
+
+def svg_chart(rows: dict, plan: Plan, meta: dict) -> str:
+    """Throughput vs the baseline at each connection count; added p50/p99 latency at 50 % load
+    and at the lowest rate."""
+    shown = [r for r in rows.values() if not r.error and r.key != r.base]
+    conns = plan.connections
+    blues = ["#4e79a7", "#a0cbe8", "#2b4c6f"]
+    throughput = BarPanel(50, "Throughput at saturation vs the baseline (A; for D: D0), closed loop",
+                          {f"{c} connections": blues[i % 3] for i, c in enumerate(conns)}, lambda v: f"{v:.2f}×")
+    groups = [(r.key, [(ratio(r, rows, c), False) for c in conns]) for r in shown]
+    parts = throughput.render(groups, 0.0, max([1.0] + [v for _, bars in groups for v, _ in bars if v is not None]))
+
+    # The issue's view (50 % of A), and the lowest rate, where every setup should keep up.
+    fractions = sorted({0.5 if 0.5 in plan.load_fractions else plan.load_fractions[-1], min(plan.load_fractions)},
+                       reverse=True)
+    for i, fraction in enumerate(fractions):
+        parts += latency_panel(rows, shown, fraction, 350 + 300 * i)
+
+    y = 350 + 300 * len(fractions) - 30
+    for r in rows.values():
+        parts.append(f'<text x="{BarPanel.LEFT}" y="{y}" font-size="11" fill="#333"><tspan font-weight="bold">'
+                     f'{esc(r.key)}</tspan>  {esc(r.name)}</text>')
+        y += 15
+    parts.append(f'<text x="{BarPanel.LEFT}" y="{y + 6}" font-size="10" fill="#777">{esc(meta["date"])}, '
+                 f'{esc(meta["plan"])}; every number, the machine and the versions: bench/results/latest.md</text>')
+    hatches = "".join(
+        f'<pattern id="hatch{j}" width="6" height="6" patternUnits="userSpaceOnUse" patternTransform="rotate(45)">'
+        f'<rect width="6" height="6" fill="white"/><rect width="3" height="6" fill="{c}"/></pattern>'
+        for j, c in enumerate(("#f28e2b", "#e15759")))
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{BarPanel.WIDTH}" height="{y + 20}" '
+            f'font-family="sans-serif">\n<defs>{hatches}</defs>\n<rect width="100%" height="100%" fill="white"/>\n'
+            + "\n".join(parts) + "\n</svg>\n")
+
+
+def esc(s: str) -> str:
+    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+# --- Metadata --------------------------------------------------------------------------------
+
+def first_line(cmd) -> str:
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+        return (p.stdout + p.stderr).strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        return "?"
+
+
+def metadata() -> dict:
+    cpu = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+    mem_kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
+    envoy = re.search(r"version: \w+/(\d+\.\d+\.\d+)/", first_line(["envoy", "--version"]))
+    lua_mod = first_line(["dpkg-query", "-W", "-f", "${Version}", "libnginx-mod-http-lua"])
+    wasm = WASM_COPY.read_bytes()
+    head = first_line(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "src", "lua-redis-shim"],
+                           capture_output=True, text=True).stdout.strip()
+    redis = first_line(["redis-server", "--version"]).split(" sha=")[0]
+    return {
+        "machine": f"{cpu.group(1) if cpu else platform.processor()}, {os.cpu_count()} CPUs, "
+                   f"{mem_kb / 1024**2:.0f} GiB, Linux {platform.release()}, load average at start "
+                   f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} (shared, noisy)",
+        "versions": f"Envoy {envoy.group(1) if envoy else '?'}, {first_line(['nginx', '-v']).split(': ')[-1]} + "
+                    f"lua-nginx-module {lua_mod} (Debian), {redis}, "
+                    f"{first_line(['wrk', '-v']).split(' Copyright')[0]}, {first_line([OHA, '--version'])}, "
+                    f"Python {platform.python_version()}",
+        "tollgate": f"git {head}{' + uncommitted changes (src/, lua-redis-shim/)' if dirty else ''}, "
+                    f"{SOURCES['wasm'].name} sha256 {hashlib.sha256(wasm).hexdigest()[:12]} ({len(wasm) // 1024} KiB)"
+                    + ("" if SOURCES["wasm"] == WASM else f" from {SOURCES['wasm']}")
+                    + ("" if SOURCES["shim"] == SHIM_DIR.resolve() else f", shim from {SOURCES['shim']}"),
+    }
+
+
+# --- Main ------------------------------------------------------------------------------------
+
+def check_tools():
+    missing = [t for t in ("envoy", "nginx", "redis-server", "wrk", OHA) if not shutil.which(t)]
+    if missing:
+        sys.exit(f"missing: {', '.join(missing)}; run `make bench-setup` (oha: cargo install oha --locked)")
+    if not SOURCES["wasm"].exists():
+        sys.exit(f"{SOURCES['wasm']} is missing: run `make build`")
+
+
+def drift_check(plan: Plan) -> dict:
+    """A's saturation phases once more, after everything else: how much the machine itself
+    changed during the run (other tenants), to read the ratios against."""
+    work = WORK / "A-again"
+    work.mkdir(parents=True)
+    log = LoadLog(work / "load.log")
+    rps = {}
+    with envoy_target(work, "none") as target:
+        for connections in plan.connections:
+            wrk(log, target.url, connections, plan.warmup_s)
+            rps[connections] = wrk(log, target.url, connections, plan.saturation_s)[1]
+    return rps
+
+
+def run_setups(plan: Plan, only, perf: bool) -> dict:
+    """Each setup in turn, on fresh processes; A first, as its throughput sets the rates."""
+    rows, rates, started = {}, None, time.monotonic()
+    for setup in SETUPS:
+        if only and setup.key not in only:
+            continue
+        work = WORK / setup.key
+        work.mkdir(parents=True)
+        print(f"[{time.monotonic() - started:5.0f}s] {setup.key}: {setup.name}", flush=True)
+        try:
+            with setup.start(work) as target:
+                row = measure(setup, target, plan, rates, work, perf)
+                if setup.key == "E":
+                    row.memory_per_key = memory_per_key(target, plan.memory_keys)
+        except Exception as e:  # noqa: BLE001 - one failed setup must not lose the others
+            if setup.key == "A":
+                raise
+            first_line = str(e).splitlines()[0] if str(e) else ""
+            row = Row(setup.key, setup.name, setup.base, error=f"{type(e).__name__}: {first_line}"[:200])
+            print(f"  FAILED: {e}\n  (logs: {work})", flush=True)
+        rows[setup.key] = row
+        if setup.key == "A":
+            rates = {f: lat.offered for f, lat in row.latency.items()}
+        if not row.error:
+            print("  " + ", ".join(f"{c} conns: {row.rps[c]:.0f} req/s" for c in plan.connections)
+                  + "; " + ", ".join(f"{f:.0%}: p50 {lat.p50:.2f} ms p99 {lat.p99:.2f} ms"
+                                    for f, lat in row.latency.items()), flush=True)
+        if row.warning:
+            print(f"  WARNING: {row.warning}", flush=True)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1 s phases, one rate, 1000 keys: a smoke run")
+    parser.add_argument("--only", default="", help="comma-separated setups (A always runs), e.g. --only E,F")
+    parser.add_argument("--perf", action="store_true", help="perf record Envoy during each setup's 32-connection "
+                        "phase (bench/.work/<setup>/perf.txt)")
+    parser.add_argument("--wasm", type=Path, default=WASM, help="the .wasm to benchmark (default: the release build)")
+    parser.add_argument("--shim-dir", type=Path, default=SHIM_DIR,
+                        help="the lua-redis-shim to run (default: the work tree's)")
+    args = parser.parse_args()
+    SOURCES.update(wasm=args.wasm.resolve(), shim=args.shim_dir.resolve())
+    check_tools()
+    # SIGTERM (e.g. from make) unwinds like Ctrl-C, so every process is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    plan = QUICK if args.quick else FULL
+    only = {"A", *args.only.split(",")} if args.only else None
+    started = time.monotonic()
+    shutil.rmtree(WORK, ignore_errors=True)
+    WORK.mkdir(parents=True)
+    shutil.copyfile(SOURCES["wasm"], WASM_COPY)
+    meta = metadata()
+    rows = run_setups(plan, only, args.perf)
+    print(f"[{time.monotonic() - started:5.0f}s] A again: has the machine changed during the run?", flush=True)
+    again = drift_check(plan)
+    meta["drift"] = ", ".join(f"{again[c]:.0f} req/s @{c} ({again[c] / rows['A'].rps[c]:.2f}× the first run)"
+                              for c in plan.connections)
+
+    took = time.monotonic() - started
+    meta.update(
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        took=f"{took // 60:.0f} min {took % 60:.0f} s",
+        command="make bench" if len(sys.argv) == 1 else "python3 bench/run.py " + " ".join(sys.argv[1:]),
+        plan="full run" if not args.quick else "quick smoke run, not for comparison",
+    )
+    # A smoke run (or a partial one) must not replace the published results.
+    out = RESULTS if not (args.quick or only) else WORK
+    out.mkdir(exist_ok=True)
+    md = markdown(rows, plan, meta)
+    (out / "latest.md").write_text(md)
+    (out / "latest.svg").write_text(svg_chart(rows, plan, meta))
+    raw = {k: dataclasses.asdict(r) for k, r in rows.items()}
+    (WORK / "rows.json").write_text(json.dumps(raw, indent=1, default=str))
+    print()
+    print(md)
+    print(f"wrote {out / 'latest.md'} and latest.svg in {meta['took']}; logs in {WORK}")
+    return 1 if any(r.error or r.warning for r in rows.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
