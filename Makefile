@@ -4,7 +4,7 @@ SHELL := /bin/bash
 
 WASM := target/wasm32-wasip1/release/tollgate.wasm
 APT_PACKAGES := nginx-light libnginx-mod-http-lua lua-resty-core lua-resty-lrucache lua-nginx-redis \
-	lua-cjson redis-server redis-tools lua-check wrk
+	lua-cjson redis-server redis-tools redis-sentinel lua-check wrk openssl
 PYTEST ?= python3 -m pytest
 
 .PHONY: help setup setup-fuzz build run test unit-test fuzz fuzz-smoke soak lint validate fmt clean bench bench-setup
