@@ -9,6 +9,7 @@ number next to the baseline measured in the same run (bench/README.md says how t
   C   Envoy + envoy.filters.http.lua: httpCall to the shim, same check as Tollgate
   D0  nginx + Lua content handler, no limiting                        baseline of D
   D   the same nginx, access_by_lua doing INCR + EXPIRE in Redis itself
+  W   Envoy + a proxy-wasm filter that does nothing (bench/noop-filter): the Wasm runtime's floor
   E0  Tollgate loaded, but no rule applies: the Wasm filter's own cost, no callout
   E   Tollgate, every request checked in Redis (nothing denied; callouts coalesced, the default)
   E1  the same with coalescing off: one callout per request, like C
@@ -28,6 +29,7 @@ latest.svg. Standard library only; the Envoy config comes from tests/envoy_harne
 
 import argparse
 import collections
+import copy
 import contextlib
 import dataclasses
 import datetime
@@ -54,6 +56,8 @@ RESULTS = BENCH / "results"
 # The .wasm every setup loads: a copy taken at the start, so a rebuild during the run cannot
 # give setups different filters (and the sha256 in the results names what ran).
 WASM_COPY = WORK / "tollgate.wasm"
+NOOP_DIR = BENCH / "noop-filter"
+NOOP_WASM = NOOP_DIR / "target" / "wasm32-wasip1" / "release" / "noop_filter.wasm"
 # What is benchmarked: the work tree's build and shim, unless --wasm / --shim-dir say otherwise.
 SOURCES = {"wasm": None, "shim": None}
 sys.path.insert(0, str(ROOT / "tests"))
@@ -250,8 +254,11 @@ def envoy_bootstrap(filter_kind: str, rules, shim_port: int, port: int, admin_po
     wasm, router = hcm["http_filters"]
     wasm["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] = str(WASM_COPY)
     hcm["stat_prefix"] = "bench"
+    noop = copy.deepcopy(wasm)
+    noop["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] = str(NOOP_WASM)
     hcm["http_filters"] = {
         "none": [],
+        "noop": [noop],
         "local_ratelimit": [LOCAL_RATELIMIT],
         "lua": [lua_filter()],
         "tollgate": [wasm],
@@ -350,6 +357,8 @@ SETUPS = [
           lambda w: nginx_target(w, "/plain", with_redis=False)),
     Setup("D", "nginx + Lua, INCR+EXPIRE in Redis (access phase)", "D0",
           lambda w: nginx_target(w, "/limited", with_redis=True)),
+    Setup("W", "Envoy + a proxy-wasm filter that does nothing", "A",
+          lambda w: envoy_target(w, "noop")),
     Setup("E0", "Tollgate loaded, no rule applies (no callout)", "A",
           lambda w: envoy_target(w, "tollgate", NO_MATCH_RULES)),
     Setup("E", "Tollgate, every request checked in Redis", "A",
@@ -841,6 +850,12 @@ def run_setups(plan: Plan, only, perf: bool) -> dict:
     return rows
 
 
+def build_noop_filter():
+    """Setup W's filter: built here (seconds, cached) so `python3 bench/run.py` works alone."""
+    subprocess.run(["cargo", "build", "--quiet", "--release", "--target", "wasm32-wasip1",
+                    "--manifest-path", str(NOOP_DIR / "Cargo.toml")], check=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 s phases, one rate, 1000 keys: a smoke run")
@@ -862,6 +877,7 @@ def main():
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
     shutil.copyfile(SOURCES["wasm"], WASM_COPY)
+    build_noop_filter()
     meta = metadata()
     rows = run_setups(plan, only, args.perf)
     print(f"[{time.monotonic() - started:5.0f}s] A again: has the machine changed during the run?", flush=True)
