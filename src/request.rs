@@ -28,12 +28,11 @@ pub trait RequestView {
 struct Facts<'v, V> {
     view: &'v V,
     client_ip_config: ClientIp,
-    method: Vec<u8>,
-    /// Path without query string.
-    path: Vec<u8>,
-    query: Vec<u8>,
+    method: OnceCell<Vec<u8>>,
+    /// Path without query string, and the query string.
+    target: OnceCell<(Vec<u8>, Vec<u8>)>,
     /// `:authority` without port, lower-cased.
-    host: Vec<u8>,
+    host: OnceCell<Vec<u8>>,
     route_name: OnceCell<Option<Vec<u8>>>,
     policy: OnceCell<Option<Vec<u8>>>,
     service: OnceCell<Option<Vec<u8>>>,
@@ -49,27 +48,52 @@ struct Client {
 }
 
 impl<'v, V: RequestView> Facts<'v, V> {
-    fn read(config: &Config, view: &'v V) -> Self {
-        let full_path = view.header(":path").unwrap_or_default();
-        let (path, query) = match full_path.iter().position(|&b| b == b'?') {
-            Some(i) => (full_path[..i].to_vec(), full_path[i + 1..].to_vec()),
-            None => (full_path, Vec::new()),
-        };
-        let mut host = view.header(":authority").unwrap_or_default();
-        host.truncate(strip_port(&host).len());
-        host.make_ascii_lowercase();
+    /// Nothing is read yet: every host call costs a crossing out of the VM, so each attribute
+    /// is fetched on first use.
+    fn new(config: &Config, view: &'v V) -> Self {
         Facts {
             view,
             client_ip_config: config.client_ip,
-            method: view.header(":method").unwrap_or_default(),
-            path,
-            query,
-            host,
+            method: OnceCell::new(),
+            target: OnceCell::new(),
+            host: OnceCell::new(),
             route_name: OnceCell::new(),
             policy: OnceCell::new(),
             service: OnceCell::new(),
             client: OnceCell::new(),
         }
+    }
+
+    fn target(&self) -> &(Vec<u8>, Vec<u8>) {
+        self.target.get_or_init(|| {
+            let full = self.view.header(":path").unwrap_or_default();
+            match full.iter().position(|&b| b == b'?') {
+                Some(i) => (full[..i].to_vec(), full[i + 1..].to_vec()),
+                None => (full, Vec::new()),
+            }
+        })
+    }
+
+    fn path(&self) -> &[u8] {
+        &self.target().0
+    }
+
+    fn query(&self) -> &[u8] {
+        &self.target().1
+    }
+
+    fn method(&self) -> &[u8] {
+        self.method
+            .get_or_init(|| self.view.header(":method").unwrap_or_default())
+    }
+
+    fn host(&self) -> &[u8] {
+        self.host.get_or_init(|| {
+            let mut host = self.view.header(":authority").unwrap_or_default();
+            host.truncate(strip_port(&host).len());
+            host.make_ascii_lowercase();
+            host
+        })
     }
 
     fn route_name(&self) -> &Option<Vec<u8>> {
@@ -112,16 +136,16 @@ impl<'v, V: RequestView> Facts<'v, V> {
         match d {
             Descriptor::Header(name) => self.view.header(name),
             Descriptor::ClientIp => self.client().as_ref().map(|c| c.key.clone()),
-            Descriptor::Path => Some(self.path.clone()),
-            Descriptor::Method => Some(self.method.clone()),
-            Descriptor::Host => Some(self.host.clone()),
+            Descriptor::Path => Some(self.path().to_vec()),
+            Descriptor::Method => Some(self.method().to_vec()),
+            Descriptor::Host => Some(self.host().to_vec()),
             Descriptor::Route => self.route_name().clone(),
             Descriptor::Service => self
                 .service
                 .get_or_init(|| self.view.service_name())
                 .clone(),
             Descriptor::Query(name) => {
-                query_param(&self.query, name.as_bytes()).map(<[u8]>::to_vec)
+                query_param(self.query(), name.as_bytes()).map(<[u8]>::to_vec)
             }
             Descriptor::Const(value) => Some(value.as_bytes().to_vec()),
         }
@@ -240,7 +264,7 @@ pub fn checks_for(
     now_ms: u64,
     request_id: &str,
 ) -> Vec<Check> {
-    let facts = Facts::read(config, view);
+    let facts = Facts::new(config, view);
     let mut checks = Vec::new();
     for (i, rule) in config.rules.iter().enumerate() {
         if !matches(rule, &facts) || bypassed(rule, &facts) {
@@ -347,20 +371,22 @@ pub fn checks_for(
 }
 
 fn matches<V: RequestView>(rule: &Rule, facts: &Facts<'_, V>) -> bool {
+    // Each attribute is read from the host only when the matcher constrains it.
     let m = &rule.matcher;
-    let in_list = |list: &[String], value: &[u8]| {
-        list.is_empty() || list.iter().any(|s| s.as_bytes() == value)
-    };
     let optional_in_list = |list: &[String], value: &dyn Fn() -> Option<Vec<u8>>| {
-        list.is_empty() || value().is_some_and(|v| in_list(list, &v))
+        list.is_empty() || value().is_some_and(|v| contains(list, &v))
     };
     m.path_prefix
         .as_ref()
-        .is_none_or(|p| facts.path.starts_with(p.as_bytes()))
-        && in_list(&m.methods, &facts.method)
-        && in_list(&m.hosts, &facts.host)
+        .is_none_or(|p| facts.path().starts_with(p.as_bytes()))
+        && (m.methods.is_empty() || contains(&m.methods, facts.method()))
+        && (m.hosts.is_empty() || contains(&m.hosts, facts.host()))
         && optional_in_list(&m.policies, &|| facts.policy().clone())
         && optional_in_list(&m.routes, &|| facts.route_name().clone())
+}
+
+fn contains(list: &[String], value: &[u8]) -> bool {
+    list.iter().any(|s| s.as_bytes() == value)
 }
 
 /// An exempt descriptor value, or a client inside an exempt range.
@@ -463,6 +489,8 @@ pub(crate) mod tests {
         pub route: Option<String>,
         pub policy: Option<String>,
         pub service: Option<String>,
+        /// Every header read, in order: each is a host call on a real gateway.
+        pub reads: std::cell::RefCell<Vec<String>>,
     }
 
     impl FakeRequest {
@@ -483,6 +511,7 @@ pub(crate) mod tests {
 
     impl RequestView for FakeRequest {
         fn header(&self, name: &str) -> Option<Vec<u8>> {
+            self.reads.borrow_mut().push(name.to_string());
             self.headers.get(name).cloned()
         }
         fn source_address(&self) -> Option<Vec<u8>> {
@@ -776,6 +805,25 @@ pub(crate) mod tests {
         assert_eq!(keys(&c, &req), ["tollgate:{r|=search|=v1}:1000:120"]);
         req.route = None;
         assert!(keys(&c, &req).is_empty(), "no route name: rule skipped");
+    }
+
+    #[test]
+    fn headers_are_read_only_when_a_rule_needs_them() {
+        let by_policy = config(
+            r#"[{"name": "r", "match": {"policies": ["p"]}, "descriptors": ["client_ip"], "limit": 1, "window": "1s"}]"#,
+        );
+        let mut req = FakeRequest::get("/a");
+        req.policy = Some("p".into());
+        assert_eq!(keys(&by_policy, &req).len(), 1);
+        assert!(req.reads.borrow().is_empty(), "{:?}", req.reads.borrow());
+
+        let by_prefix = config(
+            r#"[{"name": "r", "match": {"path_prefix": "/never"}, "descriptors": ["host"], "limit": 1, "window": "1s"},
+                {"name": "q", "match": {"methods": ["POST"]}, "descriptors": ["query:x", "path"], "limit": 1, "window": "1s"}]"#,
+        );
+        let req = FakeRequest::get("/a?x=1");
+        assert!(keys(&by_prefix, &req).is_empty());
+        assert_eq!(*req.reads.borrow(), [":path", ":method"], "read once each");
     }
 
     #[test]

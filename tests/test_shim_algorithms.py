@@ -266,6 +266,39 @@ def test_fixed_window_burst_then_denied(clean):
     assert 9000 < denied["reset_ms"] <= 10_000 and denied["retry_after_ms"] == denied["reset_ms"]
 
 
+def commandstats(b):
+    """Calls per command since the last CONFIG RESETSTAT, e.g. {"get": 1, "incrby": 1}."""
+    stats = {}
+    for line in redis_cli(b.redis, "INFO", "commandstats").decode().splitlines():
+        if line.startswith("cmdstat_"):
+            name, rest = line[len("cmdstat_"):].split(":", 1)
+            stats[name] = int(rest.split("calls=")[1].split(",")[0])
+    return stats
+
+
+@pytest.mark.parametrize("make", [lambda: fw("hot", 40), lambda: sw("hot", 40, 5000)], ids=["fixed", "sliding"])
+def test_a_hot_key_is_read_and_written_once_per_call(clean, make):
+    """60 requests of one call on one counter: decided one after the other exactly as 60 calls
+    would be (40 admitted, the count after each), with one GET per key and one INCRBY, not
+    three commands per check."""
+    redis_cli(clean.redis, "CONFIG", "RESETSTAT")
+    results = ok(clean, *[[make()] for _ in range(60)])
+    stats = commandstats(clean)
+    counts = [r["checks"][0]["count"] for r in results]
+    assert [r["allowed"] for r in results] == [True] * 40 + [False] * 20
+    assert counts == list(range(1, 41)) + [40] * 20
+    assert [r["checks"][0]["remaining"] for r in results[:3]] == [39, 38, 37]
+    check = make()
+    assert redis_cli(clean.redis, "GET", check["key"]) == b"40"
+    assert 0 < redis_cli(clean.redis, "PTTL", check["key"]) <= 15_000
+    keys = 2 if "prev_key" in check else 1
+    print(f"\n{check['alg']}: 60 checks of one key in one call: Redis commands {stats}")
+    assert stats.get("get") == keys and stats.get("incrby") == 1 and stats.get("pexpire") == 1
+    # Another call continues from the written count.
+    again = one(clean, make())["checks"][0]
+    assert again["allowed"] is False and again["count"] == 40
+
+
 # --- Sliding window: no clock in the script, so exact ---------------------------------------
 
 SLIDING_TABLE = [(p, c, w) for p in (0, 3, 10, 17) for c in (0, 5, 10, 12) for w in (1, 250, 999, 1000)] + [

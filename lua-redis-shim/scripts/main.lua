@@ -43,9 +43,11 @@
 --
 -- Atomic because Redis runs a script to completion without interleaving other commands: the
 -- reads of a request's checks, then its charges, see no other writer. The only writes of a
--- check phase drop entries that have already expired (sliding_log, concurrency). An error
--- (a key of another type, a corrupt value) aborts the script with the charges of the earlier
--- requests of the call already made; the shim answers 503.
+-- check phase drop entries that have already expired (sliding_log, concurrency). Counter
+-- charges (fixed and sliding windows) are written once per key at the end of the call
+-- (H.flush_counters); later checks of the call see them already. An error (a key of another
+-- type, a corrupt value) aborts the script; the charges of earlier requests of the call that
+-- other algorithms wrote stay made, counter charges are not written; the shim answers 503.
 
 -- luacheck: read globals redis KEYS ARGV
 local ALG, H = ...
@@ -113,5 +115,7 @@ for _ = 1, tonumber(ARGV[1]) do
     end
 end
 
+-- The counters' charges, written once per key (prelude.lua).
+H.flush_counters()
 reply[out + 1] = H.try_now_ms() or -1
 return reply

@@ -1,7 +1,8 @@
 -- prelude.lua: helpers shared by the algorithm scripts (see main.lua for how the shim composes
 -- prelude, algorithms and main into the one script it loads).
 --
--- Returns a table H: now_ms(), now_us(), try_now_ms(), muldiv(), int(), clamp_ms(), NEVER.
+-- Returns a table H: now_ms(), now_us(), try_now_ms(), muldiv(), int(), clamp_ms(), NEVER,
+-- and the call's counters: counter(), charge(), pttl(), flush_counters().
 --
 -- Time: one Redis `TIME` per script run, read on first use and then shared by every check of
 -- every request of the call, so all of them see the same instant. main.lua reports it to the
@@ -21,6 +22,8 @@ local pcall_ = redis.pcall
 local tonumber = tonumber
 local floor = math.floor
 local format = string.format
+local pairs = pairs
+local error = error
 
 local H = {}
 
@@ -115,6 +118,65 @@ end
 --- A Redis command argument from an integer-valued number.
 function H.int(n)
     return format("%d", n)
+end
+
+-- Counters (the string counters of fixed and sliding windows). A hot key is usually checked
+-- by many requests of one call, so each counter is read once per call (GET, and PTTL when a
+-- reply needs it) and charged once, at the end (INCRBY of the sum, PEXPIRE if it is new or
+-- has no TTL): a few commands per key per call instead of three per check. Checks see the
+-- charges of earlier requests of the call in `count`, exactly as if each had been written at
+-- once; Redis runs the script to completion, so nobody else can tell the difference.
+local counters = {}
+
+--- The call's state of counter `k`: count (charges of this call included), exists, charge.
+-- A value that is not an integer (written by someone else) fails the script: a 503.
+function H.counter(k)
+    local c = counters[k]
+    if not c then
+        local v = call("GET", k)
+        local count = tonumber(v or 0)
+        if not count or count ~= floor(count) then
+            error("tollgate: " .. k .. " does not hold an integer counter")
+        end
+        c = { count = count, exists = v ~= false, charge = 0 }
+        counters[k] = c
+    end
+    return c
+end
+
+--- Charges `cost` to counter `c` (from H.counter); `ttl_ms` is its lifetime if it is new.
+-- Returns the count after the charge.
+function H.charge(c, cost, ttl_ms)
+    c.count = c.count + cost
+    c.charge = c.charge + cost
+    c.ttl_ms = c.ttl_ms or ttl_ms
+    return c.count
+end
+
+--- Counter `k`'s remaining TTL in ms as it stands in Redis (-1: none, -2: no key), read once.
+function H.pttl(k, c)
+    if not c.exists then
+        return -2
+    end
+    if not c.pttl then
+        c.pttl = call("PTTL", k)
+    end
+    return c.pttl
+end
+
+--- Writes the call's charges: one INCRBY per charged counter, and a PEXPIRE for a new one
+-- or one without expiry (set by hand, or a PEXPIRE lost in a failover) that would otherwise
+-- block its key forever. main.lua calls it once, after the last request.
+function H.flush_counters()
+    for k, c in pairs(counters) do
+        if c.charge > 0 then
+            call("INCRBY", k, H.int(c.charge))
+            local pttl = H.pttl(k, c)
+            if pttl < 0 then
+                call("PEXPIRE", k, H.int(c.ttl_ms))
+            end
+        end
+    end
 end
 
 --- A time in ms capped at 2^52 (TTLs and reported times).

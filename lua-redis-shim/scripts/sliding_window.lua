@@ -9,7 +9,8 @@
 --        previous window then), and when it is found without a TTL. Memory: ~100 bytes per
 --        window with a 50-byte key, two windows alive at a time.
 -- Check: GET both; estimate = ceil(prev × weight_ms / window_ms) + cur; fits iff
---        estimate + cost <= limit. Commit: INCRBY key cost.
+--        estimate + cost <= limit. Commit: INCRBY key cost. Both through the call's counters
+--        (prelude.lua): each key read once and written once per call.
 -- Reply: count = cur (after the charge, or as it stands), remaining = limit − estimate,
 --        reset_ms = weight_ms (+ window_ms unless cur = 0), retry_after_ms: when the estimate
 --        will have decayed enough, or a point in the next window if cur alone is too much.
@@ -18,9 +19,7 @@
 -- through H.muldiv, exact whatever the counters (its results stay below the counters and
 -- window_ms); everything else stays below 2^53.
 
--- luacheck: read globals redis
 local H = ...
-local call = redis.call
 local tonumber = tonumber
 local muldiv = H.muldiv
 
@@ -46,11 +45,12 @@ end
 
 function M.check(keys, args, cost, pending)
     local k = keys[1]
-    local cur = tonumber(call("GET", k) or 0)
-    local prev = tonumber(call("GET", keys[2]) or 0)
+    local counter = H.counter(k)
+    local cur = counter.count
+    local prev = H.counter(keys[2]).count
     local pend = pending[k] or 0
     local st = {
-        key = k, limit = tonumber(args[1]), window = tonumber(args[2]),
+        key = k, counter = counter, limit = tonumber(args[1]), window = tonumber(args[2]),
         weight = tonumber(args[3]), cost = cost, cur = cur, pend = pend, prev = prev,
     }
     st.weighted = muldiv(prev, st.weight, st.window, true)
@@ -62,11 +62,7 @@ function M.check(keys, args, cost, pending)
 end
 
 function M.commit(st)
-    local k = st.key
-    st.after = call("INCRBY", k, H.int(st.cost))
-    if st.after == st.cost or call("PTTL", k) == -1 then
-        call("PEXPIRE", k, H.int(st.weight + st.window))
-    end
+    st.after = H.charge(st.counter, st.cost, st.weight + st.window)
 end
 
 function M.result(st, charged, admitted)
