@@ -8,6 +8,8 @@
 //! overwrites the slot, which only costs a callout later. An entry names its full key, so a
 //! collision can never deny the wrong key.
 
+use std::collections::HashMap;
+
 use crate::request::{Check, CheckKind};
 use crate::wire::CheckResult;
 
@@ -72,6 +74,49 @@ pub fn as_result(entry: &Entry, check: &Check, now_ms: u64) -> CheckResult {
         remaining: 0,
         reset_ms: entry.reset_at_ms.saturating_sub(now_ms),
         retry_after_ms: entry.until_ms.saturating_sub(now_ms),
+    }
+}
+
+/// A worker's own copy of the entries it has written or read, consulted before shared data:
+/// a key under attack is then denied without a host call. An entry only ever says "exhausted
+/// until T", so a copy is as good as the shared one; what this worker has not seen yet it
+/// still finds in shared data.
+#[derive(Debug, Default)]
+pub struct Near {
+    entries: HashMap<String, Entry>,
+}
+
+impl Near {
+    /// Entries kept per worker, like the shared slots.
+    pub const CAPACITY: usize = BUCKETS as usize;
+
+    /// The entry for `key` if it still denies at `now_ms`; a stale one is dropped.
+    pub fn get(&mut self, key: &str, now_ms: u64) -> Option<&Entry> {
+        let live = self.entries.get(key).is_some_and(|e| now_ms < e.until_ms);
+        if !live {
+            self.entries.remove(key);
+            return None;
+        }
+        self.entries.get(key)
+    }
+
+    /// Keeps `entry`; when full, stale entries go first, and if none is stale, all of them.
+    pub fn put(&mut self, entry: Entry, now_ms: u64) {
+        if self.entries.len() >= Self::CAPACITY && !self.entries.contains_key(&entry.key) {
+            self.entries.retain(|_, e| now_ms < e.until_ms);
+            if self.entries.len() >= Self::CAPACITY {
+                self.entries.clear();
+            }
+        }
+        self.entries.insert(entry.key.clone(), entry);
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
     }
 }
 
@@ -208,5 +253,37 @@ mod tests {
             (0..20_000).map(|i| slot(&format!("k{i}"))).collect();
         assert!(n.len() <= BUCKETS as usize && n.len() > 4000);
         assert!(slot("x").starts_with("tollgate.oc."));
+    }
+
+    #[test]
+    fn near_copies_expire_and_stay_bounded() {
+        let mut near = Near::default();
+        let entry = |key: &str, until_ms| Entry {
+            key: key.into(),
+            until_ms,
+            reset_at_ms: until_ms,
+        };
+        near.put(entry("a", 100), 0);
+        assert_eq!(near.get("a", 99).map(|e| e.until_ms), Some(100));
+        assert!(near.get("a", 100).is_none(), "expired at until_ms");
+        assert!(near.is_empty(), "a stale entry is dropped when read");
+
+        for i in 0..Near::CAPACITY {
+            near.put(
+                entry(&format!("k{i}"), if i % 2 == 0 { 50 } else { 500 }),
+                0,
+            );
+        }
+        near.put(entry("new", 500), 60);
+        assert_eq!(
+            near.len(),
+            Near::CAPACITY / 2 + 1,
+            "the stale half went first"
+        );
+        for i in 0..Near::CAPACITY {
+            near.put(entry(&format!("x{i}"), 500), 60);
+        }
+        assert!(near.len() <= Near::CAPACITY);
+        assert!(near.get("x4095", 60).is_some());
     }
 }

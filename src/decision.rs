@@ -355,27 +355,41 @@ fn local_reply(
 }
 
 /// An RFC 9457 problem document; for a denial it names the rule and its limit.
+#[derive(serde::Serialize)]
+struct Problem<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    title: &'a str,
+    status: u32,
+    detail: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rule: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    limit: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    window_seconds: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_after_seconds: Option<u64>,
+}
+
 fn problem_json(
     status: u32,
     title: &str,
     detail: &str,
     rule: Option<(&Outcome<'_>, u64)>,
 ) -> String {
-    let mut doc = serde_json::json!({
-        "type": "about:blank",
-        "title": title,
-        "status": status,
-        "detail": detail,
-    });
-    if let (Some((o, retry_after)), Some(map)) = (rule, doc.as_object_mut()) {
-        map.insert("rule".into(), o.rule.into());
-        map.insert("limit".into(), o.limit.into());
-        if let Some(w) = o.window_s {
-            map.insert("window_seconds".into(), w.into());
-        }
-        map.insert("retry_after_seconds".into(), retry_after.into());
-    }
-    doc.to_string()
+    let problem = Problem {
+        kind: "about:blank",
+        title,
+        status,
+        detail,
+        rule: rule.map(|(o, _)| o.rule),
+        limit: rule.map(|(o, _)| o.limit),
+        window_seconds: rule.and_then(|(o, _)| o.window_s),
+        retry_after_seconds: rule.map(|(_, retry_after)| retry_after),
+    };
+    // Serializing borrowed strings and integers cannot fail.
+    serde_json::to_string(&problem).unwrap_or_default()
 }
 
 /// A request that can never fit (cost above the limit) is told to come back in a day, not in

@@ -75,6 +75,8 @@ struct Plugin {
     /// Verdicts the root reached for queued requests that it allowed: the response headers to
     /// add and the slots to release, picked up by the request's own context.
     allowed: RefCell<HashMap<u32, (Headers, Slots)>>,
+    /// This worker's copy of over-limit cache entries (the shared ones are the truth).
+    near: RefCell<cache::Near>,
 }
 
 /// Shared-data key of the clock offset every worker of a gateway uses.
@@ -197,9 +199,33 @@ impl Plugin {
     }
 
     fn remember_exhausted(&self, entries: &[cache::Entry]) {
+        let now_ms = self.now();
         for entry in entries {
             WasmHost.shared_set(&cache::slot(&entry.key), &cache::encode(entry));
+            self.near.borrow_mut().put(entry.clone(), now_ms);
         }
+    }
+
+    /// The checks the over-limit cache denies right now, with their entries: this worker's
+    /// copy first, then shared data (what other workers learned).
+    fn cached_denials(&self, checks: &[Check], now_ms: u64) -> Vec<(usize, cache::Entry)> {
+        let mut near = self.near.borrow_mut();
+        checks
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.cost > 0 && !c.shadow)
+            .filter_map(|(i, c)| {
+                if let Some(entry) = near.get(&c.key, now_ms) {
+                    return cache::denies(entry, c, now_ms).then(|| (i, entry.clone()));
+                }
+                let entry = cache::decode(&WasmHost.shared_get(&cache::slot(&c.key))?)?;
+                if !cache::denies(&entry, c, now_ms) {
+                    return None;
+                }
+                near.put(entry.clone(), now_ms);
+                Some((i, entry))
+            })
+            .collect()
     }
 
     /// Sends the release of concurrency slots; nobody waits for the answer.
@@ -486,6 +512,7 @@ impl RootContext for TollgateRoot {
             kick_queue,
             kick_pending: Cell::new(false),
             allowed: RefCell::new(HashMap::new()),
+            near: RefCell::new(cache::Near::default()),
         }));
         true
     }
@@ -677,7 +704,7 @@ impl HttpContext for TollgateHttp {
             return Action::Continue;
         }
         if plugin.config.over_limit_cache {
-            let hits = cached_denials(&checks, now_ms);
+            let hits = plugin.cached_denials(&checks, now_ms);
             if !hits.is_empty() {
                 plugin.metrics.bump(&WasmHost, Counter::CacheHits);
                 let verdict = decision::from_cache(&plugin.config, &checks, &hits, now_ms);
@@ -786,19 +813,6 @@ impl CalloutData {
             body: &self.body,
         }
     }
-}
-
-/// The checks the over-limit cache denies right now, with their entries.
-fn cached_denials(checks: &[Check], now_ms: u64) -> Vec<(usize, cache::Entry)> {
-    checks
-        .iter()
-        .enumerate()
-        .filter(|(_, c)| c.cost > 0 && !c.shadow)
-        .filter_map(|(i, c)| {
-            let entry = cache::decode(&WasmHost.shared_get(&cache::slot(&c.key))?)?;
-            cache::denies(&entry, c, now_ms).then_some((i, entry))
-        })
-        .collect()
 }
 
 fn to_filter(level: LogLevel) -> log::LevelFilter {

@@ -54,7 +54,7 @@ local ALG, H = ...
 local tonumber = tonumber
 local tostring = tostring
 local error = error
-local gmatch = string.gmatch
+local match = string.match
 
 local reply, out = {}, 0
 local argi = 2 -- next ARGV to read
@@ -68,24 +68,19 @@ for _ = 1, tonumber(ARGV[1]) do
     local pending, checks = {}, {}
     local admitted = true
     for j = 1, n do
-        local f, nf = {}, 0
-        for word in gmatch(ARGV[argi], "%S+") do
-            nf = nf + 1
-            f[nf] = word
-        end
+        -- One match, no table: the algorithms take at most three arguments.
+        local name, cost, shadow, a1, a2, a3 =
+            match(ARGV[argi], "^(%S+) (%d+) ([01]) ?(%S*) ?(%S*) ?(%S*)$")
         argi = argi + 1
-        local alg = ALG[f[1]]
+        local alg = ALG[name]
         if not alg then
-            error("tollgate: unknown alg " .. tostring(f[1]))
+            error("tollgate: bad check " .. tostring(ARGV[argi - 1]))
         end
-        local keys = {}
-        for i = 1, alg.keys do
-            keys[i] = KEYS[keyi + i]
-        end
+        local keys = { KEYS[keyi + 1], KEYS[keyi + 2] }
         keyi = keyi + alg.keys
-        local cost = tonumber(f[2])
-        local st = alg.check(keys, { f[4], f[5], f[6] }, cost, pending)
-        if not st.fits and f[3] ~= "1" then
+        cost = tonumber(cost)
+        local st = alg.check(keys, { a1, a2, a3 }, cost, pending)
+        if not st.fits and shadow ~= "1" then
             admitted = false
         end
         checks[j] = { alg = alg, st = st, charged = st.fits and cost > 0 }
