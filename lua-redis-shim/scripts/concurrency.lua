@@ -26,16 +26,15 @@ local M = { keys = 1 }
 -- How long to tell a denied request to wait at most (ms): a slot frees when a request ends.
 local RETRY_MS = 1000
 
-function M.check(keys, args, _, pending)
-    local k = keys[1]
+function M.check(k, _, a1, a2, a3, _, pending)
     local now = H.now_ms()
-    local id = args[3]
+    local id = a3
     call("ZREMRANGEBYSCORE", k, "-inf", H.int(now))
     -- Slots earlier checks of this request add to the same set (pending[k]) count too.
     local held = call("ZCARD", k) + (pending[k] or 0)
     local present = call("ZSCORE", k, id) or pending[k .. " " .. id]
     local st = {
-        key = k, limit = tonumber(args[1]), ttl_ms = tonumber(args[2]), id = id, now = now,
+        key = k, limit = tonumber(a1), ttl_ms = tonumber(a2), id = id, now = now,
     }
     st.fits = held + (present and 0 or 1) <= st.limit
     if st.fits and not present then

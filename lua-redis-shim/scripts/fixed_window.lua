@@ -20,14 +20,13 @@ local tonumber = tonumber
 
 local M = { keys = 1 }
 
-function M.check(keys, args, cost, pending)
-    local k = keys[1]
+function M.check(k, _, a1, a2, _, cost, pending)
     local counter = H.counter(k)
     -- The cost of earlier checks of this request on the same key: a key listed twice cannot be
     -- charged past its limit.
     local pend = pending[k] or 0
     local st = {
-        key = k, counter = counter, limit = tonumber(args[1]), ttl_ms = tonumber(args[2]),
+        key = k, counter = counter, limit = tonumber(a1), ttl_ms = tonumber(a2),
         cost = cost, count = counter.count, pend = pend,
     }
     st.fits = st.count + pend + cost <= st.limit

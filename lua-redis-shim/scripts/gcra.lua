@@ -28,10 +28,9 @@ local ceil = math.ceil
 
 local M = { keys = 1 }
 
-function M.check(keys, args, cost, pending)
-    local k = keys[1]
+function M.check(k, _, a1, a2, a3, cost, pending)
     local now = H.now_us()
-    local burst, rate, period = tonumber(args[1]), tonumber(args[2]), tonumber(args[3])
+    local burst, rate, period = tonumber(a1), tonumber(a2), tonumber(a3)
     local t = floor(period * 1000 / rate) -- exact: period × 1000 <= 8.64×10^10
     local tat = tonumber(call("GET", k) or 0)
     if tat < now then

@@ -6,10 +6,11 @@
 -- (EVALSHA; SCRIPT LOAD and one retry on NOSCRIPT), so one HTTP call is one EVALSHA:
 --
 --     local H = (function(...) <prelude.lua> end)()
---     local ALG = {}
---     ALG.fixed_window = (function(...) <fixed_window.lua> end)(H)
+--     local LOAD = {}
+--     LOAD.fixed_window = function() return (function(...) <fixed_window.lua> end)(H) end
 --     ...                                 (sliding_window, sliding_log, token_bucket, gcra,
 --                                          concurrency)
+--     local ALG = setmetatable({}, ...)   ALG[name]: LOAD[name]() on first use, then kept
 --     return (function(...) <main.lua> end)(ALG, H)
 --
 -- Each file is a plain Lua chunk (`...` are its arguments), so each lints on its own and its
@@ -18,10 +19,12 @@
 -- starts in it (at notice level). An algorithm file returns:
 --
 --     keys                                 how many KEYS one check takes
---     check(keys, args, cost, pending)     reads the state; returns `st` with st.fits. When it
---                                          fits, records its charge in `pending` (one table
---                                          per request) so a later check of the same request
---                                          on the same key counts it.
+--     check(k, k2, a1, a2, a3, cost, pending)
+--                                          reads the state of key k (and k2, when it takes two
+--                                          KEYS) with the check's ARGV a1..a3; returns `st` with
+--                                          st.fits. When it fits, records its charge in
+--                                          `pending` (one table per request) so a later check
+--                                          of the same request on the same key counts it.
 --     commit(st)                           charges it (request admitted, check fits, cost > 0)
 --     result(st, charged, admitted)        count (-1: not reported), remaining, reset_ms,
 --                                          retry_after_ms (H.NEVER: never)
@@ -76,14 +79,15 @@ for _ = 1, tonumber(ARGV[1]) do
         if not alg then
             error("tollgate: bad check " .. tostring(ARGV[argi - 1]))
         end
-        local keys = { KEYS[keyi + 1], KEYS[keyi + 2] }
-        keyi = keyi + alg.keys
         cost = tonumber(cost)
-        local st = alg.check(keys, { a1, a2, a3 }, cost, pending)
+        local st = alg.check(KEYS[keyi + 1], KEYS[keyi + 2], a1, a2, a3, cost, pending)
+        keyi = keyi + alg.keys
         if not st.fits and shadow ~= "1" then
             admitted = false
         end
-        checks[j] = { alg = alg, st = st, charged = st.fits and cost > 0 }
+        -- The algorithm's own fields, and these two, in one table per check.
+        st.alg, st.charged = alg, st.fits and cost > 0
+        checks[j] = st
     end
 
     -- Charge all (only if admitted), then report: after the charges, so a reading of the state
@@ -92,7 +96,7 @@ for _ = 1, tonumber(ARGV[1]) do
         for j = 1, n do
             local c = checks[j]
             if c.charged then
-                c.alg.commit(c.st)
+                c.alg.commit(c)
             end
         end
     end
@@ -100,8 +104,8 @@ for _ = 1, tonumber(ARGV[1]) do
     reply[out] = admitted and 1 or 0
     for j = 1, n do
         local c = checks[j]
-        local count, remaining, reset, retry = c.alg.result(c.st, admitted and c.charged, admitted)
-        reply[out + 1] = c.st.fits and 1 or 0
+        local count, remaining, reset, retry = c.alg.result(c, admitted and c.charged, admitted)
+        reply[out + 1] = c.fits and 1 or 0
         reply[out + 2] = count
         reply[out + 3] = remaining
         reply[out + 4] = reset

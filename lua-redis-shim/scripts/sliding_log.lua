@@ -26,15 +26,14 @@ local M = { keys = 1 }
 -- ZADD arguments per call: unpack() is bounded by Lua's C stack (LUAI_MAXCSTACK, 8000).
 local ZADD_BATCH = 500
 
-function M.check(keys, args, cost, pending)
-    local k = keys[1]
+function M.check(k, _, a1, a2, a3, cost, pending)
     local now = H.now_ms()
-    local window = tonumber(args[2])
+    local window = tonumber(a2)
     call("ZREMRANGEBYSCORE", k, "-inf", H.int(now - window))
     local count = call("ZCARD", k)
     local pend = pending[k] or 0
     local st = {
-        key = k, limit = tonumber(args[1]), window = window, id = args[3], cost = cost,
+        key = k, limit = tonumber(a1), window = window, id = a3, cost = cost,
         now = now, count = count, pend = pend,
     }
     st.fits = count + pend + cost <= st.limit

@@ -43,15 +43,14 @@ local function retry_after(prev, cur, cost, limit, weight, window)
     return weight + window - muldiv(room, window, cur)
 end
 
-function M.check(keys, args, cost, pending)
-    local k = keys[1]
+function M.check(k, k2, a1, a2, a3, cost, pending)
     local counter = H.counter(k)
     local cur = counter.count
-    local prev = H.counter(keys[2]).count
+    local prev = H.counter(k2).count
     local pend = pending[k] or 0
     local st = {
-        key = k, counter = counter, limit = tonumber(args[1]), window = tonumber(args[2]),
-        weight = tonumber(args[3]), cost = cost, cur = cur, pend = pend, prev = prev,
+        key = k, counter = counter, limit = tonumber(a1), window = tonumber(a2),
+        weight = tonumber(a3), cost = cost, cur = cur, pend = pend, prev = prev,
     }
     st.weighted = muldiv(prev, st.weight, st.window, true)
     st.fits = st.weighted + cur + pend + cost <= st.limit

@@ -30,12 +30,11 @@ local function time_for(st, missing)
     return H.clamp_ms(muldiv(missing, st.period, st.rate * 1000, true))
 end
 
-function M.check(keys, args, cost, pending)
-    local k = keys[1]
+function M.check(k, _, a1, a2, a3, cost, pending)
     local now = H.now_ms()
     local st = {
-        key = k, burst = tonumber(args[1]), rate = tonumber(args[2]),
-        period = tonumber(args[3]), cost = cost, now = now,
+        key = k, burst = tonumber(a1), rate = tonumber(a2),
+        period = tonumber(a3), cost = cost, now = now,
     }
     local full = st.burst * 1000
     local tokens = full

@@ -205,15 +205,21 @@ local function compose(dir)
     if not ok then
         return nil, err
     end
-    parts[#parts + 1] = "local ALG = {}\n"
+    -- Each algorithm is instantiated on first use: a call pays only for the ones it runs.
+    parts[#parts + 1] = "local LOAD = {}\n"
     line = line + 1
     for i = 1, #ALGS do
         local name = ALGS[i].name
-        ok, err = add(name .. ".lua", "ALG." .. name .. " = (function(...)", "end)(H)")
+        ok, err = add(name .. ".lua", "LOAD." .. name .. " = function() return (function(...)",
+                      "end)(H) end")
         if not ok then
             return nil, err
         end
     end
+    parts[#parts + 1] = "local ALG = setmetatable({}, { __index = function(t, name) "
+                        .. "local load = LOAD[name]; if load then t[name] = load() end; "
+                        .. "return rawget(t, name) end })\n"
+    line = line + 1
     ok, err = add("main.lua", "return (function(...)", "end)(ALG, H)")
     if not ok then
         return nil, err

@@ -17,7 +17,6 @@ local sub = string.sub
 local gsub = string.gsub
 local format = string.format
 local sort = table.sort
-local concat = table.concat
 
 local _M = { _VERSION = "0.2.0" }
 
@@ -100,6 +99,14 @@ local function fail(path, msg)
     return nil, path .. ": " .. msg
 end
 
+-- Where a value sits in the body, e.g. { "requests[2].checks", 0 } with field "key" for
+-- requests[2].checks[0].key. The string is only built for an error message: valid bodies,
+-- the hot path, make no path strings at all.
+local function fail_at(where, field, msg)
+    local path = where[1] .. "[" .. where[2] .. "]"
+    return fail(field and path .. "." .. field or path, msg)
+end
+
 -- cjson decodes both `[]` and `{}` to an empty table, and objects to tables with string keys.
 -- Returns the length of a non-empty JSON array, or nil.
 local function array_len(v)
@@ -147,18 +154,18 @@ local function is_integer_in(v, lo, hi)
 end
 
 -- obj[field] must be an integer in lo..hi; a missing one takes `default`, or is required.
-local function check_integer(obj, field, path, lo, hi, default, hi_name)
+local function check_integer(obj, field, where, lo, hi, default, hi_name)
     local v = obj[field]
     if v == nil then
         if default then
             obj[field] = default
             return true
         end
-        return fail(path, "is required")
+        return fail_at(where, field, "is required")
     end
     if not is_integer_in(v, lo, hi) then
-        return fail(path, format("must be an integer in %d..%d", lo, hi)
-                          .. (hi_name and " (" .. hi_name .. ")" or ""))
+        return fail_at(where, field, format("must be an integer in %d..%d", lo, hi)
+                                     .. (hi_name and " (" .. hi_name .. ")" or ""))
     end
     return true
 end
@@ -169,30 +176,30 @@ local function is_token(v, max)
     return type(v) == "string" and #v > 0 and #v <= max and not find(v, "[^\33-\126]")
 end
 
-local function check_key(key, path, key_start, key_end)
+local function check_key(key, where, field, key_start, key_end)
     if key == nil then
-        return fail(path, "is required")
+        return fail_at(where, field, "is required")
     end
     if not is_token(key, MAX_KEY_BYTES) then
-        return fail(path, "must be a string of 1.." .. MAX_KEY_BYTES
-                          .. " printable ASCII characters (0x21..0x7e)")
+        return fail_at(where, field, "must be a string of 1.." .. MAX_KEY_BYTES
+                                     .. " printable ASCII characters (0x21..0x7e)")
     end
     if sub(key, 1, #key_start) ~= key_start then
-        return fail(path, 'must start with "' .. key_start .. '"')
+        return fail_at(where, field, 'must start with "' .. key_start .. '"')
     end
     if key_end and (#key < #key_start + #key_end or sub(key, -#key_end) ~= key_end) then
-        return fail(path, 'must end with "' .. key_end .. '"')
+        return fail_at(where, field, 'must end with "' .. key_end .. '"')
     end
     return true
 end
 
-local function check_id(id, path)
+local function check_id(id, where, field)
     if id == nil then
-        return fail(path, "is required")
+        return fail_at(where, field, "is required")
     end
     if not is_token(id, MAX_ID_BYTES) then
-        return fail(path, "must be a string of 1.." .. MAX_ID_BYTES
-                          .. " printable ASCII characters (0x21..0x7e)")
+        return fail_at(where, field, "must be a string of 1.." .. MAX_ID_BYTES
+                                     .. " printable ASCII characters (0x21..0x7e)")
     end
     return true
 end
@@ -207,33 +214,32 @@ local function hash_tag(key)
     end
 end
 
-local function check_one(check, path, key_start)
+local function check_one(check, where, key_start)
     if not is_object(check) then
-        return fail(path, "must be an object")
+        return fail_at(where, nil, "must be an object")
     end
     local alg = check.alg
     if alg == nil then
         alg = "fixed_window"
         check.alg = alg
     elseif type(alg) ~= "string" or not ALGS[alg] then
-        return fail(path .. ".alg", "must be " .. ALG_NAMES)
+        return fail_at(where, "alg", "must be " .. ALG_NAMES)
     end
     local field, raw = unknown_field(check, ALG_FIELDS[alg])
     if field then
         if ANY_ALG[raw] then
-            return fail(path .. "." .. field, 'unknown field for alg "' .. alg .. '"')
+            return fail_at(where, field, 'unknown field for alg "' .. alg .. '"')
         end
-        return fail(path .. "." .. field, "unknown field")
+        return fail_at(where, field, "unknown field")
     end
 
-    local ok, err = check_key(check.key, path .. ".key", key_start)
+    local ok, err = check_key(check.key, where, "key", key_start)
     if not ok then
         return nil, err
     end
     local spec = ALGS[alg]
     for i = 1, #spec do
         local name, kind, lo, hi = spec[i][1], spec[i][2], spec[i][3], spec[i][4]
-        local where = path .. "." .. name
         if kind == "int" then
             if type(hi) == "string" then
                 ok, err = check_integer(check, name, where, lo, check[hi], nil, hi)
@@ -241,32 +247,32 @@ local function check_one(check, path, key_start)
                 ok, err = check_integer(check, name, where, lo, hi)
             end
         elseif kind == "key" then
-            ok, err = check_key(check[name], where, key_start)
+            ok, err = check_key(check[name], where, name, key_start)
             if ok then
                 local tag = hash_tag(check.key)
                 if not tag or tag ~= hash_tag(check[name]) then
-                    ok, err = fail(where, "must carry the same non-empty {hash tag} as key")
+                    ok, err = fail_at(where, name, "must carry the same non-empty {hash tag} as key")
                 end
             end
         else
-            ok, err = check_id(check[name], where)
+            ok, err = check_id(check[name], where, name)
         end
         if not ok then
             return nil, err
         end
     end
 
-    ok, err = check_integer(check, "cost", path .. ".cost", 0, MAX_COST, 1)
+    ok, err = check_integer(check, "cost", where, 0, MAX_COST, 1)
     if not ok then
         return nil, err
     end
     if alg == "concurrency" and check.cost ~= 1 then
-        return fail(path .. ".cost", 'must be 1 for alg "concurrency" (one slot per request)')
+        return fail_at(where, "cost", 'must be 1 for alg "concurrency" (one slot per request)')
     end
     if check.shadow == nil then
         check.shadow = false
     elseif type(check.shadow) ~= "boolean" then
-        return fail(path .. ".shadow", "must be a boolean")
+        return fail_at(where, "shadow", "must be a boolean")
     end
     return true
 end
@@ -345,9 +351,11 @@ function _M.decode(body, key_prefix)
                                     .. " checks in total")
         end
 
+        local where = { path, 0 }
         for j = 1, n do
+            where[2] = j - 1
             local ok
-            ok, err = check_one(checks[j], concat({ path, "[", j - 1, "]" }), key_start)
+            ok, err = check_one(checks[j], where, key_start)
             if not ok then
                 return nil, err
             end
@@ -372,20 +380,21 @@ function _M.decode_release(body, key_prefix)
     end
     local key_start = key_prefix .. ":{"
     local allowed = { key = true, id = true }
+    local where = { "releases", 0 }
     for i = 1, n do
         local r = releases[i]
-        local path = "releases[" .. (i - 1) .. "]"
+        where[2] = i - 1
         if not is_object(r) then
-            return fail(path, "must be an object")
+            return fail_at(where, nil, "must be an object")
         end
         local field = unknown_field(r, allowed)
         if field then
-            return fail(path .. "." .. field, "unknown field")
+            return fail_at(where, field, "unknown field")
         end
         local ok
-        ok, err = check_key(r.key, path .. ".key", key_start, "}:conc")
+        ok, err = check_key(r.key, where, "key", key_start, "}:conc")
         if ok then
-            ok, err = check_id(r.id, path .. ".id")
+            ok, err = check_id(r.id, where, "id")
         end
         if not ok then
             return nil, err
