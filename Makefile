@@ -7,7 +7,7 @@ APT_PACKAGES := nginx-light libnginx-mod-http-lua lua-resty-core lua-resty-lruca
 	lua-cjson redis-server redis-tools redis-sentinel lua-check wrk openssl
 PYTEST ?= python3 -m pytest
 
-.PHONY: help setup setup-fuzz build run test unit-test fuzz fuzz-smoke soak lint validate fmt clean bench bench-setup
+.PHONY: help setup setup-fuzz build run test unit-test fuzz fuzz-smoke soak lint validate fmt clean bench bench-setup bench-hostcalls
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -56,6 +56,9 @@ bench-setup: ## Install oha (open-loop load generator) with cargo if missing; ta
 
 bench: setup build bench-setup ## Benchmark Tollgate against Envoy/nginx baselines (< 10 min): bench/results/latest.md, .svg
 	python3 bench/run.py
+
+bench-hostcalls: setup ## What each proxy-wasm host call costs Envoy (~3 min): bench/results/hostcalls.md
+	python3 bench/hostcalls.py
 
 SOAK_SECONDS ?= 600
 

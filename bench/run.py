@@ -9,7 +9,7 @@ number next to the baseline measured in the same run (bench/README.md says how t
   C   Envoy + envoy.filters.http.lua: httpCall to the shim, same check as Tollgate
   D0  nginx + Lua content handler, no limiting                        baseline of D
   D   the same nginx, access_by_lua doing INCR + EXPIRE in Redis itself
-  W   Envoy + a proxy-wasm filter that does nothing (bench/noop-filter): the Wasm runtime's floor
+  W   Envoy + a proxy-wasm filter that does nothing (bench/wasm-probe): the Wasm runtime's floor
   E0  Tollgate loaded, but no rule applies: the Wasm filter's own cost, no callout
   E   Tollgate, every request checked in Redis (nothing denied; callouts coalesced, the default)
   E1  the same with coalescing off: one callout per request, like C
@@ -56,8 +56,8 @@ RESULTS = BENCH / "results"
 # The .wasm every setup loads: a copy taken at the start, so a rebuild during the run cannot
 # give setups different filters (and the sha256 in the results names what ran).
 WASM_COPY = WORK / "tollgate.wasm"
-NOOP_DIR = BENCH / "noop-filter"
-NOOP_WASM = NOOP_DIR / "target" / "wasm32-wasip1" / "release" / "noop_filter.wasm"
+PROBE_DIR = BENCH / "wasm-probe"
+PROBE_WASM = PROBE_DIR / "target" / "wasm32-wasip1" / "release" / "wasm_probe.wasm"
 # What is benchmarked: the work tree's build and shim, unless --wasm / --shim-dir say otherwise.
 SOURCES = {"wasm": None, "shim": None}
 sys.path.insert(0, str(ROOT / "tests"))
@@ -246,8 +246,10 @@ def lua_filter() -> dict:
     }
 
 
-def envoy_bootstrap(filter_kind: str, rules, shim_port: int, port: int, admin_port: int, **plugin_options) -> dict:
-    """tests/envoy_harness.py's config, with the Wasm filter swapped for `filter_kind`'s."""
+def envoy_bootstrap(filter_kind: str, rules, shim_port: int, port: int, admin_port: int, probe_config: str = "",
+                    **plugin_options) -> dict:
+    """tests/envoy_harness.py's config, with the Wasm filter swapped for `filter_kind`'s
+    (`probe_config`: the configuration of the "noop" kind, bench/wasm-probe)."""
     tollgate = plugin(rules or CHECKED_RULES, **plugin_options)
     config = envoy_config(tollgate, shim_port, port, admin_port, routes=ROUTES)
     hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
@@ -255,7 +257,8 @@ def envoy_bootstrap(filter_kind: str, rules, shim_port: int, port: int, admin_po
     wasm["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] = str(WASM_COPY)
     hcm["stat_prefix"] = "bench"
     noop = copy.deepcopy(wasm)
-    noop["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] = str(NOOP_WASM)
+    noop["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] = str(PROBE_WASM)
+    noop["typed_config"]["config"]["configuration"]["value"] = probe_config
     hcm["http_filters"] = {
         "none": [],
         "noop": [noop],
@@ -850,10 +853,10 @@ def run_setups(plan: Plan, only, perf: bool) -> dict:
     return rows
 
 
-def build_noop_filter():
+def build_probe_filter():
     """Setup W's filter: built here (seconds, cached) so `python3 bench/run.py` works alone."""
     subprocess.run(["cargo", "build", "--quiet", "--release", "--target", "wasm32-wasip1",
-                    "--manifest-path", str(NOOP_DIR / "Cargo.toml")], check=True)
+                    "--manifest-path", str(PROBE_DIR / "Cargo.toml")], check=True)
 
 
 def main():
@@ -877,7 +880,7 @@ def main():
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
     shutil.copyfile(SOURCES["wasm"], WASM_COPY)
-    build_noop_filter()
+    build_probe_filter()
     meta = metadata()
     rows = run_setups(plan, only, args.perf)
     print(f"[{time.monotonic() - started:5.0f}s] A again: has the machine changed during the run?", flush=True)
