@@ -647,6 +647,45 @@ def markdown(rows: dict, plan: Plan, meta: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+README_START = "<!-- bench-results:start (written by make bench) -->"
+README_END = "<!-- bench-results:end -->"
+
+
+def update_readme(md: str, meta: dict):
+    """Copies the tables of a full run into README.md, between the bench-results markers:
+    throughput, CPU per request, and latency at 10 % and 50 % of A's saturation."""
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        print("README.md has no bench-results markers: not updated", flush=True)
+        return
+    tables = {}
+    for section in md.split("\n## ")[1:]:
+        title, _, body = section.partition("\n")
+        tables[title.split(" (")[0]] = [line for line in body.splitlines() if line.startswith("|")]
+    latency = tables["Latency at fixed offered rates"]
+    latency = latency[:2] + [line for line in latency[2:] if line.split(" | ")[2] in ("10%", "50%")]
+    block = "\n".join([
+        README_START,
+        f"Latest run: {meta['date']}, `make bench` ({meta['took']}); machine and versions in "
+        "[`bench/results/latest.md`](bench/results/latest.md).",
+        "",
+        *tables["Throughput at saturation"],
+        "",
+        "CPU per request (from `/proc` over the run) and peak RSS:",
+        "",
+        *tables["Cost per request"],
+        "",
+        "Latency at 10 % and 50 % of A's saturation (open loop; *added* is over A at the same rate):",
+        "",
+        *latency,
+        README_END,
+    ])
+    start, end = text.index(README_START), text.index(README_END) + len(README_END)
+    readme.write_text(text[:start] + block + text[end:])
+    print("README.md: benchmark tables updated", flush=True)
+
+
 def overloaded(lat: Latency) -> bool:
     """Past saturation at this offered rate: the open-loop queue grows, latency is queueing."""
     return lat.achieved < 0.95 * lat.offered
@@ -907,6 +946,8 @@ def main():
     md = markdown(rows, plan, meta)
     (out / "latest.md").write_text(md)
     (out / "latest.svg").write_text(svg_chart(rows, plan, meta))
+    if out == RESULTS:
+        update_readme(md, meta)
     raw = {k: dataclasses.asdict(r) for k, r in rows.items()}
     (WORK / "rows.json").write_text(json.dumps(raw, indent=1, default=str))
     print()

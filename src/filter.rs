@@ -94,12 +94,17 @@ impl Plugin {
     /// The clock decisions run on: the gateway clock moved onto Redis's time when skew
     /// correction is on, so every gateway computes the same window keys.
     fn now(&self) -> u64 {
+        self.corrected(self.gateway_ms())
+    }
+
+    /// [`now`](Self::now) from a gateway time already read (host calls cost: one per request).
+    fn corrected(&self, gateway_ms: u64) -> u64 {
         let offset = if self.config.correct_clock_skew {
             self.skew.get().offset_ms()
         } else {
             0
         };
-        clock::corrected(self.gateway_ms(), offset)
+        clock::corrected(gateway_ms, offset)
     }
 
     /// Learns from a reply's Redis time, and shares the estimate with the other workers.
@@ -176,9 +181,11 @@ impl Plugin {
     /// Logs a failure (throttled), counts it, and returns the failure mode's verdict for a
     /// request with these checks.
     fn failure_verdict(&self, failure: &Failure, checks: &[Check]) -> Verdict {
-        let now_ms = self.now();
+        let gateway_ms = self.gateway_ms();
+        let now_ms = self.corrected(gateway_ms);
         if *failure != Failure::CircuitOpen {
-            self.breaker.borrow_mut().failed(now_ms);
+            // The breaker runs on the gateway clock, like `may_call`.
+            self.breaker.borrow_mut().failed(gateway_ms);
         }
         let mode = self.config.failure_mode;
         log_throttled(&self.failures, log::Level::Warn, |held_back| {
@@ -193,9 +200,10 @@ impl Plugin {
         decision::on_failure(&self.config, checks, &mut self.local.borrow_mut(), now_ms)
     }
 
-    /// Whether the shim may be called now (the circuit breaker is closed or probing).
-    fn may_call(&self) -> bool {
-        self.breaker.borrow_mut().allows_call(WasmHost.now_ms())
+    /// Whether the shim may be called at `gateway_ms` (the circuit breaker is closed or
+    /// probing).
+    fn may_call(&self, gateway_ms: u64) -> bool {
+        self.breaker.borrow_mut().allows_call(gateway_ms)
     }
 
     fn remember_exhausted(&self, entries: &[cache::Entry]) {
@@ -252,7 +260,7 @@ impl Plugin {
             let Some(batch) = self.batcher.borrow_mut().next_batch() else {
                 return;
             };
-            if !self.may_call() {
+            if !self.may_call(self.gateway_ms()) {
                 self.fail_all(batch, &Failure::CircuitOpen);
                 continue;
             }
@@ -698,7 +706,8 @@ impl HttpContext for TollgateHttp {
         } else {
             String::new()
         };
-        let now_ms = plugin.now();
+        let gateway_ms = plugin.gateway_ms();
+        let now_ms = plugin.corrected(gateway_ms);
         let checks = checks_for(&plugin.config, &WasmHost, now_ms, &request_id);
         if checks.is_empty() {
             return Action::Continue;
@@ -711,10 +720,10 @@ impl HttpContext for TollgateHttp {
                 return self.apply(verdict, false, Vec::new());
             }
         }
-        if !plugin.may_call() {
+        if !plugin.may_call(gateway_ms) {
             return self.fail(Failure::CircuitOpen, &checks, false);
         }
-        let sent_ms = plugin.gateway_ms();
+        let sent_ms = gateway_ms;
         if !plugin.config.coalesce {
             return self.dispatch_alone(checks, sent_ms);
         }
