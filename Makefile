@@ -57,7 +57,7 @@ bench-setup: ## Install oha (open-loop load generator) with cargo if missing; ta
 bench: setup build bench-setup ## Benchmark Tollgate against Envoy/nginx baselines (< 10 min): bench/results/latest.md, .svg
 	python3 bench/run.py
 
-bench-hostcalls: setup ## What each proxy-wasm host call costs Envoy (~3 min): bench/results/hostcalls.md
+bench-hostcalls: setup ## What each proxy-wasm host call costs Envoy (~4 min): bench/results/hostcalls.md
 	python3 bench/hostcalls.py
 
 SOAK_SECONDS ?= 600

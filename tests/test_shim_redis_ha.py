@@ -610,6 +610,14 @@ def test_cluster_exact_admission(cluster, tmp_path):
         assert statuses == [200] * 500, [o for o in out if o[0] != 200][:3]
         assert allowed == 100 and cluster_get(cluster, key) == 100
         assert healthz(shim) == 200
+        # Connections to cluster nodes are counted like any other (tollgate.metrics).
+        with urllib.request.urlopen(f"http://127.0.0.1:{shim.port}/metrics", timeout=5) as r:
+            samples = dict(line.rsplit(" ", 1) for line in r.read().decode().splitlines()
+                           if line and not line.startswith("#"))
+        print(f"  shim metrics: {float(samples['tollgate_shim_redis_reconnects_total']):.0f} Redis connections "
+              f"opened, {float(samples['tollgate_shim_script_loads_total']):.0f} script loads")
+        assert float(samples["tollgate_shim_redis_reconnects_total"]) >= 1
+        assert float(samples["tollgate_shim_script_loads_total"]) >= 1, "the nodes start without the script"
 
 
 def test_cluster_resharding_during_load_loses_no_decision(cluster, tmp_path):

@@ -139,14 +139,15 @@ local function counting_script(red, subcommand, ...)
     return base_script(red, subcommand, ...)
 end
 
---- Counts, on the connections `pool:connect()` hands out, the new ones (get_reused_times()
--- is 0: tollgate_shim_redis_reconnects_total) and the SCRIPT LOADs sent on them (after a
--- NOSCRIPT: tollgate_shim_script_loads_total). It wraps the pool object's `connect` and each
+--- Counts, on the connections `pool:connect_to()` hands out (every Redis connection: single,
+-- Sentinel's master, each Redis Cluster node), the new ones (get_reused_times() is 0:
+-- tollgate_shim_redis_reconnects_total) and the SCRIPT LOADs sent on them (after a NOSCRIPT:
+-- tollgate_shim_script_loads_total). It wraps the pool object's `connect_to` and each
 -- connection's `script` method, so the connection code (tollgate.redis_pool) stays as it is.
 function _M.instrument_pool(pool)
-    local connect = pool.connect
-    pool.connect = function(self, ...)
-        local red, err = connect(self, ...)
+    local connect_to = pool.connect_to
+    pool.connect_to = function(self, ...)
+        local red, err = connect_to(self, ...)
         if red then
             if red:get_reused_times() == 0 then
                 incr(RECONNECTS, 1)
