@@ -206,8 +206,7 @@ impl Plugin {
         self.breaker.borrow_mut().allows_call(gateway_ms)
     }
 
-    fn remember_exhausted(&self, entries: &[cache::Entry]) {
-        let now_ms = self.now();
+    fn remember_exhausted(&self, entries: &[cache::Entry], now_ms: u64) {
         for entry in entries {
             WasmHost.shared_set(&cache::slot(&entry.key), &cache::encode(entry));
             self.near.borrow_mut().put(entry.clone(), now_ms);
@@ -289,12 +288,13 @@ impl Plugin {
         let data = CalloutData::read(num_headers, body_size);
         let reply = data.reply();
         let requests: Vec<&[Check]> = batch.iter().map(|p| p.checks.as_slice()).collect();
-        match decision::from_batch_callout(&self.config, &requests, reply, self.now()) {
+        let now_ms = self.now();
+        match decision::from_batch_callout(&self.config, &requests, reply, now_ms) {
             Ok(decided) => {
                 self.breaker.borrow_mut().succeeded();
                 self.observe_clock(sent_ms, received_ms, decided.server_now_ms);
                 for (pending, (verdict, exhausted)) in batch.iter().zip(decided.verdicts) {
-                    self.remember_exhausted(&exhausted);
+                    self.remember_exhausted(&exhausted, now_ms);
                     self.deliver(pending, verdict, slots_of(&pending.checks));
                 }
             }
@@ -679,7 +679,8 @@ impl Context for TollgateHttp {
             received_ms.saturating_sub(sent_ms),
         );
         let data = CalloutData::read(num_headers, body_size);
-        match decision::from_batch_callout(&plugin.config, &[&checks], data.reply(), plugin.now()) {
+        let now_ms = plugin.now();
+        match decision::from_batch_callout(&plugin.config, &[&checks], data.reply(), now_ms) {
             Ok(decided) => {
                 plugin.breaker.borrow_mut().succeeded();
                 plugin.observe_clock(sent_ms, received_ms, decided.server_now_ms);
@@ -688,7 +689,7 @@ impl Context for TollgateHttp {
                     return;
                 };
                 debug!("{} checks, verdict {verdict:?}", checks.len());
-                plugin.remember_exhausted(&exhausted);
+                plugin.remember_exhausted(&exhausted, now_ms);
                 self.apply(verdict, true, slots_of(&checks));
             }
             Err(failure) => {
