@@ -301,10 +301,14 @@ def test_exact_admission_for_every_algorithm(clean, tmp_path, algorithm, params)
     config = plugin([rule("exact", descriptors=[], algorithm=algorithm, **params)])
     with run_envoy(tmp_path, config, clean["shim"]) as envoy:
         wait_for_window_room(60, 15)
+        started = time.monotonic()
         counts = hammer(envoy.port, 300, 30, "/")
-    print(f"{algorithm}: {dict(counts)}")
-    # Refill-based algorithms may earn a token or two while the burst runs.
-    assert 100 <= counts[200] <= 102
+        took = time.monotonic() - started
+    print(f"{algorithm}: {dict(counts)} in {took:.2f}s")
+    # Refill-based algorithms earn one token per second while the burst runs (a slow machine
+    # stretches it); the windows get nothing back within their minute.
+    refilled = int(took) + 1 if algorithm in ("token_bucket", "gcra") else 0
+    assert 100 <= counts[200] <= 100 + refilled
     assert counts[200] + counts[429] == 300
 
 
