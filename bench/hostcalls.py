@@ -36,7 +36,7 @@ CALLS = [
 def probe(work, config):
     """Envoy with the probe filter configured `config`; None: Envoy without any filter (A)."""
     with (B.envoy_target(work, "none") if config is None
-          else B.envoy_target(work, "noop", probe_config=config)) as target:
+          else B.envoy_target(work, "probe", probe_config=config)) as target:
         yield target
 
 

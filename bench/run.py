@@ -252,19 +252,19 @@ def lua_filter() -> dict:
 def envoy_bootstrap(filter_kind: str, rules, shim_port: int, port: int, admin_port: int, probe_config: str = "",
                     **plugin_options) -> dict:
     """tests/envoy_harness.py's config, with the Wasm filter swapped for `filter_kind`'s
-    (`probe_config`: the configuration of the "noop" kind, bench/wasm-probe)."""
+    (`probe_config`: the configuration of the "probe" kind, bench/wasm-probe)."""
     tollgate = plugin(rules or CHECKED_RULES, **plugin_options)
     config = envoy_config(tollgate, shim_port, port, admin_port, routes=ROUTES)
     hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     wasm, router = hcm["http_filters"]
     wasm["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] = str(WASM_COPY)
     hcm["stat_prefix"] = "bench"
-    noop = copy.deepcopy(wasm)
-    noop["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] = str(PROBE_WASM)
-    noop["typed_config"]["config"]["configuration"]["value"] = probe_config
+    probe = copy.deepcopy(wasm)
+    probe["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] = str(PROBE_WASM)
+    probe["typed_config"]["config"]["configuration"]["value"] = probe_config
     hcm["http_filters"] = {
         "none": [],
-        "noop": [noop],
+        "probe": [probe],
         "local_ratelimit": [LOCAL_RATELIMIT],
         "lua": [lua_filter()],
         "tollgate": [wasm],
@@ -364,7 +364,7 @@ SETUPS = [
     Setup("D", "nginx + Lua, INCR+EXPIRE in Redis (access phase)", "D0",
           lambda w: nginx_target(w, "/limited", with_redis=True)),
     Setup("W", "Envoy + a proxy-wasm filter that does nothing", "A",
-          lambda w: envoy_target(w, "noop")),
+          lambda w: envoy_target(w, "probe")),
     Setup("E0", "Tollgate loaded, no rule applies (no callout)", "A",
           lambda w: envoy_target(w, "tollgate", NO_MATCH_RULES)),
     Setup("E", "Tollgate, every request checked in Redis", "A",

@@ -259,7 +259,8 @@ impl Plugin {
             let Some(batch) = self.batcher.borrow_mut().next_batch() else {
                 return;
             };
-            if !self.may_call(self.gateway_ms()) {
+            let now_ms = self.gateway_ms();
+            if !self.may_call(now_ms) {
                 self.fail_all(batch, &Failure::CircuitOpen);
                 continue;
             }
@@ -268,10 +269,7 @@ impl Plugin {
             let requests: Vec<&[Check]> = batch.iter().map(|p| p.checks.as_slice()).collect();
             let body = wire::encode(&requests);
             match WasmHost.dispatch(&self.config.shim, &body) {
-                Ok(token) => self
-                    .batcher
-                    .borrow_mut()
-                    .sent(token, batch, self.gateway_ms()),
+                Ok(token) => self.batcher.borrow_mut().sent(token, batch, now_ms),
                 Err(e) => self.fail_all(batch, &Failure::Dispatch(e.to_string())),
             }
         }
