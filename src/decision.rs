@@ -166,9 +166,9 @@ pub fn on_failure(
             }
             // Deny as the shim would, for the checks that denied, until their local window ends.
             let denied: Vec<Check> = denying.iter().map(|&i| checks[i].clone()).collect();
-            let result = RequestResult {
-                allowed: false,
-                checks: denied
+            let result = RequestResult::local(
+                false,
+                denied
                     .iter()
                     .map(|c| {
                         let window_ms = c.window_s().unwrap_or(1).max(1) * 1000;
@@ -182,7 +182,7 @@ pub fn on_failure(
                         }
                     })
                     .collect(),
-            };
+            );
             decide(config, &denied, &result)
         }
     }
@@ -197,13 +197,12 @@ pub fn from_cache(
     now_ms: u64,
 ) -> Verdict {
     let denying: Vec<Check> = hits.iter().map(|(i, _)| checks[*i].clone()).collect();
-    let result = RequestResult {
-        allowed: false,
-        checks: hits
-            .iter()
+    let result = RequestResult::local(
+        false,
+        hits.iter()
             .map(|(i, e)| cache::as_result(e, &checks[*i], now_ms))
             .collect(),
-    };
+    );
     decide(config, &denying, &result)
 }
 
@@ -445,6 +444,7 @@ mod tests {
     fn result(allowed: bool, checks: &[(bool, u64, u64, u64)]) -> RequestResult {
         RequestResult {
             allowed,
+            refused: None,
             checks: checks
                 .iter()
                 .map(|&(allowed, limit, remaining, reset_ms)| CheckResult {

@@ -136,8 +136,25 @@ struct WireRelease<'a> {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct RequestResult {
     /// Every check fits: admitted, and every counter was charged.
+    #[serde(default)]
     pub allowed: bool,
+    #[serde(default)]
     pub checks: Vec<CheckResult>,
+    /// The shim refused this request alone (it named the bad field); nothing was charged for
+    /// it, and the other requests of the callout were checked as usual.
+    #[serde(default)]
+    pub refused: Option<String>,
+}
+
+impl RequestResult {
+    /// An answer made in the gateway (over-limit cache, local fallback).
+    pub fn local(allowed: bool, checks: Vec<CheckResult>) -> RequestResult {
+        RequestResult {
+            allowed,
+            checks,
+            refused: None,
+        }
+    }
 }
 
 /// The shim's answer for one check.
@@ -205,7 +222,7 @@ pub fn decode(body: &[u8], shape: &[usize]) -> Result<Reply, String> {
         ));
     }
     for (i, (result, &n)) in reply.results.iter().zip(shape).enumerate() {
-        if result.checks.len() != n {
+        if result.refused.is_none() && result.checks.len() != n {
             return Err(format!(
                 "shim reply results[{i}] has {} checks for {n} sent",
                 result.checks.len()
