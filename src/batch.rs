@@ -4,12 +4,14 @@
 //! The rules it follows come from how the proxy-wasm Rust SDK routes callout replies: a reply
 //! goes to the context that was *active* when the call was dispatched. So
 //! - an HTTP context only ever dispatches a callout holding its own checks — the idle case,
-//!   which adds no latency ([`Batcher::try_alone`]);
+//!   which adds no latency ([`Batcher::idle`]); the engine sends it attributed to the root, so
+//!   the host never cancels it and the SDK's token map never keeps a dead entry;
 //! - batches of several requests are dispatched from the root context (its tick, and its reply
 //!   handler, which chains the next batch at once), and the root hands each request its verdict;
 //! - a request whose stream ended while queued is dropped from the queue ([`Batcher::cancel`]);
-//! - a watchdog on the tick fails whatever waited past its deadline ([`Batcher::expired`]), so
-//!   no request is ever left paused, whatever the host does.
+//! - a request's deadline counts from when it started waiting, queued or not
+//!   ([`deadline`]), and a watchdog on the tick fails whatever waited past it
+//!   ([`Batcher::expired`]), so no request is ever left paused, whatever the host does.
 //!
 //! Pure: time is an argument, tokens and context ids are plain numbers.
 
@@ -22,14 +24,23 @@ use crate::request::Check;
 pub struct Pending {
     pub context_id: u32,
     pub checks: Vec<Check>,
+    /// When its checks were built and it started waiting, by the gateway clock: its deadline
+    /// counts from here.
     pub since_ms: u64,
+    /// The same moment on the skew-corrected clock (its window keys were built on it).
+    pub now_ms: u64,
 }
 
+/// A callout in flight: a batch the root sent, or one request's own.
 #[derive(Debug)]
-struct InFlight {
-    token: u32,
-    sent_ms: u64,
-    requests: Vec<Pending>,
+pub struct InFlight {
+    pub token: u32,
+    pub sent_ms: u64,
+    /// The earliest deadline of its requests (gateway clock).
+    pub deadline_ms: u64,
+    /// Sent by a request's own context (its reply goes there), not by the root.
+    pub alone: bool,
+    pub requests: Vec<Pending>,
 }
 
 /// Limits of one batch.
@@ -60,14 +71,12 @@ impl Default for Limits {
 /// Per-check bytes on the wire besides the key(s): field names, numbers, punctuation.
 const CHECK_OVERHEAD: usize = 120;
 
-/// The coalescing state of one worker.
+/// The coalescing state of one worker: the queue, and every callout in flight.
 #[derive(Debug, Default)]
 pub struct Batcher {
     limits: Limits,
     queue: VecDeque<Pending>,
     in_flight: Vec<InFlight>,
-    /// Callouts HTTP contexts sent for themselves and have not seen answered yet.
-    alone: usize,
 }
 
 impl Batcher {
@@ -78,33 +87,20 @@ impl Batcher {
         }
     }
 
-    /// An HTTP context has checks to send. If the worker is idle it may send them in a callout
-    /// of its own, now (true); otherwise it must [`enqueue`](Self::enqueue) them.
-    pub fn try_alone(&mut self) -> bool {
-        let idle = self.queue.is_empty() && self.in_flight.is_empty() && self.alone == 0;
-        if idle {
-            self.alone += 1;
-        }
-        idle
+    /// Nothing queued and no callout in flight: a new request may send its own callout now
+    /// (the idle case, which adds no latency); otherwise it must [`enqueue`](Self::enqueue).
+    pub fn idle(&self) -> bool {
+        self.queue.is_empty() && self.in_flight.is_empty()
     }
 
     /// Queues a request for the root's next batch.
-    pub fn enqueue(&mut self, context_id: u32, checks: Vec<Check>, now_ms: u64) {
-        self.queue.push_back(Pending {
-            context_id,
-            checks,
-            since_ms: now_ms,
-        });
-    }
-
-    /// A callout sent alone was answered, failed to send, or its request went away.
-    pub fn alone_done(&mut self) {
-        self.alone = self.alone.saturating_sub(1);
+    pub fn enqueue(&mut self, pending: Pending) {
+        self.queue.push_back(pending);
     }
 
     /// The next batch to send, if anything waits and a slot is free.
     pub fn next_batch(&mut self) -> Option<Vec<Pending>> {
-        if self.queue.is_empty() || self.in_flight.len() >= self.limits.max_in_flight {
+        if self.queue.is_empty() || self.batches_in_flight() >= self.limits.max_in_flight {
             return None;
         }
         let mut batch = Vec::new();
@@ -129,21 +125,30 @@ impl Batcher {
         Some(batch)
     }
 
-    /// A batch went out as callout `token`.
-    pub fn sent(&mut self, token: u32, requests: Vec<Pending>, now_ms: u64) {
+    /// A callout went out as `token` carrying `requests`.
+    pub fn sent(
+        &mut self,
+        token: u32,
+        requests: Vec<Pending>,
+        now_ms: u64,
+        timeout_ms: u64,
+        alone: bool,
+    ) {
+        let deadline_ms = deadline(&requests, timeout_ms);
         self.in_flight.push(InFlight {
             token,
             sent_ms: now_ms,
+            deadline_ms,
+            alone,
             requests,
         });
     }
 
-    /// The reply to callout `token` arrived: when it was sent and its requests, or `None` if
-    /// it is not a batch (anymore: the watchdog may have failed it already).
-    pub fn complete(&mut self, token: u32) -> Option<(u64, Vec<Pending>)> {
+    /// The reply to callout `token` arrived: the callout, or `None` if it is not ours (any
+    /// more: the watchdog may have failed it already).
+    pub fn complete(&mut self, token: u32) -> Option<InFlight> {
         let i = self.in_flight.iter().position(|b| b.token == token)?;
-        let batch = self.in_flight.swap_remove(i);
-        Some((batch.sent_ms, batch.requests))
+        Some(self.in_flight.swap_remove(i))
     }
 
     /// A queued request's stream ended: forget it. True if it was still queued.
@@ -153,19 +158,28 @@ impl Batcher {
         self.queue.len() != before
     }
 
-    /// Everything that has waited longer than `deadline_ms`: queued requests, and batches whose
-    /// reply is overdue (the host's own callout timeout should have answered first).
-    pub fn expired(&mut self, now_ms: u64, deadline_ms: u64) -> Vec<Pending> {
-        let late = |since: u64| now_ms.saturating_sub(since) > deadline_ms;
-        let mut out = Vec::new();
-        while self.queue.front().is_some_and(|p| late(p.since_ms)) {
-            out.extend(self.queue.pop_front());
+    /// What waited past its deadline plus `grace_ms`: queued requests (whose deadline is
+    /// `since + timeout`), and callouts whose reply is overdue (the host's own callout timeout
+    /// should have answered first).
+    pub fn expired(
+        &mut self,
+        now_ms: u64,
+        timeout_ms: u64,
+        grace_ms: u64,
+    ) -> (Vec<Pending>, Vec<InFlight>) {
+        let late = |deadline: u64| now_ms > deadline.saturating_add(grace_ms);
+        let mut queued = Vec::new();
+        while self
+            .queue
+            .front()
+            .is_some_and(|p| late(p.since_ms.saturating_add(timeout_ms)))
+        {
+            queued.extend(self.queue.pop_front());
         }
         let (overdue, kept): (Vec<InFlight>, Vec<InFlight>) =
-            self.in_flight.drain(..).partition(|b| late(b.sent_ms));
+            self.in_flight.drain(..).partition(|b| late(b.deadline_ms));
         self.in_flight = kept;
-        out.extend(overdue.into_iter().flat_map(|b| b.requests));
-        out
+        (queued, overdue)
     }
 
     pub fn queued(&self) -> usize {
@@ -174,8 +188,24 @@ impl Batcher {
 
     /// Root batches waiting for their reply.
     pub fn batches_in_flight(&self) -> usize {
+        self.in_flight.iter().filter(|b| !b.alone).count()
+    }
+
+    /// Callouts of either kind waiting for their reply.
+    pub fn callouts_in_flight(&self) -> usize {
         self.in_flight.len()
     }
+}
+
+/// When a callout carrying `requests` must have answered: the oldest request's start plus the
+/// timeout, so waiting in the queue counts against a request's budget.
+pub fn deadline(requests: &[Pending], timeout_ms: u64) -> u64 {
+    requests
+        .iter()
+        .map(|p| p.since_ms)
+        .min()
+        .unwrap_or(0)
+        .saturating_add(timeout_ms)
 }
 
 #[cfg(test)]
@@ -203,25 +233,40 @@ mod tests {
         batch.iter().map(|p| p.context_id).collect()
     }
 
+    fn pending(context_id: u32, n: usize, since_ms: u64) -> Pending {
+        Pending {
+            context_id,
+            checks: checks(n),
+            since_ms,
+            now_ms: since_ms,
+        }
+    }
+
     #[test]
     fn idle_worker_sends_alone_then_queues_behind_it() {
         let mut b = Batcher::new(Limits::default());
-        assert!(b.try_alone());
-        assert!(!b.try_alone(), "one callout in flight: queue");
-        b.enqueue(2, checks(1), 0);
-        b.enqueue(3, checks(1), 0);
+        assert!(b.idle());
+        b.sent(60, vec![pending(1, 1, 0)], 0, 100, true);
+        assert!(!b.idle(), "one callout in flight: queue");
+        assert_eq!(
+            b.batches_in_flight(),
+            0,
+            "a request's own callout is no batch"
+        );
+        b.enqueue(pending(2, 1, 0));
+        b.enqueue(pending(3, 1, 0));
         let batch = b.next_batch().unwrap();
         assert_eq!(ids(&batch), [2, 3]);
-        b.sent(70, batch, 1);
-        b.alone_done();
-        assert!(!b.try_alone(), "a batch is in flight: still queue");
-        b.enqueue(4, checks(1), 2);
-        let (sent_ms, done) = b.complete(70).unwrap();
-        assert_eq!((sent_ms, ids(&done)), (1, vec![2, 3]));
+        b.sent(70, batch, 1, 100, false);
+        assert_eq!(b.complete(60).map(|c| c.alone), Some(true));
+        assert!(!b.idle(), "a batch is in flight: still queue");
+        b.enqueue(pending(4, 1, 2));
+        let done = b.complete(70).unwrap();
+        assert_eq!((done.sent_ms, ids(&done.requests)), (1, vec![2, 3]));
         assert!(b.complete(70).is_none(), "a reply is taken once");
         assert_eq!(ids(&b.next_batch().unwrap()), [4]);
         assert_eq!(b.next_batch(), None);
-        assert!(b.try_alone(), "idle again");
+        assert!(b.idle(), "idle again");
     }
 
     #[test]
@@ -234,7 +279,7 @@ mod tests {
         };
         let mut b = Batcher::new(limits);
         for id in 1..=5 {
-            b.enqueue(id, checks(2), 0);
+            b.enqueue(pending(id, 2, 0));
         }
         assert_eq!(ids(&b.next_batch().unwrap()), [1, 2], "4 checks at most");
         let tiny = Limits {
@@ -242,8 +287,8 @@ mod tests {
             ..limits
         };
         let mut t = Batcher::new(tiny);
-        t.enqueue(1, checks(3), 0);
-        t.enqueue(2, checks(1), 0);
+        t.enqueue(pending(1, 3, 0));
+        t.enqueue(pending(2, 1, 0));
         assert_eq!(
             ids(&t.next_batch().unwrap()),
             [1],
@@ -257,10 +302,10 @@ mod tests {
             max_in_flight: 1,
             ..Limits::default()
         });
-        b.enqueue(1, checks(1), 0);
+        b.enqueue(pending(1, 1, 0));
         let first = b.next_batch().unwrap();
-        b.sent(10, first, 0);
-        b.enqueue(2, checks(1), 0);
+        b.sent(10, first, 0, 100, false);
+        b.enqueue(pending(2, 1, 0));
         assert_eq!(b.next_batch(), None, "one batch in flight at most");
         b.complete(10);
         assert_eq!(ids(&b.next_batch().unwrap()), [2]);
@@ -269,29 +314,34 @@ mod tests {
     #[test]
     fn cancelled_requests_leave_the_queue() {
         let mut b = Batcher::new(Limits::default());
-        b.enqueue(1, checks(1), 0);
-        b.enqueue(2, checks(1), 0);
+        b.enqueue(pending(1, 1, 0));
+        b.enqueue(pending(2, 1, 0));
         assert!(b.cancel(1));
         assert!(!b.cancel(1));
         assert_eq!(ids(&b.next_batch().unwrap()), [2]);
     }
 
     #[test]
-    fn the_watchdog_fails_what_waited_too_long() {
+    fn deadlines_count_from_when_a_request_started_waiting() {
         let mut b = Batcher::new(Limits::default());
-        b.enqueue(1, checks(1), 0);
+        b.enqueue(pending(1, 1, 0));
+        b.enqueue(pending(2, 1, 30));
         let batch = b.next_batch().unwrap();
-        b.sent(9, batch, 10);
-        b.enqueue(2, checks(1), 20);
-        b.enqueue(3, checks(1), 95);
-        assert!(b.expired(100, 100).is_empty());
-        // At 121: request 2 queued since 20, the batch sent at 10.
-        let failed = b.expired(121, 100);
-        assert_eq!(ids(&failed), [2, 1]);
-        assert_eq!(b.queued(), 1);
+        assert_eq!(deadline(&batch, 100), 100, "the oldest request's budget");
+        // Sent at 60 after waiting in the queue: due at 100, not 160.
+        b.sent(9, batch, 60, 100, false);
+        b.enqueue(pending(3, 1, 95));
+        let (queued, overdue) = b.expired(150, 100, 50);
+        assert!(queued.is_empty() && overdue.is_empty());
+        let (queued, overdue) = b.expired(151, 100, 50);
+        assert!(queued.is_empty());
+        assert_eq!(ids(&overdue[0].requests), [1, 2]);
         assert!(
             b.complete(9).is_none(),
             "a late reply finds nothing to decide"
         );
+        let (queued, _) = b.expired(246, 100, 50);
+        assert_eq!(ids(&queued), [3]);
+        assert_eq!(b.queued(), 0);
     }
 }

@@ -5,8 +5,18 @@
 //!
 //! Entries live in proxy-wasm shared data, so every worker of a gateway sees them. To keep that
 //! memory bounded, a key maps to one of [`BUCKETS`] slots (`tollgate.oc.<n>`); a colliding key
-//! overwrites the slot, which only costs a callout later. An entry names its full key, so a
-//! collision can never deny the wrong key.
+//! overwrites the slot, which only costs a callout later. An entry names its check's full
+//! [`identity`] — the counter key *and* the limit it was checked against — so a collision, a
+//! tier with another limit on the same key, or a limit raised by a reload can never be denied
+//! by an entry learned under another limit.
+//!
+//! Times count from when the request's checks were built — no later than when Redis ran them —
+//! not from when the reply arrived, so round trip and queueing never stretch a denial past
+//! what Redis would say. Each entry is on the clock its algorithm's time comes from
+//! ([`Clocks::for_check`]): Redis's time (token bucket, GCRA, sliding log, the fixed window's
+//! TTL) is followed by the gateway's own clock, which does not move when the skew estimate
+//! does; the sliding window's weight is computed on the skew-corrected clock, so its entries
+//! are too.
 
 use std::collections::HashMap;
 
@@ -16,9 +26,30 @@ use crate::wire::CheckResult;
 /// Shared-data slots per gateway: ~4096 × (key + 16 bytes) at most.
 pub const BUCKETS: u64 = 4096;
 
-/// A key exhausted until `until_ms` (gateway clock), fully reset at `reset_at_ms`.
+/// The two clocks of a gateway at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Clocks {
+    /// The gateway's own clock.
+    pub gateway_ms: u64,
+    /// The same moment moved onto Redis's clock by the skew estimate (window keys use it).
+    pub corrected_ms: u64,
+}
+
+impl Clocks {
+    /// The clock an entry for `check` is kept on.
+    pub fn for_check(&self, check: &Check) -> u64 {
+        match check.kind {
+            CheckKind::SlidingWindow { .. } => self.corrected_ms,
+            _ => self.gateway_ms,
+        }
+    }
+}
+
+/// A check exhausted until `until_ms`, fully reset at `reset_at_ms` (on the check's clock, see
+/// [`Clocks::for_check`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
+    /// The check's [`identity`].
     pub key: String,
     pub until_ms: u64,
     pub reset_at_ms: u64,
@@ -26,44 +57,81 @@ pub struct Entry {
 
 /// The shared-data slot name for a counter key (FNV-1a: fast, and a crafted collision only
 /// evicts an entry).
-pub fn slot(key: &str) -> String {
+pub fn slot(id: &str) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in key.bytes() {
+    for b in id.bytes() {
         h ^= b as u64;
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     format!("tollgate.oc.{}", h % BUCKETS)
 }
 
-/// What to cache after the shim denied a request, for one of its checks.
+/// What an entry is about: the counter key and every parameter of the limit, so that only a
+/// check against the same limit on the same key can be denied by it.
+pub fn identity(check: &Check) -> String {
+    use std::fmt::Write;
+    let mut id = String::with_capacity(check.key.len() + 32);
+    id.push_str(&check.key);
+    let _ = match &check.kind {
+        CheckKind::FixedWindow {
+            limit, window_ms, ..
+        } => write!(id, "|fw/{limit}/{window_ms}"),
+        CheckKind::SlidingWindow {
+            limit, window_ms, ..
+        } => write!(id, "|sw/{limit}/{window_ms}"),
+        CheckKind::SlidingLog {
+            limit, window_ms, ..
+        } => write!(id, "|sl/{limit}/{window_ms}"),
+        CheckKind::TokenBucket {
+            burst,
+            rate,
+            period_ms,
+        } => write!(id, "|tb/{burst}/{rate}/{period_ms}"),
+        CheckKind::Gcra {
+            burst,
+            rate,
+            period_ms,
+        } => write!(id, "|gcra/{burst}/{rate}/{period_ms}"),
+        CheckKind::Concurrency { limit, .. } => write!(id, "|conc/{limit}"),
+    };
+    id
+}
+
+/// What to cache after the shim denied a request, for one of its checks. `built`: when the
+/// request's checks were built.
 ///
 /// Only a key with nothing left is cached, and only until a request of cost 1 would fit again:
 /// for cost 1 that is the shim's retry-after; for a fixed window, whatever the cost, the end of
-/// the window. Shadow and concurrency checks are never cached (slots free up at any moment).
-pub fn entry_for(check: &Check, result: &CheckResult, now_ms: u64) -> Option<Entry> {
+/// the window (or the key's TTL in Redis, if sooner). Both count from `now_ms`, which is no
+/// later than the moment Redis answered, so an entry never outlives Redis's own denial. Shadow and concurrency checks are never cached (slots free up at any moment).
+pub fn entry_for(check: &Check, result: &CheckResult, built: Clocks) -> Option<Entry> {
     if result.allowed || result.remaining > 0 || check.shadow {
         return None;
     }
     let wait_ms = match (&check.kind, check.cost) {
         (CheckKind::Concurrency { .. }, _) => return None,
-        (CheckKind::FixedWindow { ttl_ms, .. }, _) => (*ttl_ms).max(result.reset_ms),
+        // The window's end, unless Redis's key expires first (it was made by a gateway whose
+        // clock ran ahead): past its TTL Redis would count afresh under the same key.
+        (CheckKind::FixedWindow { ttl_ms, .. }, _) => (*ttl_ms).min(result.reset_ms),
         (_, 1) => result.retry_after_ms,
         _ => return None,
     };
     if wait_ms == 0 {
         return None;
     }
+    let now_ms = built.for_check(check);
     Some(Entry {
-        key: check.key.clone(),
+        key: identity(check),
         until_ms: now_ms + wait_ms,
         reset_at_ms: now_ms + result.reset_ms.max(wait_ms),
     })
 }
 
-/// Whether a cached entry denies this check now: same key, still exhausted, and the request
-/// consumes something (cost 0 only reads and is always let through to the shim).
-pub fn denies(entry: &Entry, check: &Check, now_ms: u64) -> bool {
-    entry.key == check.key && now_ms < entry.until_ms && check.cost > 0 && !check.shadow
+/// Whether a cached entry denies this check now: same key and limit, still exhausted, and the
+/// request consumes something (cost 0 only reads and is always let through to the shim).
+/// `id`: the check's [`identity`]; `now_ms`: [`Clocks::for_check`].
+pub fn denies(entry: &Entry, check: &Check, id: &str, now_ms: u64) -> bool {
+    entry.key == id && now_ms < entry.until_ms && check.cost > 0 && !check.shadow
 }
 
 /// The answer the shim would give for a check that the cache denies.
@@ -153,6 +221,13 @@ mod tests {
         }
     }
 
+    fn at(ms: u64) -> Clocks {
+        Clocks {
+            gateway_ms: ms,
+            corrected_ms: ms,
+        }
+    }
+
     fn denied(remaining: u64, reset_ms: u64, retry_after_ms: u64) -> CheckResult {
         CheckResult {
             allowed: false,
@@ -178,8 +253,10 @@ mod tests {
     fn caches_only_exhausted_keys_until_a_unit_request_fits() {
         let cases = [
             // (kind, cost, result) → cached until (from now = 1000)
-            (FIXED, 1, denied(0, 390, 390), Some(1400)),
-            (FIXED, 5, denied(0, 390, 390), Some(1400)),
+            // The window ends in 400 ms, Redis's key in 390 (made by a gateway ahead of us).
+            (FIXED, 1, denied(0, 390, 390), Some(1390)),
+            (FIXED, 5, denied(0, 390, 390), Some(1390)),
+            (FIXED, 1, denied(0, 900, 900), Some(1400)),
             (FIXED, 5, denied(3, 390, 390), None), // a smaller request may still fit
             (BUCKET, 1, denied(0, 1000, 60), Some(1060)),
             (BUCKET, 2, denied(0, 1000, 160), None), // retry-after is for cost 2, not 1
@@ -195,29 +272,33 @@ mod tests {
             ),
         ];
         for (kind, cost, result, until) in cases {
-            let got = entry_for(&check(kind.clone(), cost), &result, 1000).map(|e| e.until_ms);
+            let got = entry_for(&check(kind.clone(), cost), &result, at(1000)).map(|e| e.until_ms);
             assert_eq!(got, until, "{kind:?} cost {cost}");
         }
         let mut allowed = denied(0, 1, 1);
         allowed.allowed = true;
-        assert_eq!(entry_for(&check(FIXED, 1), &allowed, 0), None);
+        assert_eq!(entry_for(&check(FIXED, 1), &allowed, at(0)), None);
         let mut shadow = check(FIXED, 1);
         shadow.shadow = true;
-        assert_eq!(entry_for(&shadow, &denied(0, 1, 1), 0), None);
+        assert_eq!(entry_for(&shadow, &denied(0, 1, 1), at(0)), None);
     }
 
     #[test]
     fn an_entry_denies_its_own_key_until_it_expires() {
         let c = check(BUCKET, 1);
-        let e = entry_for(&c, &denied(0, 1000, 60), 1000).unwrap();
-        assert!(denies(&e, &c, 1000));
-        assert!(denies(&e, &c, 1059));
-        assert!(!denies(&e, &c, 1060));
-        assert!(!denies(&e, &check(BUCKET, 0), 1000), "cost 0 only reads");
+        let id = identity(&c);
+        let e = entry_for(&c, &denied(0, 1000, 60), at(1000)).unwrap();
+        assert!(denies(&e, &c, &id, 1000));
+        assert!(denies(&e, &c, &id, 1059));
+        assert!(!denies(&e, &c, &id, 1060));
+        assert!(
+            !denies(&e, &check(BUCKET, 0), &id, 1000),
+            "cost 0 only reads"
+        );
         let mut other = c.clone();
         other.key.push('x');
         assert!(
-            !denies(&e, &other, 1000),
+            !denies(&e, &other, &identity(&other), 1000),
             "a colliding slot never denies another key"
         );
         let r = as_result(&e, &c, 1010);
@@ -231,6 +312,36 @@ mod tests {
             ),
             (false, 0, 50, 990, 10)
         );
+    }
+
+    #[test]
+    fn an_entry_never_denies_the_same_key_under_another_limit() {
+        // Tiers whose descriptor is not part of the key, and a limit raised by a reload, share
+        // the counter key: only a check against the very same limit may be denied.
+        let free = check(FIXED, 1);
+        let e = entry_for(&free, &denied(0, 390, 390), at(1000)).unwrap();
+        let mut pro = free.clone();
+        pro.kind = CheckKind::FixedWindow {
+            limit: 100,
+            window_ms: 1000,
+            ttl_ms: 400,
+        };
+        assert_eq!(free.key, pro.key);
+        assert!(denies(&e, &free, &identity(&free), 1001));
+        assert!(!denies(&e, &pro, &identity(&pro), 1001));
+        let mut faster = check(BUCKET, 1);
+        let eb = entry_for(&faster, &denied(0, 1000, 60), at(1000)).unwrap();
+        faster.kind = CheckKind::TokenBucket {
+            burst: 10,
+            rate: 2,
+            period_ms: 100,
+        };
+        assert!(!denies(&eb, &faster, &identity(&faster), 1001));
+        let ids: std::collections::HashSet<String> = [FIXED, BUCKET]
+            .into_iter()
+            .map(|k| identity(&check(k, 1)))
+            .collect();
+        assert_eq!(ids.len(), 2);
     }
 
     #[test]

@@ -9,24 +9,29 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::bounds;
 use crate::duration::parse_duration;
 use crate::ip::Cidr;
 
-/// Longest rule name, policy name or key prefix we accept (they end up in every Redis key).
-const MAX_NAME_LEN: usize = 64;
-/// Most rules per configuration: the shim takes at most 32 checks per request.
-pub const MAX_RULES: usize = 32;
-/// Most descriptors per rule, which bounds the key length.
-const MAX_DESCRIPTORS: usize = 8;
-/// Largest limit per window; the shim enforces the same bound.
-const MAX_LIMIT: u64 = 1_000_000_000_000;
-const MIN_WINDOW: Duration = Duration::from_secs(1);
-const MAX_WINDOW: Duration = Duration::from_secs(24 * 60 * 60);
+/// Longest rule name, policy name or key prefix we accept (they end up in every Redis key;
+/// the shim takes a prefix of at most this many bytes).
+pub const MAX_NAME_LEN: usize = bounds::MAX_PREFIX_BYTES;
+/// Most rules per configuration: each makes at least one check, and the shim takes at most
+/// [`bounds::MAX_CHECKS`] per request (their limits together are bounded too).
+pub const MAX_RULES: usize = bounds::MAX_CHECKS;
+/// Most limits per rule (per tier with `tiers`).
+const MAX_LIMITS_PER_RULE: usize = 4;
+/// Most descriptors per rule.
+pub const MAX_DESCRIPTORS: usize = 8;
+// The wire bounds this module keeps (docs/wire-format.md).
+const MAX_LIMIT: u64 = bounds::MAX_LIMIT;
+const MIN_WINDOW: Duration = Duration::from_millis(bounds::MIN_WINDOW_MS);
+const MAX_WINDOW: Duration = Duration::from_millis(bounds::MAX_MS);
+const MIN_SLOT_TIMEOUT: Duration = Duration::from_millis(bounds::MIN_SLOT_TTL_MS);
 const MAX_TIMEOUT: Duration = Duration::from_secs(60);
-/// Most entries a sliding log keeps per key (its memory grows with the limit).
-const MAX_LOG_LIMIT: u64 = 10_000;
-/// Largest cost one request may carry.
-const MAX_COST: u64 = 1_000_000_000;
+const MAX_LOG_LIMIT: u64 = bounds::MAX_LOG_LIMIT;
+const MAX_RATE: u64 = bounds::MAX_RATE;
+const MAX_COST: u64 = bounds::MAX_COST;
 /// Default lifetime of an unreleased concurrency slot.
 const DEFAULT_SLOT_TIMEOUT_MS: u64 = 60_000;
 
@@ -591,7 +596,7 @@ impl TryFrom<RawConfig> for Config {
             return Err(invalid(
                 "rules",
                 format!("{} rules", raw.rules.len()),
-                "at most 32 rules are allowed",
+                &format!("at most {MAX_RULES} rules are allowed"),
             ));
         }
         let mut names = HashSet::new();
@@ -607,6 +612,7 @@ impl TryFrom<RawConfig> for Config {
             }
             rules.push(rule);
         }
+        check_checks_per_request(&rules)?;
 
         let needs_request_id = rules
             .iter()
@@ -628,6 +634,31 @@ impl TryFrom<RawConfig> for Config {
             rules,
         })
     }
+}
+
+/// The most checks one request can carry: every rule may match it, each with its longest list
+/// of limits (a tier's or the default). The shim refuses a request of more than
+/// [`bounds::MAX_CHECKS`], so such a configuration would silently fail every request it
+/// matches; it is refused here instead.
+fn check_checks_per_request(rules: &[Rule]) -> Result<(), ConfigError> {
+    let most = |r: &Rule| {
+        let tiers = r.tiers.iter().flat_map(|t| &t.values);
+        tiers.map(|(_, l)| l.len()).fold(r.limits.len(), usize::max)
+    };
+    let total: usize = rules.iter().map(most).sum();
+    if total > bounds::MAX_CHECKS {
+        return Err(invalid(
+            "rules",
+            format!("{} rules, {total} limits", rules.len()),
+            &format!(
+                "a request can match {} rules with up to {total} limits in all; the shim takes \
+                 at most {} checks per request",
+                rules.len(),
+                bounds::MAX_CHECKS
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn compile_shim(raw: RawShim) -> Result<ShimTarget, ConfigError> {
@@ -664,11 +695,14 @@ fn compile_shim(raw: RawShim) -> Result<ShimTarget, ConfigError> {
     if let Some(secret) = &raw.secret {
         // The value itself is never echoed: config errors end up in logs.
         let printable = secret.bytes().all(|b| (0x21..=0x7e).contains(&b));
-        if secret.is_empty() || secret.len() > 256 || !printable {
+        if secret.is_empty() || secret.len() > bounds::MAX_SECRET_BYTES || !printable {
             return Err(invalid(
                 "shim.secret",
                 "(hidden)",
-                "must be 1 to 256 printable ASCII characters without spaces",
+                &format!(
+                    "must be 1 to {} printable ASCII characters without spaces",
+                    bounds::MAX_SECRET_BYTES
+                ),
             ));
         }
     }
@@ -721,7 +755,7 @@ fn compile_rule(i: usize, raw: RawRule) -> Result<Rule, ConfigError> {
         return Err(invalid(
             at("descriptors"),
             format!("{} descriptors", raw.descriptors.len()),
-            "at most 8 descriptors are allowed",
+            &format!("at most {MAX_DESCRIPTORS} descriptors are allowed"),
         ));
     }
     let descriptors = raw
@@ -868,11 +902,11 @@ fn compile_limits(
     algorithm: Algorithm,
     list: &[RawLimit],
 ) -> Result<Vec<Limit>, ConfigError> {
-    if list.is_empty() || list.len() > 4 {
+    if list.is_empty() || list.len() > MAX_LIMITS_PER_RULE {
         return Err(invalid(
             at,
             format!("{} limits", list.len()),
-            "give 1 to 4 limits",
+            &format!("give 1 to {MAX_LIMITS_PER_RULE} limits"),
         ));
     }
     if algorithm == Algorithm::Concurrency && list.len() > 1 {
@@ -970,7 +1004,7 @@ fn compile_limit(at: &str, algorithm: Algorithm, raw: &RawLimit) -> Result<Limit
             forbid("window", raw.window.is_some())?;
             forbid("timeout", raw.timeout.is_some())?;
             let burst = require_u64("burst", raw.burst, MAX_LIMIT)?;
-            let rate = require_u64("rate", raw.rate, MAX_COST)?;
+            let rate = require_u64("rate", raw.rate, MAX_RATE)?;
             let period_ms = duration(
                 "period",
                 &raw.period,
@@ -985,11 +1019,19 @@ fn compile_limit(at: &str, algorithm: Algorithm, raw: &RawLimit) -> Result<Limit
                     &format!("is required by algorithm {}", algorithm.name()),
                 )
             })?;
-            if period_ms * 1000 / rate == 0 {
+            // GCRA's emission interval is period_ms × 1000 / rate µs (scripts/gcra.lua): 0
+            // when faster, which admits everything, so the shim refuses such a GCRA check. A
+            // token bucket has no such zero (it counts milli-tokens per ms) but keeps the same
+            // bound, as it always has: the two algorithms share their fields.
+            let most = period_ms * bounds::MAX_RATE_PER_PERIOD_MS;
+            if rate > most {
                 return Err(invalid(
                     field("rate"),
                     rate,
-                    "is more than one per microsecond of period",
+                    &format!(
+                        "is more than one per microsecond of period: at most {most} for a \
+                         period of {period_ms} ms"
+                    ),
                 ));
             }
             Ok(Limit::Rate {
@@ -1007,7 +1049,7 @@ fn compile_limit(at: &str, algorithm: Algorithm, raw: &RawLimit) -> Result<Limit
             let timeout_ms = duration(
                 "timeout",
                 &raw.timeout,
-                MIN_WINDOW,
+                MIN_SLOT_TIMEOUT,
                 MAX_WINDOW,
                 "must be between 1s and 1d",
             )?
@@ -1527,6 +1569,52 @@ mod tests {
                 "rules[0].rate: is more than one per microsecond",
             ),
             (
+                rule(json!({"algorithm": "gcra", "burst": 1, "rate": 1001, "period": "1ms"})),
+                "rules[0].rate: is more than one per microsecond of period: at most 1000 for a \
+                 period of 1 ms (got 1001)",
+            ),
+            (
+                rule(
+                    json!({"algorithm": "gcra", "limits": [{"burst": 1, "rate": 1, "period": "1s"}, {"burst": 1, "rate": 5_000_001, "period": "5s"}]}),
+                ),
+                "rules[0].limits[1].rate: is more than one per microsecond of period: at most \
+                 5000000 for a period of 5000 ms (got 5000001)",
+            ),
+            (
+                rule(
+                    json!({"algorithm": "gcra", "burst": 1, "rate": 1_000_000_001u64, "period": "1d"}),
+                ),
+                "rules[0].rate: must be between 1 and 1000000000 (got 1000000001)",
+            ),
+            (
+                rule(
+                    json!({"algorithm": "token_bucket", "burst": 1_000_000_000_001u64, "rate": 1, "period": "1s"}),
+                ),
+                "rules[0].burst: must be between 1 and 1000000000000 (got 1000000000001)",
+            ),
+            (
+                rule(json!({"algorithm": "gcra", "burst": 1, "rate": 1, "period": "2d"})),
+                "rules[0].period: must be between 1ms and 1d (got \"2d\")",
+            ),
+            (
+                rule(json!({"algorithm": "concurrency", "limit": 1, "timeout": "999ms"})),
+                "rules[0].timeout: must be between 1s and 1d (got \"999ms\")",
+            ),
+            (
+                rule(json!({"algorithm": "concurrency", "limit": 1, "timeout": "2d"})),
+                "rules[0].timeout: must be between 1s and 1d (got \"2d\")",
+            ),
+            (
+                rule(
+                    json!({"algorithm": "concurrency", "limit": 1_000_000_000_001u64, "timeout": "1s"}),
+                ),
+                "rules[0].limit: must be between 1 and 1000000000000 (got 1000000000001)",
+            ),
+            (
+                rule(json!({"algorithm": "sliding_window", "limit": 1, "window": "999ms"})),
+                "rules[0].window: must be between 1s and 1d (got \"999ms\")",
+            ),
+            (
                 rule(json!({"limit": 1, "window": "1s", "burst": 3})),
                 "rules[0].burst: is not used by algorithm fixed_window",
             ),
@@ -1662,6 +1750,58 @@ mod tests {
                 "expected {expected:?} in {message:?}"
             );
         }
+    }
+
+    /// A request can match every rule: their limits together must fit the shim's checks per
+    /// request, counting each rule's longest list of limits (a tier's or the default).
+    #[test]
+    fn checks_per_request_are_bounded_at_load() {
+        use serde_json::json;
+        let four = json!([{"limit": 1, "window": "1s"}, {"limit": 2, "window": "2s"},
+                          {"limit": 3, "window": "3s"}, {"limit": 4, "window": "4s"}]);
+        let one = json!([{"limit": 1, "window": "1s"}]);
+        let config = |rules: Vec<serde_json::Value>| {
+            let v = json!({"shim": {"upstream": "s"}, "rules": rules});
+            Config::from_json(&serde_json::to_vec(&v).unwrap())
+        };
+        let with_limits = |n: usize, limits: &serde_json::Value| {
+            (0..n)
+                .map(|i| json!({"name": format!("r{i}"), "limits": limits}))
+                .collect::<Vec<_>>()
+        };
+        // 8 × 4 and 32 × 1 are exactly the bound.
+        assert!(config(with_limits(8, &four)).is_ok());
+        assert!(config(with_limits(32, &one)).is_ok());
+        // The issue's case: 9 rules × 4 limits.
+        assert_eq!(
+            config(with_limits(9, &four)).unwrap_err().to_string(),
+            "invalid plugin configuration: rules: a request can match 9 rules with up to 36 \
+             limits in all; the shim takes at most 32 checks per request (got 9 rules, 36 limits)"
+        );
+        // A tier's list counts when it is the longest, even if the default is shorter.
+        let mut rules = with_limits(7, &four);
+        rules.push(
+            json!({"name": "tiered", "tiers": {"descriptor": "header:x-plan",
+            "values": {"free": one, "pro": four}, "default": one}}),
+        );
+        assert!(config(rules.clone()).is_ok());
+        rules.push(json!({"name": "extra", "limit": 1, "window": "1s"}));
+        let err = config(rules).unwrap_err().to_string();
+        assert!(
+            err.contains("rules: a request can match 9 rules with up to 33 limits in all"),
+            "{err}"
+        );
+        // The default's list counts when it is the longest.
+        let mut rules = with_limits(7, &four);
+        rules.push(
+            json!({"name": "tiered", "tiers": {"descriptor": "header:x-plan",
+            "values": {"free": one}, "default": four}}),
+        );
+        rules.push(json!({"name": "extra", "limit": 1, "window": "1s"}));
+        assert!(config(rules)
+            .unwrap_err()
+            .to_string()
+            .contains("up to 33 limits"));
     }
 
     /// The filter configurations embedded in the shipped Kong declarative config are valid.

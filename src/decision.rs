@@ -49,6 +49,9 @@ pub enum Failure {
     CircuitOpen,
     /// A 200 whose body is not a valid answer to what was asked.
     Malformed(String),
+    /// The shim refused this one request (its message names the field); the callout itself
+    /// succeeded, so the other requests it carried were decided as usual.
+    Refused(String),
 }
 
 impl fmt::Display for Failure {
@@ -60,6 +63,7 @@ impl fmt::Display for Failure {
             Failure::NoStatus => write!(f, "shim callout returned no status"),
             Failure::CircuitOpen => write!(f, "shim calls paused after repeated failures"),
             Failure::Malformed(why) => write!(f, "{why}"),
+            Failure::Refused(why) => write!(f, "shim refused the request: {why}"),
         }
     }
 }
@@ -82,44 +86,55 @@ pub fn from_callout(
     reply: CalloutReply<'_>,
     now_ms: u64,
 ) -> Result<(Verdict, Vec<cache::Entry>), Failure> {
-    let mut decided = from_batch_callout(config, &[checks], reply, now_ms)?;
-    decided.verdicts.pop().ok_or(Failure::NoStatus)
+    let clocks = cache::Clocks {
+        gateway_ms: now_ms,
+        corrected_ms: now_ms,
+    };
+    let mut decided = from_batch_callout(config, &[(checks, clocks)], reply)?;
+    decided.verdicts.pop().ok_or(Failure::NoStatus)?
 }
 
-/// The verdicts of one callout (one per request, each with the cache entries it teaches), and
-/// Redis's time from the reply, for clock-skew correction.
+/// One request's verdict with the over-limit cache entries it teaches, or why the shim
+/// refused that request alone.
+pub type RequestVerdict = Result<(Verdict, Vec<cache::Entry>), Failure>;
+
+/// The verdicts of one callout (one per request), and Redis's time from the reply, for
+/// clock-skew correction.
 #[derive(Debug)]
 pub struct Decided {
-    pub verdicts: Vec<(Verdict, Vec<cache::Entry>)>,
+    pub verdicts: Vec<RequestVerdict>,
     pub server_now_ms: Option<u64>,
 }
 
-/// Decides every request of a completed callout (`requests[i]`: the checks of request `i`),
-/// each on its own answer.
+/// Decides every request of a completed callout (`requests[i]`: the checks of request `i` and
+/// when they were built), each on its own answer. `Err`: the callout failed as a
+/// whole; a request the shim refused alone gets `Err(Failure::Refused)` in its slot.
 pub fn from_batch_callout(
     config: &Config,
-    requests: &[&[Check]],
+    requests: &[(&[Check], cache::Clocks)],
     reply: CalloutReply<'_>,
-    now_ms: u64,
 ) -> Result<Decided, Failure> {
     match (reply.status, reply.dispatch_status) {
         (Some(200), _) => {
-            let shape: Vec<usize> = requests.iter().map(|c| c.len()).collect();
+            let shape: Vec<usize> = requests.iter().map(|(c, _)| c.len()).collect();
             let decoded = wire::decode(reply.body, &shape).map_err(Failure::Malformed)?;
             let verdicts = requests
                 .iter()
                 .zip(&decoded.results)
-                .map(|(checks, result)| {
+                .map(|(&(checks, built), result)| {
+                    if let Some(why) = &result.refused {
+                        return Err(Failure::Refused(why.clone()));
+                    }
                     let entries = if result.allowed || !config.over_limit_cache {
                         Vec::new()
                     } else {
                         checks
                             .iter()
                             .zip(&result.checks)
-                            .filter_map(|(c, r)| cache::entry_for(c, r, now_ms))
+                            .filter_map(|(c, r)| cache::entry_for(c, r, built))
                             .collect()
                     };
-                    (decide(config, checks, result), entries)
+                    Ok((decide(config, checks, result), entries))
                 })
                 .collect();
             Ok(Decided {
@@ -194,13 +209,13 @@ pub fn from_cache(
     config: &Config,
     checks: &[Check],
     hits: &[(usize, cache::Entry)],
-    now_ms: u64,
+    now: cache::Clocks,
 ) -> Verdict {
     let denying: Vec<Check> = hits.iter().map(|(i, _)| checks[*i].clone()).collect();
     let result = RequestResult::local(
         false,
         hits.iter()
-            .map(|(i, e)| cache::as_result(e, &checks[*i], now_ms))
+            .map(|(i, e)| cache::as_result(e, &checks[*i], now.for_check(&checks[*i])))
             .collect(),
     );
     decide(config, &denying, &result)
@@ -438,6 +453,13 @@ mod tests {
             status,
             dispatch_status: None,
             body,
+        }
+    }
+
+    fn at(ms: u64) -> cache::Clocks {
+        cache::Clocks {
+            gateway_ms: ms,
+            corrected_ms: ms,
         }
     }
 
@@ -743,14 +765,14 @@ mod tests {
         assert_eq!(entries.len(), 1, "only the exhausted key");
         assert_eq!(
             (entries[0].key.as_str(), entries[0].until_ms),
-            ("k1", 4_001)
+            ("k1|fw/20/10000", 4_000)
         );
         let Verdict::Deny(from_shim) = verdict else {
             panic!()
         };
         // 500 ms later the cache denies by itself, with the same Retry-After.
         let hits = [(1, entries[0].clone())];
-        let Verdict::Deny(cached) = from_cache(&config(), &checks(), &hits, 1_500) else {
+        let Verdict::Deny(cached) = from_cache(&config(), &checks(), &hits, at(1_500)) else {
             panic!()
         };
         assert_eq!(cached.status, 429);
@@ -775,14 +797,44 @@ mod tests {
             {"allowed":false,"checks":[{"allowed":false,"limit":100,"remaining":0,"reset_ms":1000}]}]}"#;
         let two = checks();
         let one = &two[..1];
-        let decided =
-            from_batch_callout(&config(), &[&two, one], reply(Some(200), body), 0).unwrap();
-        assert!(matches!(decided.verdicts[0].0, Verdict::Allow { .. }));
-        assert!(matches!(decided.verdicts[1].0, Verdict::Deny(_)));
+        let decided = from_batch_callout(
+            &config(),
+            &[(&two, at(0)), (one, at(0))],
+            reply(Some(200), body),
+        )
+        .unwrap();
+        let v: Vec<_> = decided.verdicts.into_iter().map(Result::unwrap).collect();
+        assert!(matches!(v[0].0, Verdict::Allow { .. }));
+        assert!(matches!(v[1].0, Verdict::Deny(_)));
         assert_eq!(decided.server_now_ms, None);
-        assert_eq!(decided.verdicts[1].1.len(), 1);
-        let wrong_shape = from_batch_callout(&config(), &[one, one], reply(Some(200), body), 0);
+        assert_eq!(v[1].1.len(), 1);
+        let wrong_shape = from_batch_callout(
+            &config(),
+            &[(one, at(0)), (one, at(0))],
+            reply(Some(200), body),
+        );
         assert!(matches!(wrong_shape, Err(Failure::Malformed(_))));
+    }
+
+    #[test]
+    fn a_request_the_shim_refuses_fails_alone() {
+        let body = br#"{"results":[
+            {"refused":"requests[0].checks[0].key: must be a string of 1..512 printable ASCII characters (0x21..0x7e)"},
+            {"allowed":false,"checks":[{"allowed":false,"limit":100,"remaining":0,"reset_ms":1000}]}]}"#;
+        let two = checks();
+        let one = &two[..1];
+        let decided = from_batch_callout(
+            &config(),
+            &[(&two, at(0)), (one, at(0))],
+            reply(Some(200), body),
+        )
+        .unwrap();
+        assert!(
+            matches!(&decided.verdicts[0], Err(Failure::Refused(why)) if why.contains("checks[0].key")),
+            "{:?}",
+            decided.verdicts[0]
+        );
+        assert!(matches!(decided.verdicts[1], Ok((Verdict::Deny(_), _))));
     }
 
     #[test]

@@ -1,15 +1,19 @@
 //! Tollgate: distributed rate limiting for API gateways.
 //!
-//! The pure logic (config, matching, keys, wire format, decisions) is plain Rust tested on the
-//! host; only [`filter`] and [`host`] touch proxy-wasm.
+//! The pure logic (config, matching, keys, wire format, decisions, and the request lifecycle
+//! in [`engine`]) is plain Rust tested on the host; only `filter` and `wasm_host` touch
+//! proxy-wasm, and they only forward to [`engine`] through the [`host::Host`] seam.
 
 pub mod algorithms;
 pub mod batch;
+pub mod bounds;
 pub mod cache;
 pub mod clock;
 pub mod config;
 pub mod decision;
 pub mod duration;
+pub mod engine;
+pub mod host;
 pub mod ip;
 pub mod keys;
 pub mod local;
@@ -22,4 +26,4 @@ pub mod wire;
 #[cfg(target_arch = "wasm32")]
 mod filter;
 #[cfg(target_arch = "wasm32")]
-mod host;
+mod wasm_host;

@@ -10,24 +10,30 @@ use std::collections::HashMap;
 
 use crate::request::{Check, CheckKind};
 
-/// Per-worker fixed-window counters for the fallback.
+/// Per-worker fixed-window counters for the fallback: key and window index → (count, when the
+/// window ends).
 #[derive(Debug, Default)]
 pub struct LocalLimiter {
-    counters: HashMap<String, u64>,
+    counters: HashMap<String, (u64, u64)>,
 }
 
-/// Most counters a worker keeps; past it, the stale ones (older windows) are dropped.
-const MAX_COUNTERS: usize = 100_000;
+/// Most counters a worker keeps; past it, the stale ones (ended windows) are dropped, and only
+/// if every one is live does the worker forget them all.
+pub const MAX_COUNTERS: usize = 100_000;
 
 impl LocalLimiter {
     /// Decides one request locally: admitted only if every enforced check fits its share, and
     /// then every check is charged (all-or-nothing, as in the shim). Returns the denying checks
     /// (indexes), empty when admitted.
     pub fn check(&mut self, checks: &[Check], replicas: u64, now_ms: u64) -> Vec<usize> {
-        if self.counters.len() > MAX_COUNTERS {
-            self.counters.clear();
+        if self.counters.len() >= MAX_COUNTERS {
+            self.counters
+                .retain(|_, &mut (_, ends_ms)| now_ms < ends_ms);
+            if self.counters.len() >= MAX_COUNTERS {
+                self.counters.clear();
+            }
         }
-        let slots: Vec<Option<(String, u64)>> = checks
+        let slots: Vec<Option<(String, u64, u64)>> = checks
             .iter()
             .map(|c| local_slot(c, replicas, now_ms))
             .collect();
@@ -37,16 +43,16 @@ impl LocalLimiter {
             .enumerate()
             .filter(|(_, (c, slot))| {
                 !c.shadow
-                    && slot.as_ref().is_some_and(|(key, limit)| {
-                        self.counters.get(key).copied().unwrap_or(0) + c.cost > *limit
+                    && slot.as_ref().is_some_and(|(key, limit, _)| {
+                        self.counters.get(key).map_or(0, |&(n, _)| n) + c.cost > *limit
                     })
             })
             .map(|(i, _)| i)
             .collect();
         if denying.is_empty() {
             for (c, slot) in checks.iter().zip(slots) {
-                if let Some((key, _)) = slot {
-                    *self.counters.entry(key).or_insert(0) += c.cost;
+                if let Some((key, _, ends_ms)) = slot {
+                    self.counters.entry(key).or_insert((0, ends_ms)).0 += c.cost;
                 }
             }
         }
@@ -54,9 +60,9 @@ impl LocalLimiter {
     }
 }
 
-/// The local counter and limit for a check: its window (or period) and its share of the limit.
-/// Concurrency is not enforced locally (slots are only known to Redis).
-fn local_slot(check: &Check, replicas: u64, now_ms: u64) -> Option<(String, u64)> {
+/// The local counter, limit and window end for a check: its window (or period) and its share
+/// of the limit. Concurrency is not enforced locally (slots are only known to Redis).
+fn local_slot(check: &Check, replicas: u64, now_ms: u64) -> Option<(String, u64, u64)> {
     let (limit, window_ms) = match check.kind {
         CheckKind::FixedWindow {
             limit, window_ms, ..
@@ -81,17 +87,31 @@ fn local_slot(check: &Check, replicas: u64, now_ms: u64) -> Option<(String, u64)
         CheckKind::Concurrency { .. } => return None,
     };
     let share = (limit / replicas.max(1)).max(1);
+    let window_ms = window_ms.max(1);
+    let index = now_ms / window_ms;
     Some((
-        format!("{}|{}", check.key, now_ms / window_ms.max(1)),
+        format!("{}|{index}", check.key),
         share,
+        (index + 1).saturating_mul(window_ms),
     ))
 }
 
-/// Stops calling a shim that keeps failing.
-#[derive(Debug, Default)]
+/// Stops calling a shim that keeps failing. It counts failed *callouts* (one per callout,
+/// whatever it carried), never requests: a request the shim refuses alone is not a failure.
+#[derive(Debug, Default, PartialEq, Eq)]
 pub struct Breaker {
     consecutive_failures: u32,
-    open_until_ms: u64,
+    state: BreakerState,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum BreakerState {
+    #[default]
+    Closed,
+    /// No calls until then.
+    Open { until_ms: u64 },
+    /// The pause is over and one probe is out: no other call until it succeeds or fails.
+    Probing,
 }
 
 /// Failures in a row that open the breaker, and how long it stays open.
@@ -99,21 +119,33 @@ pub const BREAKER_THRESHOLD: u32 = 5;
 pub const BREAKER_OPEN_MS: u64 = 500;
 
 impl Breaker {
-    /// Whether to call the shim now. While open, no; once the pause is over, one probe is let
-    /// through (and the breaker re-opens at once if it fails too).
+    /// Whether to call the shim now. While open, no; once the pause is over, exactly one call
+    /// (the probe) is let through, and none after it until it has succeeded or failed (a
+    /// failed probe re-opens the breaker at once).
     pub fn allows_call(&mut self, now_ms: u64) -> bool {
-        now_ms >= self.open_until_ms
+        match self.state {
+            BreakerState::Closed => true,
+            BreakerState::Open { until_ms } if now_ms >= until_ms => {
+                self.state = BreakerState::Probing;
+                true
+            }
+            BreakerState::Open { .. } | BreakerState::Probing => false,
+        }
     }
 
+    /// A callout was answered.
     pub fn succeeded(&mut self) {
         self.consecutive_failures = 0;
-        self.open_until_ms = 0;
+        self.state = BreakerState::Closed;
     }
 
+    /// A callout failed (not answered, or not understood).
     pub fn failed(&mut self, now_ms: u64) {
         self.consecutive_failures = self.consecutive_failures.saturating_add(1);
-        if self.consecutive_failures >= BREAKER_THRESHOLD {
-            self.open_until_ms = now_ms + BREAKER_OPEN_MS;
+        if self.consecutive_failures >= BREAKER_THRESHOLD || self.state == BreakerState::Probing {
+            self.state = BreakerState::Open {
+                until_ms: now_ms + BREAKER_OPEN_MS,
+            };
         }
     }
 }
@@ -208,9 +240,34 @@ mod tests {
         assert!(!b.allows_call(10));
         assert!(!b.allows_call(509));
         assert!(b.allows_call(510), "probe");
-        b.failed(510);
-        assert!(!b.allows_call(511), "a failed probe re-opens it");
+        assert!(
+            !b.allows_call(510),
+            "one probe, not everyone after the pause"
+        );
+        assert!(!b.allows_call(2000), "still waiting for the probe");
+        b.failed(2000);
+        assert!(!b.allows_call(2001), "a failed probe re-opens it");
+        assert!(b.allows_call(2500), "next probe");
         b.succeeded();
-        assert!(b.allows_call(511));
+        assert!(b.allows_call(2501));
+        assert!(b.allows_call(2501), "closed: everyone");
+    }
+
+    #[test]
+    fn the_fallback_drops_ended_windows_not_live_counters() {
+        let mut l = LocalLimiter::default();
+        // A live counter at its limit, then enough other keys to fill the table.
+        let hot = [check("hot", fixed(2), 1)];
+        assert!(l.check(&hot, 1, 5_000).is_empty());
+        assert!(l.check(&hot, 1, 5_000).is_empty());
+        for i in 0..MAX_COUNTERS - 1 {
+            let c = [check(&format!("old{i}"), fixed(10), 1)];
+            assert!(l.check(&c, 1, 100).is_empty());
+        }
+        // At 5 000 every `old` window (0..1000) has ended: they go, the hot counter stays.
+        let fresh = [check("fresh", fixed(10), 1)];
+        assert!(l.check(&fresh, 1, 5_001).is_empty());
+        assert_eq!(l.check(&hot, 1, 5_002), vec![0], "still at its limit");
+        assert!(l.counters.len() < 10);
     }
 }

@@ -837,6 +837,66 @@ pub(crate) mod tests {
         assert_eq!(query_param(b"", b"a"), None);
     }
 
+    /// Whatever the client sends, no key the filter builds passes the shim's bound: 8 header
+    /// descriptors of 64 bytes each, the longest prefix and rule name, every algorithm at the
+    /// largest numbers the config accepts.
+    #[test]
+    fn keys_stay_within_the_wire_bound_whatever_the_client_sends() {
+        let prefix = "p".repeat(crate::config::MAX_NAME_LEN);
+        let name = "r".repeat(crate::config::MAX_NAME_LEN);
+        let descriptors: Vec<String> = (0..crate::config::MAX_DESCRIPTORS)
+            .map(|i| format!("\"header:x-d{i}\""))
+            .collect();
+        let descriptors = descriptors.join(", ");
+        let limits = [
+            ("fixed_window", r#""limit": 1000000000000, "window": "1d""#),
+            (
+                "sliding_window",
+                r#""limit": 1000000000000, "window": "1d""#,
+            ),
+            ("sliding_log", r#""limit": 10000, "window": "1d""#),
+            (
+                "token_bucket",
+                r#""burst": 1000000000000, "rate": 1000000000, "period": "1d""#,
+            ),
+            (
+                "gcra",
+                r#""burst": 1000000000000, "rate": 1000000000, "period": "1d""#,
+            ),
+            ("concurrency", r#""limit": 1000000000000, "timeout": "1d""#),
+        ];
+        for value in ["a".repeat(64), "\u{ff}".repeat(21), "{".repeat(1000)] {
+            let mut req = FakeRequest::get("/");
+            for i in 0..crate::config::MAX_DESCRIPTORS {
+                req = req.with(&format!("x-d{i}"), &value);
+            }
+            for (alg, limit) in limits {
+                let json = format!(
+                    r#"{{"shim": {{"upstream": "s"}}, "key_prefix": "{prefix}",
+                        "rules": [{{"name": "{name}", "algorithm": "{alg}",
+                                    "descriptors": [{descriptors}], {limit}}}]}}"#
+                );
+                let c = Config::from_json(json.as_bytes()).unwrap();
+                // Year 2286 (the key tests cover a 20-digit window index).
+                let checks = checks_for(&c, &req, 9_999_999_999_999, "id");
+                assert_eq!(checks.len(), 1, "{alg}");
+                let mut keys = vec![checks[0].key.clone()];
+                if let CheckKind::SlidingWindow { prev_key, .. } = &checks[0].kind {
+                    let tag = |k: &str| k[k.find('{').unwrap()..=k.find('}').unwrap()].to_string();
+                    assert_eq!(tag(prev_key), tag(&keys[0]), "one Redis Cluster slot");
+                    keys.push(prev_key.clone());
+                }
+                for k in keys {
+                    assert!(
+                        k.len() <= crate::bounds::MAX_KEY_BYTES,
+                        "{alg}: {} bytes: {k}",
+                        k.len()
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn ports_are_stripped_from_addresses() {
         let table: [(&[u8], &[u8]); 7] = [

@@ -364,6 +364,92 @@ mod tests {
     }
 
     #[test]
+    fn decodes_a_request_the_shim_refused_alone() {
+        // The second request was refused: no checks, its field named; the others as usual.
+        let body = br#"{"results":[
+            {"allowed":true,"checks":[{"allowed":true,"limit":5,"count":1,"remaining":4,"reset_ms":900}]},
+            {"refused":"requests[1].checks[0].key: must be a string of 1..512 printable ASCII characters (0x21..0x7e)"},
+            {"allowed":false,"checks":[{"allowed":false,"limit":1,"remaining":0,"reset_ms":10,"retry_after_ms":10},
+                                       {"allowed":true,"limit":9,"remaining":8,"reset_ms":10}]}],
+            "now_ms":1763929716123}"#;
+        let reply = decode(body, &[1, 3, 2]).unwrap();
+        assert_eq!(reply.now_ms, Some(1_763_929_716_123));
+        let r = &reply.results;
+        assert_eq!(r[0].refused, None);
+        assert!(r[0].allowed);
+        assert_eq!(
+            r[1],
+            RequestResult {
+                allowed: false,
+                checks: vec![],
+                refused: Some(
+                    "requests[1].checks[0].key: must be a string of 1..512 printable ASCII \
+                     characters (0x21..0x7e)"
+                        .into()
+                ),
+            }
+        );
+        assert_eq!(r[2].checks.len(), 2);
+        assert!(!r[2].allowed);
+    }
+
+    #[test]
+    fn decodes_a_reply_where_every_request_was_refused() {
+        // No request reached Redis: no now_ms either.
+        let body =
+            br#"{"results":[{"refused":"requests[0].checks: must be an array of 1..32 checks"},
+                                    {"refused":"requests[1]: must be an object"}]}"#;
+        let reply = decode(body, &[33, 1]).unwrap();
+        assert_eq!(reply.now_ms, None);
+        assert!(reply
+            .results
+            .iter()
+            .all(|r| r.refused.is_some() && !r.allowed && r.checks.is_empty()));
+        // A refusal must be a message: anything else is a malformed reply.
+        for bad in [
+            &br#"{"results":[{"refused":true}]}"#[..],
+            br#"{"results":[{"refused":7}]}"#,
+        ] {
+            let err = decode(bad, &[1]).unwrap_err();
+            assert!(err.contains("malformed shim reply"), "{err}");
+        }
+        // `"refused": null` is no refusal: the checks must then be there.
+        let err = decode(br#"{"results":[{"refused":null,"checks":[]}]}"#, &[1]).unwrap_err();
+        assert!(err.contains("results[0] has 0 checks for 1 sent"), "{err}");
+    }
+
+    /// The largest request a valid config can make (32 checks, two keys of the wire's longest
+    /// each, the largest numbers) fits one body on its own.
+    #[test]
+    fn the_largest_request_fits_one_body() {
+        let key = format!(
+            "tollgate:{{{}}}:1",
+            "k".repeat(crate::bounds::MAX_KEY_BYTES - 13)
+        );
+        assert_eq!(key.len(), crate::bounds::MAX_KEY_BYTES);
+        let checks: Vec<Check> = (0..crate::bounds::MAX_CHECKS)
+            .map(|_| Check {
+                rule: 0,
+                key: key.clone(),
+                cost: crate::bounds::MAX_COST,
+                shadow: true,
+                kind: CheckKind::SlidingWindow {
+                    prev_key: key.clone(),
+                    limit: crate::bounds::MAX_LIMIT,
+                    window_ms: crate::bounds::MAX_MS,
+                    weight_ms: crate::bounds::MAX_MS,
+                },
+            })
+            .collect();
+        let body = encode(&[&checks]);
+        assert!(
+            body.len() <= crate::bounds::MAX_BODY_BYTES,
+            "{}",
+            body.len()
+        );
+    }
+
+    #[test]
     fn rejects_replies_that_do_not_fit() {
         let one = br#"{"results":[{"allowed":true,"checks":[{"allowed":true,"limit":1,"remaining":0,"reset_ms":1}]}]}"#;
         let cases: [(&[u8], &[usize], &str); 6] = [

@@ -104,6 +104,19 @@ def ok(b: Backend, payload, **kw):
     return r.json["results"]
 
 
+def lua_bound(name):
+    """A bound of lua-redis-shim/lib/tollgate/bounds.lua: `_M.NAME = 64 * 1024`, `1e12`, …"""
+    text = (SHIM_DIR / "lib" / "tollgate" / "bounds.lua").read_text()
+    value = re.search(rf"^_M\.{name} = ([^\n-]+)", text, re.M).group(1)
+    product = 1
+    for factor in value.split("*"):
+        product *= int(float(factor))
+    return product
+
+
+MAX_BODY_BYTES = lua_bound("MAX_BODY_BYTES")
+
+
 def get(b: Backend, name):
     v = redis_cli(b.redis, "GET", key(name))
     return None if v is None else int(v)
@@ -251,7 +264,7 @@ def test_exact_admission_under_concurrency(tmp_path):
         assert int(redis_cli(redis_port, "GET", key("hot"))) == 100
 
 
-# --- Bad input: the right 4xx, the field named, Redis untouched ----------------------------
+# --- Bad input: a 400 for a bad body, a refusal for a bad request, the field named ---------
 
 def _checks(n, **fields):
     return [dict({"key": f"tollgate:{{{i}}}", "limit": 1, "ttl_ms": 1}, **fields) for i in range(n)]
@@ -325,7 +338,7 @@ BAD_BODIES = [
     ("unknown request field", {"requests": [{"checks": _checks(1), "id": 1}]}, "requests[0].id: unknown field"),
     ("unknown top-level field", {"requests": [{"checks": _checks(1)}], "v": 2}, "v: unknown field"),
     ("error deep inside names its path",
-     {"requests": [{"checks": _checks(1)}, {"checks": _checks(2) + [{"key": key("x"), "limit": 0, "ttl_ms": 1}]}]},
+     {"requests": [{"checks": [chk("first", 5)]}, {"checks": _checks(2) + [{"key": key("x"), "limit": 0, "ttl_ms": 1}]}]},
      "requests[1].checks[2].limit: must be an integer in 1..1000000000000"),
     ("257 requests", {"requests": [{"checks": _checks(1)}] * 257}, "requests: must be an array of 1..256 requests"),
     ("33 checks", {"requests": [{"checks": _checks(33)}]}, "requests[0].checks: must be an array of 1..32 checks"),
@@ -340,14 +353,76 @@ BAD_BODIES = [
 ]
 
 
-@pytest.mark.parametrize("payload,message", [(p, m) for _, p, m in BAD_BODIES], ids=[i for i, _, _ in BAD_BODIES])
-def test_bad_input_is_a_400_naming_the_field(clean, payload, message):
+# A problem with the body as a whole (its JSON, `requests` itself, a top-level field, the total
+# of checks) is a 400; one inside requests[i] refuses that request alone.
+BODY_PROBLEMS = [c for c in BAD_BODIES if c[2].startswith(("body:", "requests:", "v:"))]
+REQUEST_PROBLEMS = [c for c in BAD_BODIES if c not in BODY_PROBLEMS]
+
+
+@pytest.mark.parametrize("payload,message", [(p, m) for _, p, m in BODY_PROBLEMS], ids=[i for i, _, _ in BODY_PROBLEMS])
+def test_bad_body_is_a_400_naming_the_field(clean, payload, message):
     r = call(clean.shim.port, payload)
     assert r.status == 400, r
     assert r.headers["content-type"] == "application/json"
     assert r.json["error"] == "bad_request"
     assert message in r.json["message"], r.json["message"]
     assert redis_cli(clean.redis, "DBSIZE") == 0
+
+
+@pytest.mark.parametrize("payload,message", [(p, m) for _, p, m in REQUEST_PROBLEMS],
+                         ids=[i for i, _, _ in REQUEST_PROBLEMS])
+def test_bad_request_is_refused_alone_naming_the_field(clean, payload, message):
+    """The bad request gets {"refused": ...} and costs nothing; a good one after it is charged."""
+    good = {"checks": [chk("good", 5)]}
+    if isinstance(payload, bytes):  # kept as bytes: 1e400 would not survive Python's json
+        assert payload.endswith(b"]}")
+        payload = payload[:-2] + b"," + json.dumps(good).encode() + b"]}"
+    else:
+        payload = dict(payload, requests=payload["requests"] + [good])
+    r = call(clean.shim.port, payload)
+    assert r.status == 200, f"{r}\n{clean.shim.log_tails()}"
+    results = r.json["results"]
+    refused = [x for x in results if "refused" in x]
+    assert len(refused) == 1 and set(refused[0]) == {"refused"}, results
+    assert message in refused[0]["refused"], refused[0]["refused"]
+    assert results[-1]["allowed"] is True and results[-1]["checks"][0]["count"] == 1
+    assert get(clean, "good") == 1
+    # Only the good requests' keys were written.
+    assert {k.decode() for k in redis_cli(clean.redis, "KEYS", "*")} <= {key("good"), key("first")}
+
+
+def test_bad_request_among_good_ones_in_one_call(clean):
+    """requests[1] is refused; requests[0] and [2] are checked and charged in the same call, and
+    [2] sees [0]'s charge as usual."""
+    bad = {"key": "tollgate:{" + "k" * 600 + "}", "limit": 1, "ttl_ms": TTL}
+    r = call(clean.shim.port, body([chk("a", 1)], [chk("b", 5), bad], [chk("a", 1), chk("c", 5)]))
+    assert r.status == 200, r
+    results = r.json["results"]
+    assert results[0]["allowed"] is True and results[0]["checks"][0]["count"] == 1
+    assert results[1] == {"refused": "requests[1].checks[1].key: must be a string of 1..512 printable"
+                                     " ASCII characters (0x21..0x7e)"}
+    assert results[2]["allowed"] is False and [c["count"] for c in results[2]["checks"]] == [1, 0]
+    assert "now_ms" in r.json, "Redis was called for the others"
+    assert (get(clean, "a"), get(clean, "b"), get(clean, "c")) == (1, None, None)
+
+
+def test_every_request_refused_is_a_200_without_redis(clean):
+    r = call(clean.shim.port, {"requests": [{"checks": _checks(33)}, {"checks": []}, 7]})
+    assert r.status == 200, r
+    assert r.json == {"results": [
+        {"refused": "requests[0].checks: must be an array of 1..32 checks"},
+        {"refused": "requests[1].checks: must be an array of 1..32 checks"},
+        {"refused": "requests[2]: must be an object"},
+    ]}
+    assert redis_cli(clean.redis, "DBSIZE") == 0
+
+
+def test_a_refusal_message_is_valid_json_whatever_the_field_name(clean):
+    weird = 'a"b\\c\u0001' + "x" * 100
+    r = call(clean.shim.port, {"requests": [{"checks": [dict(chk("a", 1), **{weird: 1})]}]})
+    assert r.status == 200, r
+    message = r.json["results"][0]["refused"]
+    assert message.startswith('requests[0].checks[0].a"b\\c?') and message.endswith(": unknown field"), message
 
 
 def test_key_of_512_bytes_is_accepted(clean):
@@ -358,7 +433,7 @@ def test_key_of_512_bytes_is_accepted(clean):
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 def test_body_over_64_kib_is_a_413(clean, chunked):
-    padding = " " * (64 * 1024)
+    padding = " " * MAX_BODY_BYTES
     payload = json.dumps(body([chk("a", 1)]))[:-1] + padding + "}"
     conn = http.client.HTTPConnection("127.0.0.1", clean.shim.port, timeout=10)
     try:
@@ -378,8 +453,8 @@ def test_body_over_64_kib_is_a_413(clean, chunked):
 
 def test_body_of_exactly_64_kib_is_accepted(clean):
     payload = json.dumps(body([chk("a", 1)]))
-    payload = payload[:-1] + " " * (64 * 1024 - len(payload)) + "}"
-    assert len(payload) == 64 * 1024
+    payload = payload[:-1] + " " * (MAX_BODY_BYTES - len(payload)) + "}"
+    assert len(payload) == MAX_BODY_BYTES == 64 * 1024, "nginx.conf.in says 64k"
     assert ok(clean, payload.encode())[0]["allowed"] is True
 
 
@@ -526,7 +601,9 @@ def test_bad_setting_stops_the_shim_with_the_variable_named(tmp_path):
 def test_key_prefix_setting(tmp_path):
     with run_redis(tmp_path / "redis") as port, \
             shim_process(tmp_path / "shim", port, TOLLGATE_KEY_PREFIX="rl") as shim:
-        assert call(shim.port, body([chk("a", 1)])).status == 400
+        r = call(shim.port, body([chk("a", 1)]))
+        assert r.status == 200 and r.json["results"] == [
+            {"refused": 'requests[0].checks[0].key: must start with "rl:{"'}], r
         r = ok(Backend(port, shim), body([{"key": "rl:{a}:1", "limit": 1, "ttl_ms": 1000}]))
         assert r[0]["allowed"] is True
 

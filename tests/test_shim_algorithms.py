@@ -732,6 +732,11 @@ BAD_CHECKS = [
     ("rate too big", _c(**dict(TB, alg="gcra", rate=10**9 + 1)), f"{P}.rate: must be an integer in 1..1000000000"),
     ("period_ms 0", _c(**dict(TB, period_ms=0)), f"{P}.period_ms: must be an integer in 1..86400000"),
     ("period_ms fractional", _c(**dict(TB, alg="gcra", period_ms=1.5)), f"{P}.period_ms: must be an integer in 1..86400000"),
+    # An emission interval under 1 µs would be 0: no tolerance, every request admitted.
+    ("gcra rate above period_ms x 1000", _c(**dict(TB, alg="gcra", rate=1001, period_ms=1)),
+     f"{P}.rate: must be an integer in 1..1000 (period_ms * 1000: at most one per microsecond)"),
+    ("gcra rate far above period_ms x 1000", _c(**dict(TB, alg="gcra", rate=10**9, period_ms=999)),
+     f"{P}.rate: must be an integer in 1..999000 (period_ms * 1000"),
     ("rate missing", _c(**dict(TB, rate=None)), f"{P}.rate: is required"),
     ("concurrency ttl_ms below 1000", _c(**dict(CC, ttl_ms=999)), f"{P}.ttl_ms: must be an integer in 1000..86400000"),
     ("concurrency cost 2", _c(**dict(CC, cost=2)), f'{P}.cost: must be 1 for alg "concurrency"'),
@@ -742,19 +747,26 @@ BAD_CHECKS = [
 
 
 @pytest.mark.parametrize("payload,message", [(p, m) for _, p, m in BAD_CHECKS], ids=[i for i, _, _ in BAD_CHECKS])
-def test_bad_v2_fields_are_a_400_naming_the_field(clean, payload, message):
+def test_bad_v2_fields_refuse_the_request_naming_the_field(clean, payload, message):
+    """A bad check refuses its request alone (a 200); with no other request, Redis is not called."""
     status, raw, headers = post(clean.shim.port, payload)
-    assert status == 400, raw
-    body = json.loads(raw)
-    assert body["error"] == "bad_request" and message in body["message"], body["message"]
+    assert status == 200, raw
+    results = json.loads(raw)["results"]
+    assert len(results) == 1 and set(results[0]) == {"refused"}, results
+    assert message in results[0]["refused"], results[0]["refused"]
     assert redis_cli(clean.redis, "DBSIZE") == 0
 
 
 @pytest.mark.parametrize("check", [SW, SL, TB, dict(TB, alg="gcra"), CC, dict(CC, cost=1, shadow=False),
-                                   dict(SW, weight_ms=10_000, shadow=True), dict(SL, id="!" * 128)],
-                         ids=["sw", "sl", "tb", "gcra", "conc", "conc-cost-1", "sw-full-weight", "id-128"])
+                                   dict(SW, weight_ms=10_000, shadow=True), dict(SL, id="!" * 128),
+                                   dict(TB, alg="gcra", rate=1000, period_ms=1),
+                                   dict(TB, rate=10**9, period_ms=1)],
+                         ids=["sw", "sl", "tb", "gcra", "conc", "conc-cost-1", "sw-full-weight", "id-128",
+                              "gcra-one-per-us", "tb-faster-than-one-per-us"])
 def test_valid_v2_checks_are_accepted(clean, check):
-    assert post(clean.shim.port, _c(**check))[0] == 200
+    status, raw, _ = post(clean.shim.port, _c(**check))
+    assert status == 200, raw
+    assert "refused" not in json.loads(raw)["results"][0], raw
 
 
 # --- /v1/release: validation and errors -----------------------------------------------------------

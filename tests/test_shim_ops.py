@@ -180,6 +180,7 @@ def test_metrics_count_known_traffic_exactly(tmp_path, redis):
         assert s["tollgate_shim_checks_total"] == 0
         assert s['tollgate_shim_requests_total{decision="allowed"}'] == 0
         assert s['tollgate_shim_requests_total{decision="denied"}'] == 0
+        assert s['tollgate_shim_requests_total{decision="refused"}'] == 0
         assert s["tollgate_shim_pool_size"] == 7
         assert histogram(s)[1] == 0
         assert http_count(s, "healthz", 200) == 1
@@ -190,25 +191,31 @@ def test_metrics_count_known_traffic_exactly(tmp_path, redis):
         # One call with two gateway requests of two checks each: the second is denied.
         r = call(shim.port, body([fixed("b", 1), fixed("c", 9)], [fixed("b", 1), fixed("c", 9)]))
         assert [x["allowed"] for x in r.json["results"]] == [True, False]
+        # A refused request beside a good one (one script call), then one refused alone (none).
+        r = call(shim.port, body([fixed("d", 9)], [fixed("d", 0)]))
+        assert [x.get("allowed", "refused") for x in r.json["results"]] == [True, "refused"]
+        assert "refused" in call(shim.port, body([fixed("e", 0)])).json["results"][0]
         assert call(shim.port, {"requests": []}).status == 400
         assert call(shim.port, path="/nowhere", method="GET").status == 404
         assert call(shim.port, method="GET").status == 405
         assert call(shim.port, release_body("x1", "x2"), path="/v1/release").json == {"released": 0}
 
         s = scrape(shim.port)
-        assert s["tollgate_shim_checks_total"] == 8 + 4
-        assert s['tollgate_shim_requests_total{decision="allowed"}'] == 5 + 1
+        assert s["tollgate_shim_checks_total"] == 8 + 4 + 1, "checks decided by Redis only"
+        assert s['tollgate_shim_requests_total{decision="allowed"}'] == 5 + 1 + 1
         assert s['tollgate_shim_requests_total{decision="denied"}'] == 3 + 1
-        assert http_count(s, "check", 200) == 9
+        assert s['tollgate_shim_requests_total{decision="refused"}'] == 1 + 1
+        assert http_count(s, "check", 200) == 9 + 2
         assert http_count(s, "check", 400) == 1
         assert http_count(s, "check", 405) == 1
         assert http_count(s, "other", 404) == 1
         assert http_count(s, "release", 200) == 1
         assert http_count(s, "metrics", 200) == 1, "a scrape is counted once it is answered"
-        # One Redis round trip per script call (9 checks, 1 release); none for the 4xx.
+        # One Redis round trip per script call (10 checks, 1 release); none for the 4xx nor
+        # for the body whose every request was refused.
         buckets, count = histogram(s)
-        assert count == 10
-        assert 0 < s["tollgate_shim_redis_duration_seconds_sum"] < 10 * 0.1
+        assert count == 11
+        assert 0 < s["tollgate_shim_redis_duration_seconds_sum"] < 11 * 0.1
         assert s["tollgate_shim_redis_errors_total"] == 0
         # One worker, sequential requests: the connection opened by /healthz serves them all;
         # each script is loaded once (NOSCRIPT on first use).

@@ -40,7 +40,7 @@ impl RequestView for Request {
 fuzz_target!(|data: &[u8]| {
     let Ok(config) = Config::from_json(CONFIG.as_bytes()) else { return };
     let checks = checks_for(&config, &Request, 1_000, "id");
-    let requests = [checks.as_slice(), &checks[..1]];
+    let requests = [(checks.as_slice(), 1_000), (&checks[..1], 1_000)];
     let reply = CalloutReply { status: Some(200), dispatch_status: None, body: data };
-    let _ = from_batch_callout(&config, &requests, reply, 1_000);
+    let _ = from_batch_callout(&config, &requests, reply);
 });

@@ -3,10 +3,10 @@
 -- Counters live in `lua_shared_dict tollgate_metrics` (nginx.conf.in), so every worker adds to
 -- the same numbers and a scrape sees them all; they survive a reload (HUP) and start at 0 on a
 -- restart. A request costs a few `incr`s: one in the log phase (HTTP requests by endpoint and
--- status), and for a script call two for the latency histogram and up to three for checks and
--- decisions. The histogram keeps one cell per bucket (not cumulative), so an observation is one
--- `incr` plus one for the sum; the cumulative `_bucket` series and `_count` are summed when
--- rendered, so `_count` always equals the `+Inf` bucket.
+-- status), and for a check call two for the latency histogram and up to four for checks and
+-- decisions (allowed, denied, refused). The histogram keeps one cell per bucket (not
+-- cumulative), so an observation is one `incr` plus one for the sum; the cumulative `_bucket`
+-- series and `_count` are summed when rendered, so `_count` always equals the `+Inf` bucket.
 --
 -- init(pool_size) runs in init_by_lua; log() in log_by_lua; render() builds the /metrics body.
 
@@ -37,7 +37,7 @@ for i = 1, NBOUNDS + 1 do
 end
 
 -- Shared dict keys.
-local CHECKS, ALLOWED, DENIED = "checks", "allowed", "denied"
+local CHECKS, ALLOWED, DENIED, REFUSED = "checks", "allowed", "denied", "refused"
 local REDIS_ERRORS, RECONNECTS, SCRIPT_LOADS = "redis_errors", "reconnects", "script_loads"
 local DUR_SUM = "dur_sum"
 local HTTP = "http|" -- then "<endpoint>|<status>"
@@ -99,14 +99,20 @@ function _M.init(size)
     pool_size = size
 end
 
---- One check call decided by Redis: `checks` checks over `allowed` + `denied` requests.
-function _M.checked(checks, allowed, denied)
-    incr(CHECKS, checks)
+--- One check call answered: `checks` checks over `allowed` + `denied` requests decided by
+-- Redis, and `refused` requests refused without reaching it (a field out of its bounds).
+function _M.checked(checks, allowed, denied, refused)
+    if checks > 0 then
+        incr(CHECKS, checks)
+    end
     if allowed > 0 then
         incr(ALLOWED, allowed)
     end
     if denied > 0 then
         incr(DENIED, denied)
+    end
+    if refused and refused > 0 then
+        incr(REFUSED, refused)
     end
 end
 
@@ -180,10 +186,12 @@ local HELP = {
     "# HELP tollgate_shim_checks_total Checks (entries of requests[].checks[]) decided by Redis.",
     "# TYPE tollgate_shim_checks_total counter",
     "tollgate_shim_checks_total %s",
-    "# HELP tollgate_shim_requests_total Gateway requests decided by Redis, by decision.",
+    "# HELP tollgate_shim_requests_total Gateway requests answered, by decision: allowed or"
+        .. " denied by Redis, or refused (a field out of bounds; never sent to Redis).",
     "# TYPE tollgate_shim_requests_total counter",
     'tollgate_shim_requests_total{decision="allowed"} %s',
     'tollgate_shim_requests_total{decision="denied"} %s',
+    'tollgate_shim_requests_total{decision="refused"} %s',
     "# HELP tollgate_shim_redis_errors_total Redis failures: refused, timed out, error reply"
         .. " or unexpected reply (each answered 503).",
     "# TYPE tollgate_shim_redis_errors_total counter",
@@ -207,7 +215,7 @@ local HEAD_FORMAT = concat(HELP, "\n")
 function _M.render()
     local out = {
         format(HEAD_FORMAT, int(get(CHECKS)), int(get(ALLOWED)), int(get(DENIED)),
-               int(get(REDIS_ERRORS)), int(get(RECONNECTS)), int(get(SCRIPT_LOADS)),
+               int(get(REFUSED)), int(get(REDIS_ERRORS)), int(get(RECONNECTS)), int(get(SCRIPT_LOADS)),
                int(pool_size)),
     }
 

@@ -9,6 +9,7 @@
 
 local cjson = require "cjson"
 local validate = require "tollgate.validate"
+local bounds = require "tollgate.bounds"
 local redis_pool = require "tollgate.redis_pool"
 local metrics = require "tollgate.metrics"
 local new_tab = require "table.new"
@@ -99,8 +100,9 @@ end
 
 local function read_config()
     local prefix = env("TOLLGATE_KEY_PREFIX", "tollgate")
-    if #prefix > 64 or not match(prefix, "^[%w_.-]+$") then
-        error("TOLLGATE_KEY_PREFIX=" .. prefix .. ": must match [A-Za-z0-9_.-]{1,64}", 0)
+    if #prefix > bounds.MAX_PREFIX_BYTES or not match(prefix, "^[%w_.-]+$") then
+        error("TOLLGATE_KEY_PREFIX=" .. prefix .. ": must match [A-Za-z0-9_.-]{1,"
+              .. bounds.MAX_PREFIX_BYTES .. "}", 0)
     end
     return {
         key_prefix = prefix,
@@ -140,8 +142,9 @@ local function read_secret()
     if value == nil then
         return nil
     end
-    if #value == 0 or #value > 256 or match(value, "[^\33-\126]") then
-        error(name .. ": the secret must be 1..256 printable ASCII characters, no spaces", 0)
+    if #value == 0 or #value > bounds.MAX_SECRET_BYTES or match(value, "[^\33-\126]") then
+        error(name .. ": the secret must be 1.." .. bounds.MAX_SECRET_BYTES
+              .. " printable ASCII characters, no spaces", 0)
     end
     -- nginx's debug log prints every request header, so it would hold the secret.
     if lower(env("SHIM_LOG_LEVEL", "")) == "debug" then
@@ -297,31 +300,34 @@ local NEVER = "18446744073709551615"
 -- KEYS and ARGV of the check script (see scripts/main.lua), as one list, and the number of
 -- KEYS: every check's keys, then R, then per request n and per check one
 -- "<alg> <cost> <shadow> <args...>". One ARGV per check keeps the EVALSHA's arguments (passed
--- through unpack) far below LuaJIT's limit of 8000.
-local function script_args(requests, total)
+-- through unpack) far below LuaJIT's limit of 8000. Refused requests are left out: R =
+-- `accepted`, the number of the others.
+local function script_args(requests, total, accepted)
     local keys, nkeys = new_tab(2 * total, 0), 0
-    local argv, nargv = new_tab(total + #requests + 1, 0), 1
-    argv[1] = int(#requests)
+    local argv, nargv = new_tab(total + accepted + 1, 0), 1
+    argv[1] = int(accepted)
     local words = {}
     for i = 1, #requests do
-        local checks = requests[i].checks
-        nargv = nargv + 1
-        argv[nargv] = int(#checks)
-        for j = 1, #checks do
-            local c = checks[j]
-            local alg = ALG_BY_NAME[c.alg]
-            for k = 1, #alg.keys do
-                nkeys = nkeys + 1
-                keys[nkeys] = c[alg.keys[k]]
-            end
-            words[1], words[2], words[3] = c.alg, int(c.cost), c.shadow and "1" or "0"
-            local args = alg.args
-            for k = 1, #args do
-                local v = c[args[k]]
-                words[3 + k] = type(v) == "number" and int(v) or v
-            end
+        local checks = requests[i].checks -- nil when refused
+        if checks then
             nargv = nargv + 1
-            argv[nargv] = concat(words, " ", 1, 3 + #args)
+            argv[nargv] = int(#checks)
+            for j = 1, #checks do
+                local c = checks[j]
+                local alg = ALG_BY_NAME[c.alg]
+                for k = 1, #alg.keys do
+                    nkeys = nkeys + 1
+                    keys[nkeys] = c[alg.keys[k]]
+                end
+                words[1], words[2], words[3] = c.alg, int(c.cost), c.shadow and "1" or "0"
+                local args = alg.args
+                for k = 1, #args do
+                    local v = c[args[k]]
+                    words[3 + k] = type(v) == "number" and int(v) or v
+                end
+                nargv = nargv + 1
+                argv[nargv] = concat(words, " ", 1, 3 + #args)
+            end
         end
     end
     for k = 1, nargv do
@@ -342,43 +348,64 @@ end
 local CHECK_FORMAT = '%s{"allowed":%s,"limit":%s,%s"remaining":%s,"reset_ms":%s,'
                      .. '"retry_after_ms":%s}'
 
+-- Appends to `out` the result of one request whose checks' answers start at reply[pos];
+-- returns where the next request's answers start, or nil and a message.
+local function encode_request(out, checks, reply, pos)
+    out[#out + 1] = '{"allowed":' .. tostring(reply[pos] == 1) .. ',"checks":['
+    for j = 1, #checks do
+        local c = checks[j]
+        local alg = ALG_BY_NAME[c.alg]
+        local at = pos + 5 * j - 4
+        local fits, count, remaining, reset, retry =
+            reply[at], reply[at + 1], reply[at + 2], reply[at + 3], reply[at + 4]
+        if type(count) ~= "number" or type(remaining) ~= "number"
+            or type(reset) ~= "number" or type(retry) ~= "number"
+        then
+            return nil, "unexpected reply from the " .. script.name
+        end
+        out[#out + 1] = format(CHECK_FORMAT,
+            j > 1 and "," or "", tostring(fits == 1), int(c[alg.limit]),
+            alg.count and '"count":' .. int(count) .. "," or "",
+            -- The scripts never answer a negative remaining or reset; a u64 cannot be one.
+            int(remaining > 0 and remaining or 0), int(reset > 0 and reset or 0),
+            retry < 0 and NEVER or int(retry))
+    end
+    out[#out + 1] = "]}"
+    return pos + 1 + 5 * #checks
+end
+
 -- The 200 body from the check script's flat reply (see the contract atop scripts/main.lua),
--- and how many requests it admits. The reply ends with Redis's time in ms, sent as `now_ms`
--- unless it is -1 (no TIME for this ACL user).
-local function encode_results(requests, total, reply)
-    local size = #requests + 5 * total
-    local now = type(reply) == "table" and reply[size + 1]
-    if type(now) ~= "number" or #reply ~= size + 1 then
-        return nil, "unexpected reply from the " .. script.name
+-- which answers the `accepted` requests not refused, and how many requests it admits. A
+-- refused request is answered `{"refused":"<message>"}` in its place. The reply ends with
+-- Redis's time in ms, sent as `now_ms` unless it is -1 (no TIME for this ACL user); with no
+-- request accepted there was no script call, so no reply and no `now_ms`.
+local function encode_results(requests, total, accepted, reply)
+    local size = accepted + 5 * total
+    local now = -1
+    if accepted > 0 then
+        now = type(reply) == "table" and reply[size + 1]
+        if type(now) ~= "number" or #reply ~= size + 1 then
+            return nil, "unexpected reply from the " .. script.name
+        end
     end
     local out, pos, allowed = { '{"results":[' }, 1, 0
     for i = 1, #requests do
+        if i > 1 then
+            out[#out + 1] = ","
+        end
         local checks = requests[i].checks
-        if reply[pos] == 1 then
-            allowed = allowed + 1
-        end
-        out[#out + 1] = (i > 1 and ',{"allowed":' or '{"allowed":') .. tostring(reply[pos] == 1)
-                        .. ',"checks":['
-        for j = 1, #checks do
-            local c = checks[j]
-            local alg = ALG_BY_NAME[c.alg]
-            local at = pos + 5 * j - 4
-            local fits, count, remaining, reset, retry =
-                reply[at], reply[at + 1], reply[at + 2], reply[at + 3], reply[at + 4]
-            if type(count) ~= "number" or type(remaining) ~= "number"
-                or type(reset) ~= "number" or type(retry) ~= "number"
-            then
-                return nil, "unexpected reply from the " .. script.name
+        if checks then
+            if reply[pos] == 1 then
+                allowed = allowed + 1
             end
-            out[#out + 1] = format(CHECK_FORMAT,
-                j > 1 and "," or "", tostring(fits == 1), int(c[alg.limit]),
-                alg.count and '"count":' .. int(count) .. "," or "",
-                -- The scripts never answer a negative remaining or reset; a u64 cannot be one.
-                int(remaining > 0 and remaining or 0), int(reset > 0 and reset or 0),
-                retry < 0 and NEVER or int(retry))
+            local err
+            pos, err = encode_request(out, checks, reply, pos)
+            if not pos then
+                return nil, err
+            end
+        else
+            out[#out + 1] = '{"refused":' .. json.encode(requests[i].refused) .. "}"
         end
-        out[#out + 1] = "]}"
-        pos = pos + 1 + 5 * #checks
     end
     out[#out + 1] = now >= 0 and '],"now_ms":' .. int(now) .. "}" or "]}"
     return concat(out), nil, allowed
@@ -455,25 +482,30 @@ function _M.check()
     if not body then
         return
     end
-    local requests, total = validate.decode(body, conf.key_prefix)
+    -- A problem with the body is a 400; one inside requests[i] refuses that request alone.
+    local requests, total, refused = validate.decode(body, conf.key_prefix)
     if not requests then
         return send_error(400, "bad_request", total)
     end
 
-    local args, nkeys = script_args(requests, total)
-    local started = metrics_now()
-    local reply, err = run(script, nkeys, args)
-    metrics.observe_redis(metrics_now() - started)
+    local accepted = #requests - refused
+    local reply, err
+    if accepted > 0 then
+        local args, nkeys = script_args(requests, total, accepted)
+        local started = metrics_now()
+        reply, err = run(script, nkeys, args)
+        metrics.observe_redis(metrics_now() - started)
+    end
     local out, allowed
-    if reply then
-        out, err, allowed = encode_results(requests, total, reply)
+    if reply or accepted == 0 then
+        out, err, allowed = encode_results(requests, total, accepted, reply)
     end
     if not out then
         metrics.redis_error()
         ngx_log(ngx_ERR, "check: ", err)
         return send_error(503, "backend_unavailable", err)
     end
-    metrics.checked(total, allowed, #requests - allowed)
+    metrics.checked(total, allowed, accepted - allowed, refused)
     return send(200, out)
 end
 
@@ -559,7 +591,7 @@ end
 --- error_page 413: a body over client_max_body_size.
 function _M.too_large()
     return send_error(413, "payload_too_large",
-                      format("body: at most %d bytes", validate.MAX_BODY_BYTES))
+                      format("body: at most %d bytes", bounds.MAX_BODY_BYTES))
 end
 
 return _M

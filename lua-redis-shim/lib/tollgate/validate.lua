@@ -5,6 +5,7 @@
 -- path, e.g. `requests[0].checks[2].limit: must be an integer in 1..1000000000000`.
 
 local cjson = require "cjson"
+local bounds = require "tollgate.bounds"
 
 local type = type
 local pairs = pairs
@@ -20,23 +21,22 @@ local sort = table.sort
 
 local _M = { _VERSION = "0.2.0" }
 
--- The bounds of docs/wire-format.md.
-local MAX_REQUESTS = 256
-local MAX_CHECKS = 32
-local MAX_TOTAL_CHECKS = 1024
-local MAX_RELEASES = 256
-local MAX_KEY_BYTES = 512
-local MAX_ID_BYTES = 128
-local MAX_LIMIT = 1e12
-local MAX_LOG_LIMIT = 10000
-local MAX_RATE = 1e9
-local MAX_MS = 86400000
-local MAX_COST = 1e9
--- A valid body nests 4 deep; the cap turns a deeply nested body into a 400, not a C stack
--- overflow.
-local MAX_DEPTH = 16
-
-_M.MAX_BODY_BYTES = 64 * 1024
+-- The bounds of docs/wire-format.md (tollgate.bounds, which src/bounds.rs mirrors).
+local MAX_REQUESTS = bounds.MAX_REQUESTS
+local MAX_CHECKS = bounds.MAX_CHECKS
+local MAX_TOTAL_CHECKS = bounds.MAX_TOTAL_CHECKS
+local MAX_RELEASES = bounds.MAX_RELEASES
+local MAX_KEY_BYTES = bounds.MAX_KEY_BYTES
+local MAX_ID_BYTES = bounds.MAX_ID_BYTES
+local MAX_LIMIT = bounds.MAX_LIMIT
+local MAX_LOG_LIMIT = bounds.MAX_LOG_LIMIT
+local MAX_RATE = bounds.MAX_RATE
+local MAX_RATE_PER_PERIOD_MS = bounds.MAX_RATE_PER_PERIOD_MS
+local MAX_MS = bounds.MAX_MS
+local MIN_WINDOW_MS = bounds.MIN_WINDOW_MS
+local MIN_SLOT_TTL_MS = bounds.MIN_SLOT_TTL_MS
+local MAX_COST = bounds.MAX_COST
+local MAX_DEPTH = bounds.MAX_DEPTH
 
 -- What each `alg` takes besides `key`, `alg`, `cost` and `shadow`, in the order checked:
 -- { field, "int", lo, hi } (hi may name an earlier field), { field, "key" }, { field, "id" }.
@@ -48,12 +48,12 @@ local ALGS = {
     sliding_window = {
         { "prev_key", "key" },
         { "limit", "int", 1, MAX_LIMIT },
-        { "window_ms", "int", 1000, MAX_MS },
+        { "window_ms", "int", MIN_WINDOW_MS, MAX_MS },
         { "weight_ms", "int", 1, "window_ms" },
     },
     sliding_log = {
         { "limit", "int", 1, MAX_LOG_LIMIT },
-        { "window_ms", "int", 1000, MAX_MS },
+        { "window_ms", "int", MIN_WINDOW_MS, MAX_MS },
         { "id", "id" },
     },
     token_bucket = {
@@ -68,7 +68,7 @@ local ALGS = {
     },
     concurrency = {
         { "limit", "int", 1, MAX_LIMIT },
-        { "ttl_ms", "int", 1000, MAX_MS },
+        { "ttl_ms", "int", MIN_SLOT_TTL_MS, MAX_MS },
         { "id", "id" },
     },
 }
@@ -262,6 +262,15 @@ local function check_one(check, where, key_start)
         end
     end
 
+    -- GCRA's emission interval is floor(period_ms * 1000 / rate) us (scripts/gcra.lua): a
+    -- faster rate makes it 0, a tolerance of 0 and every request admitted.
+    if alg == "gcra" and check.rate > check.period_ms * MAX_RATE_PER_PERIOD_MS then
+        return fail_at(where, "rate", format("must be an integer in 1..%d (period_ms * %d: at"
+                                             .. " most one per microsecond)",
+                                             check.period_ms * MAX_RATE_PER_PERIOD_MS,
+                                             MAX_RATE_PER_PERIOD_MS))
+    end
+
     ok, err = check_integer(check, "cost", where, 0, MAX_COST, 1)
     if not ok then
         return nil, err
@@ -307,11 +316,44 @@ local function check_args(body, key_prefix, who)
     end
 end
 
+-- Validates requests[i] (path `requests[<i - 1>]`); returns nil, or a message naming the field.
+local function check_request(request, path, key_start)
+    if not is_object(request) then
+        return path .. ": must be an object"
+    end
+    local field = unknown_field(request, { checks = true })
+    if field then
+        return path .. "." .. field .. ": unknown field"
+    end
+    local checks = request.checks
+    path = path .. ".checks"
+    if checks == nil then
+        return path .. ": is required"
+    end
+    local n = array_len(checks)
+    if not n or n > MAX_CHECKS then
+        return path .. ": must be an array of 1.." .. MAX_CHECKS .. " checks"
+    end
+    local where = { path, 0 }
+    for j = 1, n do
+        where[2] = j - 1
+        local ok, err = check_one(checks[j], where, key_start)
+        if not ok then
+            return err
+        end
+    end
+end
+
 --- Decodes and validates a check body.
 -- `key_prefix` is the required first part of every key (`TOLLGATE_KEY_PREFIX`).
+-- A problem with the body as a whole (not JSON, not an object, an unknown top-level field,
+-- `requests` not an array of 1..MAX_REQUESTS, more than MAX_TOTAL_CHECKS checks listed in all)
+-- returns nil and a message naming the field: the caller answers 400. A problem inside
+-- `requests[i]` refuses that request alone: it becomes `{ refused = <message naming the
+-- field> }` and the others are validated as usual.
 -- Returns the list of requests (each `{ checks = { {alg=, key=, cost=, shadow=, ...}, ... } }`,
--- with `alg`, `cost` and `shadow` filled in) and the total number of checks, or nil and a
--- message naming the field.
+-- with `alg`, `cost` and `shadow` filled in, or `{ refused = message }`), the number of checks
+-- of the requests not refused, and the number of requests refused.
 function _M.decode(body, key_prefix)
     check_args(body, key_prefix, "validate.decode")
     local requests, err = decode_object(body, "requests")
@@ -324,45 +366,29 @@ function _M.decode(body, key_prefix)
     end
 
     local key_start = key_prefix .. ":{"
-    local total = 0
+    local listed, total, refused = 0, 0, 0
     for i = 1, nreq do
         local request = requests[i]
-        local path = "requests[" .. (i - 1) .. "]"
-        if not is_object(request) then
-            return fail(path, "must be an object")
-        end
-        local field = unknown_field(request, { checks = true })
-        if field then
-            return fail(path .. "." .. field, "unknown field")
-        end
-
-        local checks = request.checks
-        path = path .. ".checks"
-        if checks == nil then
-            return fail(path, "is required")
-        end
-        local n = array_len(checks)
-        if not n or n > MAX_CHECKS then
-            return fail(path, "must be an array of 1.." .. MAX_CHECKS .. " checks")
-        end
-        total = total + n
-        if total > MAX_TOTAL_CHECKS then
-            return fail("requests", "must hold at most " .. MAX_TOTAL_CHECKS
-                                    .. " checks in total")
-        end
-
-        local where = { path, 0 }
-        for j = 1, n do
-            where[2] = j - 1
-            local ok
-            ok, err = check_one(checks[j], where, key_start)
-            if not ok then
-                return nil, err
+        -- Every check listed counts against the body's bound, refused or not: it bounds the
+        -- work of validating the body.
+        local n = type(request) == "table" and array_len(request.checks)
+        if n then
+            listed = listed + n
+            if listed > MAX_TOTAL_CHECKS then
+                return fail("requests", "must hold at most " .. MAX_TOTAL_CHECKS
+                                        .. " checks in total")
             end
+        end
+        err = check_request(request, "requests[" .. (i - 1) .. "]", key_start)
+        if err then
+            requests[i] = { refused = err }
+            refused = refused + 1
+        else
+            total = total + n
         end
     end
 
-    return requests, total
+    return requests, total, refused
 end
 
 --- Decodes and validates a release body: `{"releases": [{"key": ..., "id": ...}, ...]}`.

@@ -1,0 +1,847 @@
+//! The request lifecycle: one worker's engine, driven by the host's callbacks.
+//!
+//! Everything that happens to a request between "headers arrived" and "stream ended" lives
+//! here, generic over the [`Host`] seam so that it runs natively against a fake host
+//! (`engine::tests`). The proxy-wasm contexts (`filter`) only forward callbacks.
+//!
+//! A checked request moves through these phases ([`Phase`]), each owned by the engine's
+//! `requests` map (context id → [`Req`]):
+//!
+//! ```text
+//!            ┌─ cache hit / breaker open / dispatch failed ─▶ decided at once
+//! headers ───┼─ worker idle ─▶ InFlight (its own callout) ─┐
+//!            └─ worker busy ─▶ Queued ─▶ InFlight (batch) ─┴─▶ reply / failure / watchdog
+//!                                                             ├─▶ Allowed ─▶ response headers ─▶ done
+//!                                                             └─▶ Answered (local reply) ─▶ done
+//! client leaves: Queued → forgotten; InFlight → Abandoned until its callout ends.
+//! ```
+//!
+//! Invariants (checked by the seeded property test below):
+//! - a paused request is resumed or answered exactly once, unless its client left first;
+//! - a concurrency slot the shim may have taken is released: at the stream's end when
+//!   allowed, at once when denied or when the outcome is unknown (a failed or abandoned
+//!   callout), and once more after the callout's deadline when the outcome is unknown
+//!   (releasing twice is harmless; releasing before a late commit is not);
+//! - a failed callout affects only the requests it carried; a request the shim refuses fails
+//!   alone; the breaker counts failed callouts, not requests, and lets one probe through;
+//! - every request that gets a verdict is counted once in the metrics;
+//! - the over-limit cache only denies what Redis would deny (see `cache`).
+
+use std::collections::HashMap;
+
+use log::{debug, warn};
+
+use crate::batch::{self, Batcher, InFlight, Limits, Pending};
+use crate::cache;
+use crate::clock::{self, SkewEstimator};
+use crate::config::{Config, FailureMode};
+use crate::decision::{self, CalloutReply, Failure, Verdict};
+use crate::host::{Host, HostError, MetricKind};
+use crate::local::{Breaker, LocalLimiter};
+use crate::metrics::{self, Counter, Outcome};
+use crate::request::{checks_for, Check};
+use crate::throttle::LogThrottle;
+use crate::wire;
+
+/// A recurring failure or shadow denial is logged at most this often per worker; the rest at
+/// debug.
+const LOG_INTERVAL_MS: u64 = 10_000;
+/// How often the root ticks when coalescing: it flushes the queue and runs the watchdog.
+pub const TICK_MS: u64 = 1;
+/// How often it ticks otherwise: the watchdog, late releases and the shared clock offset.
+pub const IDLE_TICK_MS: u64 = 100;
+/// Grace beyond a request's deadline before the watchdog fails it itself (the host's callout
+/// timeout should have answered first).
+pub const WATCHDOG_GRACE_MS: u64 = 50;
+/// Shared-data key of the clock offset every worker of a gateway uses.
+const CLOCK_OFFSET_KEY: &str = "tollgate.clock_offset";
+
+/// Concurrency slots `(key, id)`.
+pub type Slots = Vec<(String, String)>;
+/// Response headers to add.
+type Headers = Vec<(String, String)>;
+
+/// What the host should do with the request after `on_request_headers`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Continue,
+    Pause,
+}
+
+/// Where one checked request is.
+#[derive(Debug, PartialEq, Eq)]
+enum Phase {
+    /// Paused in the worker's queue; the root will send it in a batch.
+    Queued,
+    /// Paused; its checks are in a callout in flight.
+    InFlight,
+    /// Let through: headers to add to its response.
+    Allowed(Headers),
+    /// Answered locally (denied, or failed closed).
+    Answered,
+    /// Its client left while its callout was in flight: settled when that callout ends.
+    Abandoned,
+}
+
+/// One checked request, from its headers to the end of its stream.
+#[derive(Debug)]
+struct Req {
+    phase: Phase,
+    /// Concurrency slots to give back when the stream ends (only once allowed by the shim).
+    slots: Slots,
+}
+
+/// How a verdict was reached, for the counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Shim,
+    Cache,
+    FailureMode,
+}
+
+/// Metric ids from the host, defined once per plugin.
+struct MetricIds {
+    counters: Vec<(Counter, u32)>,
+    callout_ms: u32,
+    /// Per rule: (denied, shadow-denied).
+    rules: Vec<(u32, u32)>,
+}
+
+impl MetricIds {
+    fn define(host: &impl Host, config: &Config) -> Result<MetricIds, HostError> {
+        let counters = Counter::ALL
+            .iter()
+            .map(|&c| Ok((c, host.define_metric(MetricKind::Counter, c.name())?)))
+            .collect::<Result<_, HostError>>()?;
+        let rules = config
+            .rules
+            .iter()
+            .map(|r| {
+                Ok((
+                    host.define_metric(MetricKind::Counter, &metrics::rule_denied(&r.name))?,
+                    host.define_metric(MetricKind::Counter, &metrics::rule_shadow_denied(&r.name))?,
+                ))
+            })
+            .collect::<Result<_, HostError>>()?;
+        Ok(MetricIds {
+            counters,
+            callout_ms: host.define_metric(MetricKind::Histogram, metrics::CALLOUT_DURATION)?,
+            rules,
+        })
+    }
+}
+
+/// One worker's engine for one plugin configuration.
+pub struct Engine<H: Host> {
+    host: H,
+    config: Config,
+    root_context_id: u32,
+    metrics: MetricIds,
+    requests: HashMap<u32, Req>,
+    batcher: Batcher,
+    breaker: Breaker,
+    /// `failure_mode: "local"` counters.
+    local: LocalLimiter,
+    /// This worker's copy of over-limit cache entries (the shared ones are the truth).
+    near: cache::Near,
+    /// Gateway clock → Redis clock, learned from replies and shared by the workers.
+    skew: SkewEstimator,
+    failures: LogThrottle,
+    shadow_denials: LogThrottle,
+    /// Request ids: a random per-VM prefix and a counter, unique across gateways and workers.
+    id_prefix: u64,
+    next_id: u64,
+    /// A shared queue only this worker's root listens to: kicking it has the root send the
+    /// queue now instead of at the next tick.
+    kick_queue: Option<u32>,
+    kick_pending: bool,
+    /// Releases to send again once a callout whose outcome was unknown can no longer commit:
+    /// (gateway ms when due, slots).
+    late_releases: Vec<(u64, Slots)>,
+}
+
+impl<H: Host> Engine<H> {
+    /// Builds the engine of a configured plugin: defines its metrics, sets the tick, and (when
+    /// coalescing) registers the worker's kick queue. `vm_id` is random per VM and stable
+    /// across reloads, so a reload reuses the queue instead of registering another.
+    pub fn new(
+        host: H,
+        config: Config,
+        root_context_id: u32,
+        vm_id: u64,
+    ) -> Result<Engine<H>, HostError> {
+        let metrics = MetricIds::define(&host, &config)?;
+        host.set_tick_period_ms(if config.coalesce {
+            TICK_MS
+        } else {
+            IDLE_TICK_MS
+        });
+        let kick_queue = if config.coalesce {
+            host.register_queue(&format!("tollgate.kick.{vm_id:016x}"))
+                .ok()
+        } else {
+            None
+        };
+        Ok(Engine {
+            host,
+            config,
+            root_context_id,
+            metrics,
+            requests: HashMap::new(),
+            batcher: Batcher::new(Limits::default()),
+            breaker: Breaker::default(),
+            local: LocalLimiter::default(),
+            near: cache::Near::default(),
+            skew: SkewEstimator::default(),
+            failures: LogThrottle::default(),
+            shadow_denials: LogThrottle::default(),
+            id_prefix: vm_id,
+            next_id: 0,
+            kick_queue,
+            kick_pending: false,
+            late_releases: Vec::new(),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    // --- Callbacks ---------------------------------------------------------------------------
+
+    /// A request's headers arrived (its context is the effective one).
+    pub fn on_request_headers(&mut self, ctx: u32) -> Action {
+        let request_id = if self.config.needs_request_id {
+            self.request_id()
+        } else {
+            String::new()
+        };
+        let since_ms = self.gateway_ms();
+        let now_ms = self.corrected(since_ms);
+        let checks = checks_for(&self.config, &self.host, now_ms, &request_id);
+        if checks.is_empty() {
+            return Action::Continue;
+        }
+        let clocks = cache::Clocks {
+            gateway_ms: since_ms,
+            corrected_ms: now_ms,
+        };
+        if self.config.over_limit_cache {
+            let hits = self.cached_denials(&checks, clocks);
+            if !hits.is_empty() {
+                let verdict = decision::from_cache(&self.config, &checks, &hits, clocks);
+                return self.decide_now(ctx, verdict, Source::Cache);
+            }
+        }
+        let pending = Pending {
+            context_id: ctx,
+            checks,
+            since_ms,
+            now_ms,
+        };
+        if self.config.coalesce && !self.batcher.idle() {
+            // The breaker is asked where the batch is sent (flush), so a probe is never lost.
+            self.batcher.enqueue(pending);
+            self.track(ctx, Phase::Queued);
+            if self.batcher.batches_in_flight() == 0 {
+                // Only requests' own callouts are in flight: nothing would send the queue
+                // before the next tick.
+                self.kick();
+            }
+            return Action::Pause;
+        }
+        if !self.breaker.allows_call(since_ms) {
+            let verdict = self.failure_verdict(&Failure::CircuitOpen, &pending.checks);
+            return self.decide_now(ctx, verdict, Source::FailureMode);
+        }
+        // Sent on the root's behalf, so the host never cancels it with the stream (the reply
+        // still reaches this context while it lives).
+        let body = wire::encode(&[&pending.checks]);
+        let timeout_ms = self.timeout_ms();
+        let _ = self.host.set_effective_context(self.root_context_id);
+        let sent = self
+            .host
+            .dispatch(&self.config.shim, &self.config.shim.path, &body, timeout_ms);
+        let _ = self.host.set_effective_context(ctx);
+        match sent {
+            Ok(token) => {
+                self.track(ctx, Phase::InFlight);
+                self.batcher
+                    .sent(token, vec![pending], since_ms, timeout_ms, true);
+                Action::Pause
+            }
+            Err(e) => {
+                self.breaker.failed(since_ms);
+                let verdict =
+                    self.failure_verdict(&Failure::Dispatch(e.to_string()), &pending.checks);
+                self.decide_now(ctx, verdict, Source::FailureMode)
+            }
+        }
+    }
+
+    /// A callout's reply (or failure) arrived for `token`, on the root (`from_root`) or on the
+    /// request context that sent it. One path for both.
+    pub fn on_callout_reply(
+        &mut self,
+        token: u32,
+        num_headers: usize,
+        body_size: usize,
+        from_root: bool,
+    ) {
+        if let Some(callout) = self.batcher.complete(token) {
+            self.on_callout_done(callout, num_headers, body_size);
+        } else {
+            // A release, or a callout the watchdog already failed.
+            debug!("ignoring reply to callout {token}: not a pending check");
+        }
+        if from_root {
+            self.flush();
+        } else if self.batcher.queued() > 0 && self.batcher.batches_in_flight() == 0 {
+            self.kick();
+        }
+    }
+
+    /// The request's response headers: add the rate-limit headers of an allowed request.
+    pub fn on_response_headers(&mut self, ctx: u32) {
+        let Some(Req {
+            phase: Phase::Allowed(headers),
+            ..
+        }) = self.requests.get_mut(&ctx)
+        else {
+            return;
+        };
+        for (name, value) in std::mem::take(headers) {
+            if let Err(e) = self.host.add_response_header(&name, &value) {
+                debug!("adding response header {name} failed: {e}");
+            }
+        }
+    }
+
+    /// The request's stream ended (completed or aborted): give back what it holds.
+    pub fn on_done(&mut self, ctx: u32) {
+        let Some(mut req) = self.requests.remove(&ctx) else {
+            return;
+        };
+        match req.phase {
+            Phase::Queued => {
+                self.batcher.cancel(ctx);
+            }
+            Phase::InFlight => {
+                // Its callout may still take a slot: settle when it ends.
+                req.phase = Phase::Abandoned;
+                self.requests.insert(ctx, req);
+            }
+            Phase::Allowed(_) => self.release(&req.slots),
+            Phase::Answered | Phase::Abandoned => {}
+        }
+    }
+
+    /// The root's tick: the shared clock, the watchdog, late releases, then the queue.
+    pub fn on_tick(&mut self) {
+        self.refresh_clock();
+        let now = self.gateway_ms();
+        let (queued, overdue) = self
+            .batcher
+            .expired(now, self.timeout_ms(), WATCHDOG_GRACE_MS);
+        for callout in overdue {
+            self.breaker.failed(now);
+            self.fail_callout(callout, &Failure::Status(504));
+        }
+        for pending in queued {
+            let verdict = self.failure_verdict(&Failure::Status(504), &pending.checks);
+            self.settle(pending, verdict, Source::FailureMode, false);
+        }
+        if !self.late_releases.is_empty() {
+            let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.late_releases)
+                .into_iter()
+                .partition(|(at, _)| *at <= now);
+            self.late_releases = later;
+            for (_, slots) in due {
+                self.release(&slots);
+            }
+        }
+        self.flush();
+    }
+
+    /// The root's kick queue has items: send the queue now.
+    pub fn on_queue_ready(&mut self) {
+        if let Some(queue) = self.kick_queue {
+            self.host.drain_queue(queue);
+        }
+        self.kick_pending = false;
+        self.flush();
+    }
+
+    // --- Sending -------------------------------------------------------------------------------
+
+    /// Sends every batch the batcher has ready. Only from root callbacks: a reply goes to the
+    /// context that was running when its call was sent.
+    fn flush(&mut self) {
+        while let Some(batch) = self.batcher.next_batch() {
+            let now = self.gateway_ms();
+            if !self.breaker.allows_call(now) {
+                for pending in batch {
+                    let verdict = self.failure_verdict(&Failure::CircuitOpen, &pending.checks);
+                    self.settle(pending, verdict, Source::FailureMode, false);
+                }
+                continue;
+            }
+            let timeout_ms = self.timeout_ms();
+            // What is left of the oldest request's budget: queueing counts against it.
+            let budget = batch::deadline(&batch, timeout_ms)
+                .saturating_sub(now)
+                .max(1);
+            let requests: Vec<&[Check]> = batch.iter().map(|p| p.checks.as_slice()).collect();
+            let body = wire::encode(&requests);
+            let _ = self.host.set_effective_context(self.root_context_id);
+            match self
+                .host
+                .dispatch(&self.config.shim, &self.config.shim.path, &body, budget)
+            {
+                Ok(token) => {
+                    for p in &batch {
+                        if let Some(req) = self.requests.get_mut(&p.context_id) {
+                            if req.phase == Phase::Queued {
+                                req.phase = Phase::InFlight;
+                            }
+                        }
+                    }
+                    self.batcher.sent(token, batch, now, timeout_ms, false);
+                }
+                Err(e) => {
+                    self.breaker.failed(now);
+                    let failure = Failure::Dispatch(e.to_string());
+                    for pending in batch {
+                        let verdict = self.failure_verdict(&failure, &pending.checks);
+                        self.settle(pending, verdict, Source::FailureMode, false);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Asks the root to send queued requests now (at most one kick outstanding).
+    fn kick(&mut self) {
+        if let (Some(queue), false) = (self.kick_queue, self.kick_pending) {
+            if self.host.enqueue(queue, b"k").is_ok() {
+                self.kick_pending = true;
+            }
+        }
+    }
+
+    /// Sends the release of concurrency slots on the root's behalf (so it outlives the
+    /// request); nobody waits for the answer.
+    fn release(&mut self, slots: &[(String, String)]) {
+        if slots.is_empty() {
+            return;
+        }
+        let pairs: Vec<(&str, &str)> = slots
+            .iter()
+            .map(|(k, id)| (k.as_str(), id.as_str()))
+            .collect();
+        let body = wire::encode_release(&pairs);
+        let _ = self.host.set_effective_context(self.root_context_id);
+        let timeout_ms = self.timeout_ms();
+        if let Err(e) = self.host.dispatch(
+            &self.config.shim,
+            &self.config.shim.release_path,
+            &body,
+            timeout_ms,
+        ) {
+            // The slots free themselves when their timeout passes.
+            debug!("releasing {} concurrency slots failed: {e}", pairs.len());
+        }
+    }
+
+    /// Releases slots whose fate is unknown now, and again once the callout that may take them
+    /// can no longer commit (a late commit after the first release would hold them).
+    fn release_unknown(&mut self, slots: Slots) {
+        if slots.is_empty() {
+            return;
+        }
+        self.release(&slots);
+        let due = self.gateway_ms() + self.timeout_ms() + WATCHDOG_GRACE_MS;
+        self.late_releases.push((due, slots));
+    }
+
+    // --- Deciding ------------------------------------------------------------------------------
+
+    fn on_callout_done(&mut self, callout: InFlight, num_headers: usize, body_size: usize) {
+        let received_ms = self.gateway_ms();
+        self.host.record_metric(
+            self.metrics.callout_ms,
+            received_ms.saturating_sub(callout.sent_ms),
+        );
+        let data = CalloutData::read(&self.host, num_headers, body_size);
+        let asked: Vec<(&[Check], cache::Clocks)> = callout
+            .requests
+            .iter()
+            .map(|p| {
+                let built = cache::Clocks {
+                    gateway_ms: p.since_ms,
+                    corrected_ms: p.now_ms,
+                };
+                (p.checks.as_slice(), built)
+            })
+            .collect();
+        let decided = decision::from_batch_callout(&self.config, &asked, data.reply());
+        match decided {
+            Ok(decided) => {
+                self.breaker.succeeded();
+                self.observe_clock(callout.sent_ms, received_ms, decided.server_now_ms);
+                for (pending, verdict) in callout.requests.into_iter().zip(decided.verdicts) {
+                    match verdict {
+                        Ok((verdict, exhausted)) => {
+                            self.remember_exhausted(&exhausted, pending.since_ms);
+                            self.settle(pending, verdict, Source::Shim, true);
+                        }
+                        Err(refused) => {
+                            // Nothing was charged for it: its slots were never taken.
+                            let verdict = self.failure_verdict(&refused, &pending.checks);
+                            self.settle(pending, verdict, Source::FailureMode, false);
+                        }
+                    }
+                }
+            }
+            Err(failure) => {
+                self.breaker.failed(received_ms);
+                self.fail_callout(callout, &failure);
+            }
+        }
+    }
+
+    /// Applies the failure mode to every request of a failed callout (and only to those).
+    fn fail_callout(&mut self, callout: InFlight, failure: &Failure) {
+        for pending in callout.requests {
+            let verdict = self.failure_verdict(failure, &pending.checks);
+            self.settle(pending, verdict, Source::FailureMode, true);
+        }
+    }
+
+    /// Carries out the verdict of a request that was paused (queued or in flight): the one
+    /// place a paused request is resumed or answered, and its slots handed to their owner.
+    /// `sent`: its checks went to the shim (so it may hold slots).
+    fn settle(&mut self, pending: Pending, verdict: Verdict, source: Source, sent: bool) {
+        let ctx = pending.context_id;
+        let slots = if sent {
+            slots_of(&pending.checks)
+        } else {
+            Vec::new()
+        };
+        let allowed_by_shim = source == Source::Shim && matches!(verdict, Verdict::Allow { .. });
+        let present = matches!(
+            self.requests.get(&ctx),
+            Some(Req {
+                phase: Phase::Queued | Phase::InFlight,
+                ..
+            })
+        );
+        if !present {
+            // Its client left: nobody to answer; give back whatever it may hold.
+            self.requests.remove(&ctx);
+            if allowed_by_shim {
+                self.release(&slots);
+            } else {
+                self.release_unknown(slots);
+            }
+            return;
+        }
+        self.count(&verdict, source);
+        match verdict {
+            Verdict::Allow {
+                response_headers, ..
+            } => {
+                let slots = if allowed_by_shim {
+                    slots
+                } else {
+                    // Failed open: the shim may or may not have taken them.
+                    self.release_unknown(slots);
+                    Vec::new()
+                };
+                self.track(ctx, Phase::Allowed(response_headers));
+                if let Some(req) = self.requests.get_mut(&ctx) {
+                    req.slots = slots;
+                }
+                match self.host.set_effective_context(ctx) {
+                    Ok(()) => {
+                        if let Err(e) = self.host.resume_request() {
+                            warn!("resuming request {ctx} failed: {e}");
+                        }
+                    }
+                    Err(_) => self.gone(ctx),
+                }
+            }
+            Verdict::Deny(reply) => {
+                // A denied request took nothing, but on Redis Cluster one slot group may have
+                // charged while another denied: releasing is harmless, a leak is not.
+                if source == Source::Shim {
+                    self.release(&slots);
+                } else {
+                    self.release_unknown(slots);
+                }
+                self.track(ctx, Phase::Answered);
+                match self.host.set_effective_context(ctx) {
+                    Ok(()) => {
+                        if let Err(e) = self.host.send_local_reply(&reply) {
+                            warn!("sending the local reply to {ctx} failed: {e}");
+                        }
+                    }
+                    Err(_) => self.gone(ctx),
+                }
+            }
+        }
+    }
+
+    /// A context the host no longer knows: forget it, giving back its slots.
+    fn gone(&mut self, ctx: u32) {
+        if let Some(req) = self.requests.remove(&ctx) {
+            self.release(&req.slots);
+        }
+    }
+
+    /// Carries out a verdict reached before the request was paused.
+    fn decide_now(&mut self, ctx: u32, verdict: Verdict, source: Source) -> Action {
+        self.count(&verdict, source);
+        match verdict {
+            Verdict::Allow {
+                response_headers, ..
+            } => {
+                if !response_headers.is_empty() {
+                    self.track(ctx, Phase::Allowed(response_headers));
+                }
+                Action::Continue
+            }
+            Verdict::Deny(reply) => {
+                self.track(ctx, Phase::Answered);
+                if let Err(e) = self.host.send_local_reply(&reply) {
+                    warn!("sending the local reply failed: {e}");
+                }
+                Action::Pause
+            }
+        }
+    }
+
+    fn track(&mut self, ctx: u32, phase: Phase) {
+        match self.requests.get_mut(&ctx) {
+            Some(req) => req.phase = phase,
+            None => {
+                self.requests.insert(
+                    ctx,
+                    Req {
+                        phase,
+                        slots: Vec::new(),
+                    },
+                );
+            }
+        }
+    }
+
+    /// Logs a failure (throttled) and returns the failure mode's verdict for these checks.
+    fn failure_verdict(&mut self, failure: &Failure, checks: &[Check]) -> Verdict {
+        let gateway_ms = self.gateway_ms();
+        let now_ms = self.corrected(gateway_ms);
+        let mode = self.config.failure_mode;
+        if let Some(held_back) = self.failures.admit(gateway_ms, LOG_INTERVAL_MS) {
+            warn!("{failure}; applying failure mode {mode:?} ({held_back} similar failures not logged)");
+        } else {
+            debug!("{failure}; applying failure mode {mode:?}");
+        }
+        decision::on_failure(&self.config, checks, &mut self.local, now_ms)
+    }
+
+    /// Counts a verdict: every request that gets one, exactly once.
+    fn count(&mut self, verdict: &Verdict, source: Source) {
+        let outcome = match (source, verdict) {
+            (Source::FailureMode, _) => match self.config.failure_mode {
+                FailureMode::Allow => Outcome::FailedOpen,
+                FailureMode::Deny => Outcome::FailedClosed,
+                FailureMode::Local => Outcome::FailedLocal,
+            },
+            (_, Verdict::Allow { shadow_denials, .. }) => Outcome::Allowed {
+                shadow_denied: shadow_denials,
+            },
+            (_, Verdict::Deny(reply)) => Outcome::Denied {
+                rules: &reply.denied_by,
+            },
+        };
+        if source == Source::Cache {
+            self.bump(Counter::CacheHits);
+        }
+        for c in metrics::counters(&outcome) {
+            self.bump(c);
+        }
+        let (rules, shadow) = match outcome {
+            Outcome::Denied { rules } => (rules, false),
+            Outcome::Allowed { shadow_denied } => (shadow_denied, true),
+            Outcome::FailedOpen | Outcome::FailedClosed | Outcome::FailedLocal => return,
+        };
+        for &i in rules {
+            if let Some(&(denied, shadow_denied)) = self.metrics.rules.get(i) {
+                self.host
+                    .increment_metric(if shadow { shadow_denied } else { denied }, 1);
+            }
+            if shadow {
+                let name = self.config.rules.get(i).map_or("?", |r| r.name.as_str());
+                let now = self.host.now_ms();
+                if let Some(held_back) = self.shadow_denials.admit(now, LOG_INTERVAL_MS) {
+                    log::info!("rule {name} (shadow mode) would have denied a request ({held_back} more shadow denials not logged)");
+                }
+            }
+        }
+    }
+
+    fn bump(&self, counter: Counter) {
+        if let Some(&(_, id)) = self.metrics.counters.iter().find(|(k, _)| *k == counter) {
+            self.host.increment_metric(id, 1);
+        }
+    }
+
+    // --- The over-limit cache ----------------------------------------------------------------
+
+    fn remember_exhausted(&mut self, entries: &[cache::Entry], now_ms: u64) {
+        for entry in entries {
+            self.host
+                .shared_set(&cache::slot(&entry.key), &cache::encode(entry));
+            self.near.put(entry.clone(), now_ms);
+        }
+    }
+
+    /// The checks the over-limit cache denies right now, with their entries: this worker's
+    /// copy first, then shared data (what other workers learned).
+    fn cached_denials(
+        &mut self,
+        checks: &[Check],
+        now: cache::Clocks,
+    ) -> Vec<(usize, cache::Entry)> {
+        let mut hits = Vec::new();
+        for (i, c) in checks.iter().enumerate() {
+            if c.cost == 0 || c.shadow {
+                continue;
+            }
+            let now_ms = now.for_check(c);
+            let id = cache::identity(c);
+            if let Some(entry) = self.near.get(&id, now_ms) {
+                if cache::denies(entry, c, &id, now_ms) {
+                    hits.push((i, entry.clone()));
+                }
+                continue;
+            }
+            let Some(entry) = self
+                .host
+                .shared_get(&cache::slot(&id))
+                .as_deref()
+                .and_then(cache::decode)
+            else {
+                continue;
+            };
+            if cache::denies(&entry, c, &id, now_ms) {
+                self.near.put(entry.clone(), now_ms);
+                hits.push((i, entry));
+            }
+        }
+        hits
+    }
+
+    // --- Clocks ----------------------------------------------------------------------------------
+
+    /// This gateway's own clock (moved by `clock.simulated_skew_ms` in drills): for timing
+    /// callouts, the breaker and the watchdog.
+    fn gateway_ms(&self) -> u64 {
+        self.host
+            .now_ms()
+            .saturating_add_signed(self.config.simulated_skew_ms)
+    }
+
+    /// The clock decisions run on: the gateway clock moved onto Redis's time when skew
+    /// correction is on, so every gateway computes the same window keys.
+    fn corrected(&self, gateway_ms: u64) -> u64 {
+        let offset = if self.config.correct_clock_skew {
+            self.skew.offset_ms()
+        } else {
+            0
+        };
+        clock::corrected(gateway_ms, offset)
+    }
+
+    fn timeout_ms(&self) -> u64 {
+        self.config.shim.timeout.as_millis() as u64
+    }
+
+    /// Learns from a reply's Redis time, and shares the estimate with the other workers.
+    fn observe_clock(&mut self, sent_ms: u64, received_ms: u64, server_ms: Option<u64>) {
+        let (Some(server_ms), true) = (server_ms, self.config.correct_clock_skew) else {
+            return;
+        };
+        self.skew.observe(sent_ms, received_ms, server_ms);
+        self.host
+            .shared_set(CLOCK_OFFSET_KEY, &clock::encode(self.skew.offset_ms()));
+    }
+
+    /// Picks up what other workers learned about the clock.
+    fn refresh_clock(&mut self) {
+        if !self.config.correct_clock_skew {
+            return;
+        }
+        if let Some(offset) = self
+            .host
+            .shared_get(CLOCK_OFFSET_KEY)
+            .as_deref()
+            .and_then(clock::decode)
+        {
+            self.skew = SkewEstimator::with_offset(offset);
+        }
+    }
+
+    fn request_id(&mut self) -> String {
+        let n = self.next_id;
+        self.next_id = n.wrapping_add(1);
+        format!("{:016x}-{n:x}", self.id_prefix)
+    }
+}
+
+fn slots_of(checks: &[Check]) -> Slots {
+    checks
+        .iter()
+        .filter_map(|c| c.slot())
+        .map(|(k, id)| (k.to_string(), id.to_string()))
+        .collect()
+}
+
+/// What a completed callout brought back, read once.
+struct CalloutData {
+    status: Option<u32>,
+    dispatch_status: Option<String>,
+    body: Vec<u8>,
+}
+
+impl CalloutData {
+    /// A failed call has no response headers, and reading them then is an error the SDK turns
+    /// into a panic: only read what the host says is there.
+    fn read(host: &impl Host, num_headers: usize, body_size: usize) -> CalloutData {
+        let has_headers = num_headers > 0;
+        CalloutData {
+            status: has_headers.then(|| host.callout_status()).flatten(),
+            dispatch_status: has_headers
+                .then(|| host.callout_dispatch_status())
+                .flatten(),
+            body: if body_size > 0 {
+                host.callout_body(body_size)
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    fn reply(&self) -> CalloutReply<'_> {
+        CalloutReply {
+            status: self.status,
+            dispatch_status: self.dispatch_status.as_deref(),
+            body: &self.body,
+        }
+    }
+}
+
+#[cfg(test)]
+mod fake;
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,250 @@
+//! A fake [`Host`] for the engine's tests: it records every call, models the proxy-wasm SDK's
+//! routing of callout replies, and holds the request headers of each live context.
+//!
+//! Like Kuadrant wasm-shim's `MockWasmHost`: no network, no clock of its own — the test moves
+//! time and decides what each callout answers.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
+
+use crate::config::ShimTarget;
+use crate::decision::LocalReply;
+use crate::host::{Host, HostError, MetricKind};
+use crate::request::RequestView;
+
+/// A callout the engine sent and nobody answered yet.
+#[derive(Debug, Clone)]
+pub struct Callout {
+    pub token: u32,
+    /// The context whose callback was running: where the SDK routes the reply.
+    pub callback_ctx: u32,
+    pub path: String,
+    pub body: Vec<u8>,
+    pub timeout_ms: u64,
+    pub sent_ms: u64,
+}
+
+/// Everything the fake host knows; shared by the test and the engine's host handle.
+#[derive(Debug, Default)]
+pub struct World {
+    pub now_ms: u64,
+    pub root: u32,
+    /// The context whose callback is running (the SDK's "active" context).
+    pub callback_ctx: u32,
+    pub effective: u32,
+    pub live: HashSet<u32>,
+    pub request_headers: HashMap<u32, Vec<(String, String)>>,
+    pub callouts: Vec<Callout>,
+    next_token: u32,
+    /// The reply being delivered: status and body.
+    pub reply: Option<(Option<u32>, Vec<u8>)>,
+    pub resumed: HashMap<u32, u32>,
+    pub answered: HashMap<u32, Vec<LocalReply>>,
+    pub response_headers: HashMap<u32, Vec<(String, String)>>,
+    pub metric_names: Vec<String>,
+    pub metric_values: HashMap<u32, i64>,
+    pub shared: HashMap<String, Vec<u8>>,
+    pub queue_items: usize,
+    pub tick_ms: u64,
+    /// Calls made on a context that was not live (must never happen).
+    pub misuse: Vec<String>,
+    /// Fail every dispatch with this error.
+    pub dispatch_fails: bool,
+}
+
+/// The engine's handle on the world.
+#[derive(Clone, Default)]
+pub struct FakeHost(pub Rc<RefCell<World>>);
+
+impl FakeHost {
+    pub fn new(root: u32) -> FakeHost {
+        let host = FakeHost::default();
+        {
+            let mut w = host.0.borrow_mut();
+            w.root = root;
+            w.callback_ctx = root;
+            w.effective = root;
+            w.live.insert(root);
+            w.next_token = 1;
+        }
+        host
+    }
+
+    pub fn w(&self) -> std::cell::RefMut<'_, World> {
+        self.0.borrow_mut()
+    }
+
+    /// A metric's value by name (0 if never bumped).
+    pub fn metric(&self, name: &str) -> i64 {
+        let w = self.0.borrow();
+        w.metric_names
+            .iter()
+            .position(|n| n == name)
+            .and_then(|id| w.metric_values.get(&(id as u32)).copied())
+            .unwrap_or(0)
+    }
+
+    fn on_live<T>(&self, what: &str, f: impl FnOnce(&mut World, u32) -> T) -> Result<T, HostError> {
+        let mut w = self.0.borrow_mut();
+        let ctx = w.effective;
+        if !w.live.contains(&ctx) {
+            w.misuse.push(format!("{what} on dead context {ctx}"));
+            return Err(HostError("NotFound".into()));
+        }
+        Ok(f(&mut w, ctx))
+    }
+
+    fn header_of(&self, name: &str) -> Option<Vec<u8>> {
+        let w = self.0.borrow();
+        w.request_headers
+            .get(&w.effective)?
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_bytes().to_vec())
+    }
+}
+
+impl RequestView for FakeHost {
+    fn header(&self, name: &str) -> Option<Vec<u8>> {
+        self.header_of(name)
+    }
+    fn source_address(&self) -> Option<Vec<u8>> {
+        self.header_of("x-test-source")
+            .or_else(|| Some(b"10.0.0.1:5000".to_vec()))
+    }
+    fn route_name(&self) -> Option<Vec<u8>> {
+        self.header_of("x-test-route")
+    }
+    fn route_policy(&self) -> Option<Vec<u8>> {
+        self.header_of("x-test-policy")
+    }
+    fn service_name(&self) -> Option<Vec<u8>> {
+        None
+    }
+}
+
+impl Host for FakeHost {
+    fn now_ms(&self) -> u64 {
+        self.0.borrow().now_ms
+    }
+
+    fn dispatch(
+        &self,
+        _shim: &ShimTarget,
+        path: &str,
+        body: &[u8],
+        timeout_ms: u64,
+    ) -> Result<u32, HostError> {
+        let mut w = self.0.borrow_mut();
+        if w.dispatch_fails {
+            return Err(HostError("BadArgument".into()));
+        }
+        let token = w.next_token;
+        w.next_token += 1;
+        if w.effective != w.root {
+            // The host would cancel it with the request, and the SDK keep its token forever.
+            let owner = w.effective;
+            w.misuse.push(format!(
+                "callout {token} attributed to request context {owner}"
+            ));
+        }
+        let c = Callout {
+            token,
+            callback_ctx: w.callback_ctx,
+            path: path.to_string(),
+            body: body.to_vec(),
+            timeout_ms,
+            sent_ms: w.now_ms,
+        };
+        w.callouts.push(c);
+        Ok(token)
+    }
+
+    fn callout_status(&self) -> Option<u32> {
+        self.0.borrow().reply.as_ref().and_then(|r| r.0)
+    }
+
+    fn callout_dispatch_status(&self) -> Option<String> {
+        None
+    }
+
+    fn callout_body(&self, size: usize) -> Vec<u8> {
+        let w = self.0.borrow();
+        let body = w.reply.as_ref().map(|r| r.1.clone()).unwrap_or_default();
+        body[..size.min(body.len())].to_vec()
+    }
+
+    fn set_effective_context(&self, context_id: u32) -> Result<(), HostError> {
+        let mut w = self.0.borrow_mut();
+        if !w.live.contains(&context_id) {
+            return Err(HostError("BadArgument".into()));
+        }
+        w.effective = context_id;
+        Ok(())
+    }
+
+    fn resume_request(&self) -> Result<(), HostError> {
+        self.on_live("resume", |w, ctx| {
+            *w.resumed.entry(ctx).or_default() += 1;
+        })
+    }
+
+    fn send_local_reply(&self, reply: &LocalReply) -> Result<(), HostError> {
+        self.on_live("local reply", |w, ctx| {
+            w.answered.entry(ctx).or_default().push(reply.clone());
+        })
+    }
+
+    fn add_response_header(&self, name: &str, value: &str) -> Result<(), HostError> {
+        self.on_live("add header", |w, ctx| {
+            w.response_headers
+                .entry(ctx)
+                .or_default()
+                .push((name.to_string(), value.to_string()));
+        })
+    }
+
+    fn define_metric(&self, _kind: MetricKind, name: &str) -> Result<u32, HostError> {
+        let mut w = self.0.borrow_mut();
+        if let Some(i) = w.metric_names.iter().position(|n| n == name) {
+            return Ok(i as u32);
+        }
+        w.metric_names.push(name.to_string());
+        Ok(w.metric_names.len() as u32 - 1)
+    }
+
+    fn increment_metric(&self, id: u32, by: i64) {
+        *self.0.borrow_mut().metric_values.entry(id).or_default() += by;
+    }
+
+    fn record_metric(&self, _id: u32, _value: u64) {}
+
+    fn shared_get(&self, key: &str) -> Option<Vec<u8>> {
+        self.0.borrow().shared.get(key).cloned()
+    }
+
+    fn shared_set(&self, key: &str, value: &[u8]) {
+        self.0
+            .borrow_mut()
+            .shared
+            .insert(key.to_string(), value.to_vec());
+    }
+
+    fn set_tick_period_ms(&self, period_ms: u64) {
+        self.0.borrow_mut().tick_ms = period_ms;
+    }
+
+    fn register_queue(&self, _name: &str) -> Result<u32, HostError> {
+        Ok(1)
+    }
+
+    fn enqueue(&self, _queue_id: u32, _value: &[u8]) -> Result<(), HostError> {
+        self.0.borrow_mut().queue_items += 1;
+        Ok(())
+    }
+
+    fn drain_queue(&self, _queue_id: u32) -> usize {
+        std::mem::take(&mut self.0.borrow_mut().queue_items)
+    }
+}
