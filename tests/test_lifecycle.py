@@ -20,16 +20,17 @@ from envoy_harness import envoy_command, envoy_config, plugin, rule, run_envoy
 from http_client import request, wait_for_window_room
 from shim_harness import SHIM_DIR, free_port, redis_cli
 
-# The shim's own input bounds (lua-redis-shim/lib/tollgate/validate.lua), read, not copied.
-VALIDATE_LUA = SHIM_DIR / "lib" / "tollgate" / "validate.lua"
+# The wire bounds (lua-redis-shim/lib/tollgate/bounds.lua, which the shim and, through a
+# unit test, the filter read), read, not copied.
+BOUNDS_LUA = SHIM_DIR / "lib" / "tollgate" / "bounds.lua"
 
 
 def shim_bound(name):
-    """A bound of the shim's input, read from where the shim defines it."""
-    text = VALIDATE_LUA.read_text()
-    found = re.search(rf"^local {name} = (\d+)$", text, re.M)
+    """A bound of the shim's input, read from where it is defined."""
+    text = BOUNDS_LUA.read_text()
+    found = re.search(rf"^_M\.{name} = (\d+)\b", text, re.M)
     if not found:
-        raise RuntimeError(f"no `local {name} = <n>` in {VALIDATE_LUA}")
+        raise RuntimeError(f"no `_M.{name} = <n>` in {BOUNDS_LUA}")
     return int(found.group(1))
 
 
