@@ -1,7 +1,10 @@
 //! The over-limit cache: when Redis says a key is exhausted until T, later requests on that key
 //! are denied in the gateway until T, without a callout. Abusive traffic then costs almost
 //! nothing, and admission counts are unchanged: the cache only ever denies a request that the
-//! shim would deny too (nothing but time can free an exhausted key, concurrency aside).
+//! shim would deny too (nothing but time can free an exhausted key, concurrency aside). One
+//! exception, bounded: in the first moments after a gateway learns a clock skew (its first
+//! replies), sliding-window counters written on the uncorrected clock may expire in Redis up
+//! to that correction earlier than the corrected clock expects.
 //!
 //! Entries live in proxy-wasm shared data, so every worker of a gateway sees them. To keep that
 //! memory bounded, a key maps to one of [`BUCKETS`] slots (`tollgate.oc.<n>`); a colliding key

@@ -344,7 +344,21 @@ impl<H: Host> Engine<H> {
             .batcher
             .expired(now, self.timeout_ms(), WATCHDOG_GRACE_MS);
         for callout in overdue {
-            self.breaker.failed(now);
+            // A request's own callout outlives its context, but the SDK hands the reply to that
+            // context only: when every request it carried has left, a missing reply says
+            // nothing about the shim (and clients hanging up must not open the breaker).
+            let abandoned = callout.requests.iter().all(|p| {
+                !matches!(
+                    self.requests.get(&p.context_id),
+                    Some(Req {
+                        phase: Phase::InFlight,
+                        ..
+                    })
+                )
+            });
+            if !abandoned {
+                self.breaker.failed(now);
+            }
             self.fail_callout(callout, &Failure::Status(504));
         }
         for pending in queued {
@@ -528,7 +542,6 @@ impl<H: Host> Engine<H> {
         } else {
             Vec::new()
         };
-        let allowed_by_shim = source == Source::Shim && matches!(verdict, Verdict::Allow { .. });
         let present = matches!(
             self.requests.get(&ctx),
             Some(Req {
@@ -537,9 +550,10 @@ impl<H: Host> Engine<H> {
             })
         );
         if !present {
-            // Its client left: nobody to answer; give back whatever it may hold.
+            // Its client left: nobody to answer; give back whatever it may hold (what the shim
+            // answered is known; anything else may still commit late).
             self.requests.remove(&ctx);
-            if allowed_by_shim {
+            if source == Source::Shim {
                 self.release(&slots);
             } else {
                 self.release_unknown(slots);
@@ -551,7 +565,7 @@ impl<H: Host> Engine<H> {
             Verdict::Allow {
                 response_headers, ..
             } => {
-                let slots = if allowed_by_shim {
+                let slots = if source == Source::Shim {
                     slots
                 } else {
                     // Failed open: the shim may or may not have taken them.

@@ -46,6 +46,8 @@ pub struct World {
     pub metric_values: HashMap<u32, i64>,
     pub shared: HashMap<String, Vec<u8>>,
     pub queue_items: usize,
+    /// Names of the shared queues registered, in order.
+    pub queues: Vec<String>,
     pub tick_ms: u64,
     /// Calls made on a context that was not live (must never happen).
     pub misuse: Vec<String>,
@@ -235,7 +237,9 @@ impl Host for FakeHost {
         self.0.borrow_mut().tick_ms = period_ms;
     }
 
-    fn register_queue(&self, _name: &str) -> Result<u32, HostError> {
+    fn register_queue(&self, name: &str) -> Result<u32, HostError> {
+        let mut w = self.0.borrow_mut();
+        w.queues.push(name.to_string());
         Ok(1)
     }
 

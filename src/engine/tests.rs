@@ -722,6 +722,42 @@ fn an_aborted_request_gives_back_its_concurrency_slot_whatever_happens_to_its_ca
 }
 
 #[test]
+fn clients_hanging_up_mid_check_never_open_the_breaker() {
+    let mut h = Harness::new(&cfg(
+        r#""coalesce": false, "rules": [{"name": "r", "descriptors": ["header:k"], "limit": 100, "window": "1m"}]"#,
+    ));
+    // Each client leaves while its own callout is out: the SDK drops the reply with the
+    // context, so only the watchdog ends the callout.
+    for _ in 0..10 {
+        let (ctx, _) = h.request(&[("k", "a")]);
+        h.abort(ctx);
+        h.answer_first(Shim::Ok);
+        h.tick(200);
+    }
+    assert_eq!(h.engine.breaker, Breaker::default(), "still closed");
+    let (ctx, action) = h.request(&[("k", "a")]);
+    assert_eq!(action, Action::Pause, "asks the shim");
+    h.answer_first(Shim::Ok);
+    assert_eq!(h.status_of(ctx), Some(200));
+}
+
+#[test]
+fn a_reload_reuses_the_workers_kick_queue() {
+    let host = FakeHost::new(ROOT);
+    let json = cfg(r#""rules": [{"name": "r", "descriptors": [], "limit": 1, "window": "1s"}]"#);
+    for limit in [1, 2] {
+        let json = json.replace("\"limit\": 1", &format!("\"limit\": {limit}"));
+        Engine::new(host.clone(), config(&json), ROOT, 0xabc).unwrap();
+    }
+    let queues = host.0.borrow().queues.clone();
+    assert_eq!(queues.len(), 2);
+    assert_eq!(
+        queues[0], queues[1],
+        "one name per VM, not per configuration"
+    );
+}
+
+#[test]
 fn a_failed_batch_is_counted_once_per_request() {
     let mut h = Harness::new(&cfg(
         r#""rules": [{"name": "r", "descriptors": ["header:k"], "limit": 100, "window": "1m"}]"#,
@@ -865,7 +901,7 @@ fn run_once(seed: u64) -> Result<(), String> {
     if skew {
         // A gateway whose clock is off by up to ±2 s, running for a while: its workers share
         // the learned offset. (The first seconds after a start, before any reply, keys and
-        // entries are made on the uncorrected clock; see README, "Clock skew".)
+        // entries are made on the uncorrected clock; see `cache`.)
         h.redis_offset = rng.below(4000) as i64 - 2000;
         h.host
             .shared_set(CLOCK_OFFSET_KEY, &clock::encode(h.redis_offset));
