@@ -4,6 +4,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use tollgate::config::Config;
+use tollgate::cache::Clocks;
 use tollgate::decision::{from_batch_callout, CalloutReply};
 use tollgate::request::{checks_for, RequestView};
 
@@ -40,7 +41,8 @@ impl RequestView for Request {
 fuzz_target!(|data: &[u8]| {
     let Ok(config) = Config::from_json(CONFIG.as_bytes()) else { return };
     let checks = checks_for(&config, &Request, 1_000, "id");
-    let requests = [(checks.as_slice(), 1_000), (&checks[..1], 1_000)];
+    let at = Clocks { gateway_ms: 1_000, corrected_ms: 1_000 };
+    let requests = [(checks.as_slice(), at), (&checks[..1], at)];
     let reply = CalloutReply { status: Some(200), dispatch_status: None, body: data };
     let _ = from_batch_callout(&config, &requests, reply);
 });
