@@ -12,6 +12,7 @@ use serde::Deserialize;
 use crate::bounds;
 use crate::duration::parse_duration;
 use crate::ip::Cidr;
+use crate::usage::{self, Usage};
 
 /// Longest rule name, policy name or key prefix we accept (they end up in every Redis key;
 /// the shim takes a prefix of at most this many bytes).
@@ -210,9 +211,26 @@ struct RawRule {
     #[serde(default)]
     cost: Option<RawCost>,
     #[serde(default)]
+    usage: Option<RawUsage>,
+    #[serde(default)]
     shadow: bool,
     #[serde(default)]
     bypass: Option<RawBypass>,
+}
+
+/// A cost read from the response (see `usage`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUsage {
+    from: String,
+    #[serde(default = "default_reserve")]
+    reserve: u64,
+    #[serde(default)]
+    unit: Option<String>,
+}
+
+fn default_reserve() -> u64 {
+    1
 }
 
 /// One limit; which fields it needs depends on the rule's algorithm.
@@ -355,6 +373,8 @@ pub struct ShimTarget {
     pub path: String,
     /// Where concurrency slots are released: `release` beside `path` (`/v1/check` → `/v1/release`).
     pub release_path: String,
+    /// Where usage is charged after responses: `charge` beside `path`.
+    pub charge_path: String,
     pub authority: String,
     pub timeout: Duration,
     /// Sent as `x-tollgate-secret` on every callout when the shim requires it. Never logged.
@@ -503,6 +523,9 @@ pub struct Rule {
     pub limits: Vec<Limit>,
     pub tiers: Option<Tiers>,
     pub cost: Cost,
+    /// The real cost comes from the response and is charged when it ends (`cost` is then the
+    /// reserve charged at request time).
+    pub usage: Option<Usage>,
     /// Count and report, never deny.
     pub shadow: bool,
     pub bypass: Bypass,
@@ -555,6 +578,8 @@ pub struct Config {
     /// Some rule keeps per-request state (concurrency slots, sliding-log entries), which needs
     /// a unique request id; otherwise none is made.
     pub needs_request_id: bool,
+    /// Some rule charges usage after the response.
+    pub has_usage_rules: bool,
 }
 
 impl Config {
@@ -617,8 +642,10 @@ impl TryFrom<RawConfig> for Config {
         let needs_request_id = rules
             .iter()
             .any(|r| matches!(r.algorithm, Algorithm::Concurrency | Algorithm::SlidingLog));
+        let has_usage_rules = rules.iter().any(|r| r.usage.is_some());
         Ok(Config {
             needs_request_id,
+            has_usage_rules,
             shim,
             failure_mode: raw.failure_mode,
             key_prefix: raw.key_prefix,
@@ -706,13 +733,13 @@ fn compile_shim(raw: RawShim) -> Result<ShimTarget, ConfigError> {
             ));
         }
     }
-    let release_path = format!(
-        "{}/release",
-        raw.path.rsplit_once('/').map_or("", |(dir, _)| dir)
-    );
+    let dir = raw.path.rsplit_once('/').map_or("", |(dir, _)| dir);
+    let release_path = format!("{dir}/release");
+    let charge_path = format!("{dir}/charge");
     Ok(ShimTarget {
         upstream: raw.upstream,
         release_path,
+        charge_path,
         path: raw.path,
         secret: raw.secret.map(Secret),
         authority: raw.authority,
@@ -778,6 +805,11 @@ fn compile_rule(i: usize, raw: RawRule) -> Result<Rule, ConfigError> {
     };
     let algorithm = raw.algorithm;
     let (limits, tiers) = compile_rule_limits(&at, algorithm, shorthand, raw.limits, raw.tiers)?;
+    let usage = compile_usage(&at, algorithm, raw.cost.is_some(), raw.usage)?;
+    let cost = match &usage {
+        Some(u) => Cost::Fixed(u.reserve),
+        None => compile_cost(&at, algorithm, raw.cost)?,
+    };
     Ok(Rule {
         name: raw.name,
         matcher: compile_match(&at("match"), raw.matcher)?,
@@ -786,7 +818,8 @@ fn compile_rule(i: usize, raw: RawRule) -> Result<Rule, ConfigError> {
         algorithm,
         limits,
         tiers,
-        cost: compile_cost(&at, algorithm, raw.cost)?,
+        cost,
+        usage,
         shadow: raw.shadow,
         bypass: compile_bypass(&at, raw.bypass)?,
     })
@@ -824,6 +857,60 @@ fn compile_rule_limits(
     }
     let default = compile_limits(&at("tiers.default"), algorithm, &t.default)?;
     Ok((default, Some(Tiers { descriptor, values })))
+}
+
+/// A usage rule: window algorithms only (a charge after the response adds to a counter), and
+/// its request-time cost is the reserve, not `cost`.
+fn compile_usage(
+    at: &dyn Fn(&str) -> String,
+    algorithm: Algorithm,
+    has_cost: bool,
+    raw: Option<RawUsage>,
+) -> Result<Option<Usage>, ConfigError> {
+    let Some(raw) = raw else { return Ok(None) };
+    let source =
+        usage::Source::parse(&raw.from).map_err(|r| invalid(at("usage.from"), &raw.from, &r))?;
+    if !matches!(algorithm, Algorithm::FixedWindow | Algorithm::SlidingWindow) {
+        return Err(invalid(
+            at("usage"),
+            format!("{algorithm:?}"),
+            "usage is charged to a window counter: use algorithm fixed_window or sliding_window",
+        ));
+    }
+    if has_cost {
+        return Err(invalid(
+            at("cost"),
+            "given with usage",
+            "a usage rule's request-time cost is usage.reserve",
+        ));
+    }
+    if raw.reserve > MAX_COST {
+        return Err(invalid(
+            at("usage.reserve"),
+            raw.reserve,
+            "must be between 0 and 10^9",
+        ));
+    }
+    let unit = raw
+        .unit
+        .unwrap_or_else(|| source.default_unit().to_string());
+    if unit.is_empty()
+        || unit.len() > 32
+        || !unit
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(invalid(
+            at("usage.unit"),
+            &unit,
+            "must match [A-Za-z0-9_-]{1,32}",
+        ));
+    }
+    Ok(Some(Usage {
+        source,
+        reserve: raw.reserve,
+        unit,
+    }))
 }
 
 fn compile_cost(
@@ -1625,6 +1712,37 @@ mod tests {
             (
                 rule(json!({"algorithm": "concurrency", "limit": 1, "timeout": "0s"})),
                 "rules[0].timeout: must be between 1s and 1d",
+            ),
+            (
+                rule(json!({"limit": 1, "window": "1h", "usage": {"from": "xml:a"}})),
+                "rules[0].usage.from: must be header:NAME, json:PATH",
+            ),
+            (
+                rule(
+                    json!({"algorithm": "token_bucket", "burst": 1, "rate": 1, "period": "1s",
+                            "usage": {"from": "bytes"}}),
+                ),
+                "rules[0].usage: usage is charged to a window counter",
+            ),
+            (
+                rule(json!({"limit": 1, "window": "1h", "cost": 2, "usage": {"from": "bytes"}})),
+                "rules[0].cost: a usage rule's request-time cost is usage.reserve",
+            ),
+            (
+                rule(
+                    json!({"limit": 1, "window": "1h", "usage": {"from": "bytes", "reserve": 2_000_000_000u64}}),
+                ),
+                "rules[0].usage.reserve: must be between 0 and 10^9",
+            ),
+            (
+                rule(
+                    json!({"limit": 1, "window": "1h", "usage": {"from": "bytes", "unit": "gi ga"}}),
+                ),
+                "rules[0].usage.unit: must match",
+            ),
+            (
+                rule(json!({"limit": 1, "window": "1h", "usage": {"from": "bytes", "typo": 1}})),
+                "rules[0].usage.typo: unknown field",
             ),
             (
                 rule(json!({"algorithm": "concurrency", "limit": 1, "cost": 2})),

@@ -234,6 +234,8 @@ struct Outcome<'a> {
     retry_s: u64,
     allowed: bool,
     shadow: bool,
+    /// A usage rule's unit (`tokens`, `content-bytes`); requests otherwise.
+    unit: Option<&'a str>,
 }
 
 /// Decides one request from the shim's answer for it.
@@ -245,11 +247,10 @@ pub fn decide(config: &Config, checks: &[Check], result: &RequestResult) -> Verd
             // A fixed window's key is retired when the gateway's window ends; Redis's TTL can
             // only be later (another gateway created the key), so take the later of the two.
             let floor = check.min_retry_ms();
+            let rule = config.rules.get(check.rule);
             Outcome {
-                rule: config
-                    .rules
-                    .get(check.rule)
-                    .map_or("", |rule| rule.name.as_str()),
+                rule: rule.map_or("", |rule| rule.name.as_str()),
+                unit: rule.and_then(|r| r.usage.as_ref()).map(|u| u.unit.as_str()),
                 limit: check.limit(),
                 remaining: r.remaining.min(check.limit()),
                 window_s: check.window_s(),
@@ -308,14 +309,20 @@ pub fn decide(config: &Config, checks: &[Check], result: &RequestResult) -> Verd
         .map(|(c, _)| c.rule)
         .collect();
     let mut reply = local_reply(&config.deny, headers, || {
+        let unit = binding.unit.unwrap_or("requests");
         let per = match binding.window_s {
-            Some(w) => format!("{} requests per {w}s", binding.limit),
+            Some(w) => format!("{} {unit} per {w}s", binding.limit),
             None => format!("{} requests in flight", binding.limit),
+        };
+        let what = if binding.unit.is_some() {
+            "Usage budget"
+        } else {
+            "Rate limit"
         };
         problem_json(
             config.deny.status,
             "Too Many Requests",
-            &format!("Rate limit \"{}\" exceeded: {per}.", binding.rule),
+            &format!("{what} \"{}\" exceeded: {per}.", binding.rule),
             Some((binding, retry_after)),
         )
     });
@@ -327,9 +334,12 @@ pub fn decide(config: &Config, checks: &[Check], result: &RequestResult) -> Verd
 fn rate_limit_headers(outcomes: &[Outcome<'_>], binding: &Outcome<'_>) -> Vec<(String, String)> {
     let policy = outcomes
         .iter()
-        .map(|o| match o.window_s {
-            Some(w) => format!("\"{}\";q={};w={w}", o.rule, o.limit),
-            None => format!("\"{}\";q={}", o.rule, o.limit),
+        .map(|o| {
+            let unit = o.unit.map_or(String::new(), |u| format!(";qu=\"{u}\""));
+            match o.window_s {
+                Some(w) => format!("\"{}\";q={};w={w}{unit}", o.rule, o.limit),
+                None => format!("\"{}\";q={}{unit}", o.rule, o.limit),
+            }
         })
         .collect::<Vec<_>>()
         .join(", ");

@@ -32,6 +32,7 @@ use std::collections::HashMap;
 use log::{debug, warn};
 
 use crate::batch::{self, Batcher, InFlight, Limits, Pending};
+use crate::bounds;
 use crate::cache;
 use crate::clock::{self, SkewEstimator};
 use crate::config::{Config, FailureMode};
@@ -39,8 +40,9 @@ use crate::decision::{self, CalloutReply, Failure, Verdict};
 use crate::host::{Host, HostError, MetricKind};
 use crate::local::{Breaker, LocalLimiter};
 use crate::metrics::{self, Counter, Outcome};
-use crate::request::{checks_for, Check};
+use crate::request::{checks_for, Check, CheckKind};
 use crate::throttle::LogThrottle;
+use crate::usage;
 use crate::wire;
 
 /// A recurring failure or shadow denial is logged at most this often per worker; the rest at
@@ -89,6 +91,33 @@ struct Req {
     phase: Phase,
     /// Concurrency slots to give back when the stream ends (only once allowed by the shim).
     slots: Slots,
+    /// Usage rules: what the response consumed, charged when the stream ends.
+    usage: Option<Box<Metering>>,
+}
+
+/// The usage rules of one admitted request: a meter per rule, and the counters to charge.
+#[derive(Debug)]
+struct Metering {
+    /// (rule index, its meter).
+    meters: Vec<(usize, usage::Meter)>,
+    /// (rule index, counter key, lifetime if the charge creates it, reserve already charged).
+    targets: Vec<(usize, String, u64, u64)>,
+}
+
+/// A charge callout in flight: its token, deadline, and how many counters it carries.
+#[derive(Debug)]
+struct ChargeCallout {
+    token: u32,
+    deadline_ms: u64,
+    charges: usize,
+}
+
+/// One usage charge waiting to go out.
+#[derive(Debug, Clone)]
+struct Charge {
+    key: String,
+    delta: i64,
+    ttl_ms: u64,
 }
 
 /// How a verdict was reached, for the counters.
@@ -158,6 +187,10 @@ pub struct Engine<H: Host> {
     /// Releases to send again once a callout whose outcome was unknown can no longer commit:
     /// (gateway ms when due, slots).
     late_releases: Vec<(u64, Slots)>,
+    /// Usage charges of ended responses, sent by the root at its next tick (so that their
+    /// replies, which count failures, reach it).
+    charges: Vec<Charge>,
+    charge_callouts: Vec<ChargeCallout>,
 }
 
 impl<H: Host> Engine<H> {
@@ -200,6 +233,8 @@ impl<H: Host> Engine<H> {
             kick_queue,
             kick_pending: false,
             late_releases: Vec::new(),
+            charges: Vec::new(),
+            charge_callouts: Vec::new(),
         })
     }
 
@@ -230,7 +265,7 @@ impl<H: Host> Engine<H> {
             let hits = self.cached_denials(&checks, clocks);
             if !hits.is_empty() {
                 let verdict = decision::from_cache(&self.config, &checks, &hits, clocks);
-                return self.decide_now(ctx, verdict, Source::Cache);
+                return self.decide_now(ctx, &checks, verdict, Source::Cache);
             }
         }
         let pending = Pending {
@@ -252,7 +287,7 @@ impl<H: Host> Engine<H> {
         }
         if !self.breaker.allows_call(since_ms) {
             let verdict = self.failure_verdict(&Failure::CircuitOpen, &pending.checks);
-            return self.decide_now(ctx, verdict, Source::FailureMode);
+            return self.decide_now(ctx, &pending.checks, verdict, Source::FailureMode);
         }
         // Sent on the root's behalf, so the host never cancels it with the stream (the reply
         // still reaches this context while it lives).
@@ -274,7 +309,7 @@ impl<H: Host> Engine<H> {
                 self.breaker.failed(since_ms);
                 let verdict =
                     self.failure_verdict(&Failure::Dispatch(e.to_string()), &pending.checks);
-                self.decide_now(ctx, verdict, Source::FailureMode)
+                self.decide_now(ctx, &pending.checks, verdict, Source::FailureMode)
             }
         }
     }
@@ -290,6 +325,14 @@ impl<H: Host> Engine<H> {
     ) {
         if let Some(callout) = self.batcher.complete(token) {
             self.on_callout_done(callout, num_headers, body_size);
+        } else if let Some(i) = self.charge_callouts.iter().position(|c| c.token == token) {
+            let charge = self.charge_callouts.swap_remove(i);
+            let status = (num_headers > 0)
+                .then(|| self.host.callout_status())
+                .flatten();
+            if status != Some(200) {
+                self.charge_failed(charge.charges, &format!("shim answered {status:?}"));
+            }
         } else {
             // A release, or a callout the watchdog already failed.
             debug!("ignoring reply to callout {token}: not a pending check");
@@ -301,19 +344,41 @@ impl<H: Host> Engine<H> {
         }
     }
 
-    /// The request's response headers: add the rate-limit headers of an allowed request.
+    /// The request's response headers: add the rate-limit headers of an allowed request, and
+    /// read what usage rules take from headers.
     pub fn on_response_headers(&mut self, ctx: u32) {
         let Some(Req {
             phase: Phase::Allowed(headers),
+            usage,
             ..
         }) = self.requests.get_mut(&ctx)
         else {
             return;
         };
+        if let Some(m) = usage {
+            for (_, meter) in &mut m.meters {
+                meter.on_headers(|name| self.host.response_header(name));
+            }
+        }
         for (name, value) in std::mem::take(headers) {
             if let Err(e) = self.host.add_response_header(&name, &value) {
                 debug!("adding response header {name} failed: {e}");
             }
+        }
+    }
+
+    /// A response body chunk of `size` bytes passes: usage rules count it.
+    pub fn on_response_body(&mut self, ctx: u32, size: usize) {
+        let Some(Req { usage: Some(m), .. }) = self.requests.get_mut(&ctx) else {
+            return;
+        };
+        let chunk = m
+            .meters
+            .iter()
+            .any(|(_, meter)| meter.source().reads_body())
+            .then(|| self.host.response_body(size));
+        for (_, meter) in &mut m.meters {
+            meter.on_body(size, chunk.as_deref());
         }
     }
 
@@ -331,7 +396,12 @@ impl<H: Host> Engine<H> {
                 req.phase = Phase::Abandoned;
                 self.requests.insert(ctx, req);
             }
-            Phase::Allowed(_) => self.release(&req.slots),
+            Phase::Allowed(_) => {
+                self.release(&req.slots);
+                if let Some(m) = req.usage {
+                    self.charge_usage(*m);
+                }
+            }
             Phase::Answered | Phase::Abandoned => {}
         }
     }
@@ -365,6 +435,14 @@ impl<H: Host> Engine<H> {
             let verdict = self.failure_verdict(&Failure::Status(504), &pending.checks);
             self.settle(pending, verdict, Source::FailureMode, false);
         }
+        let (late, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.charge_callouts)
+            .into_iter()
+            .partition(|c| now > c.deadline_ms.saturating_add(WATCHDOG_GRACE_MS));
+        self.charge_callouts = kept;
+        for c in late {
+            self.charge_failed(c.charges, "no answer");
+        }
+        self.send_charges();
         if !self.late_releases.is_empty() {
             let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.late_releases)
                 .into_iter()
@@ -478,6 +556,106 @@ impl<H: Host> Engine<H> {
         self.late_releases.push((due, slots));
     }
 
+    // --- Usage ---------------------------------------------------------------------------------
+
+    /// Starts metering an admitted request's usage rules. `reserved`: the shim charged their
+    /// reserve (it decided); after a failure-mode admission nothing is known to be charged.
+    fn meter_usage(&mut self, ctx: u32, checks: &[Check], reserved: bool) {
+        let mut m = Metering {
+            meters: Vec::new(),
+            targets: Vec::new(),
+        };
+        for c in checks {
+            let Some(u) = self.config.rules.get(c.rule).and_then(|r| r.usage.as_ref()) else {
+                continue;
+            };
+            let ttl_ms = match c.kind {
+                CheckKind::FixedWindow { ttl_ms, .. } => ttl_ms,
+                CheckKind::SlidingWindow {
+                    weight_ms,
+                    window_ms,
+                    ..
+                } => weight_ms + window_ms,
+                _ => continue,
+            };
+            if !m.meters.iter().any(|(r, _)| *r == c.rule) {
+                m.meters.push((c.rule, usage::Meter::new(u.source.clone())));
+            }
+            let reserve = if reserved { c.cost } else { 0 };
+            m.targets.push((c.rule, c.key.clone(), ttl_ms, reserve));
+        }
+        if m.targets.is_empty() {
+            return;
+        }
+        if let Some(req) = self.requests.get_mut(&ctx) {
+            req.usage = Some(Box::new(m));
+        }
+    }
+
+    /// The stream ended: queue the charge of what it used beyond its reserve.
+    fn charge_usage(&mut self, m: Metering) {
+        for (rule, key, ttl_ms, reserve) in m.targets {
+            let used = m
+                .meters
+                .iter()
+                .find(|(r, _)| *r == rule)
+                .and_then(|(_, meter)| meter.amount());
+            // Unknown: the reserve stands.
+            let Some(used) = used else { continue };
+            let delta = usage::delta(used, reserve);
+            if delta != 0 {
+                self.charges.push(Charge { key, delta, ttl_ms });
+            }
+        }
+    }
+
+    /// Sends queued charges from the root (its tick), at most a body's worth per callout.
+    fn send_charges(&mut self) {
+        while !self.charges.is_empty() {
+            let n = self.charges.len().min(bounds::MAX_RELEASES);
+            let batch: Vec<Charge> = self.charges.drain(..n).collect();
+            let wire: Vec<wire::WireCharge<'_>> = batch
+                .iter()
+                .map(|c| wire::WireCharge {
+                    key: &c.key,
+                    delta: c.delta,
+                    ttl_ms: c.ttl_ms,
+                })
+                .collect();
+            let body = wire::encode_charges(&wire);
+            let timeout_ms = self.timeout_ms();
+            let _ = self.host.set_effective_context(self.root_context_id);
+            match self.host.dispatch(
+                &self.config.shim,
+                &self.config.shim.charge_path,
+                &body,
+                timeout_ms,
+            ) {
+                Ok(token) => {
+                    self.bump_by(Counter::UsageCharges, n as i64);
+                    self.charge_callouts.push(ChargeCallout {
+                        token,
+                        deadline_ms: self.gateway_ms() + timeout_ms,
+                        charges: n,
+                    });
+                }
+                Err(e) => {
+                    self.bump_by(Counter::UsageCharges, n as i64);
+                    self.charge_failed(n, &e.to_string());
+                }
+            }
+        }
+    }
+
+    /// Charges that did not land: the usage went uncounted (the response was already sent).
+    fn charge_failed(&mut self, charges: usize, why: &str) {
+        self.bump_by(Counter::UsageChargeFailures, charges as i64);
+        let now = self.host.now_ms();
+        if let Some(held_back) = self.failures.admit(now, LOG_INTERVAL_MS) {
+            warn!("usage charge of {charges} counters failed: {why} ({held_back} similar failures not logged)");
+        }
+    }
+
     // --- Deciding ------------------------------------------------------------------------------
 
     fn on_callout_done(&mut self, callout: InFlight, num_headers: usize, body_size: usize) {
@@ -576,6 +754,9 @@ impl<H: Host> Engine<H> {
                 if let Some(req) = self.requests.get_mut(&ctx) {
                     req.slots = slots;
                 }
+                if self.config.has_usage_rules {
+                    self.meter_usage(ctx, &pending.checks, source == Source::Shim);
+                }
                 match self.host.set_effective_context(ctx) {
                     Ok(()) => {
                         if let Err(e) = self.host.resume_request() {
@@ -614,14 +795,30 @@ impl<H: Host> Engine<H> {
     }
 
     /// Carries out a verdict reached before the request was paused.
-    fn decide_now(&mut self, ctx: u32, verdict: Verdict, source: Source) -> Action {
+    fn decide_now(
+        &mut self,
+        ctx: u32,
+        checks: &[Check],
+        verdict: Verdict,
+        source: Source,
+    ) -> Action {
         self.count(&verdict, source);
         match verdict {
             Verdict::Allow {
                 response_headers, ..
             } => {
-                if !response_headers.is_empty() {
+                let metered = self.config.has_usage_rules
+                    && checks.iter().any(|c| {
+                        self.config
+                            .rules
+                            .get(c.rule)
+                            .is_some_and(|r| r.usage.is_some())
+                    });
+                if !response_headers.is_empty() || metered {
                     self.track(ctx, Phase::Allowed(response_headers));
+                }
+                if metered {
+                    self.meter_usage(ctx, checks, source == Source::Shim);
                 }
                 Action::Continue
             }
@@ -644,6 +841,7 @@ impl<H: Host> Engine<H> {
                     Req {
                         phase,
                         slots: Vec::new(),
+                        usage: None,
                     },
                 );
             }
@@ -705,8 +903,12 @@ impl<H: Host> Engine<H> {
     }
 
     fn bump(&self, counter: Counter) {
+        self.bump_by(counter, 1);
+    }
+
+    fn bump_by(&self, counter: Counter, by: i64) {
         if let Some(&(_, id)) = self.metrics.counters.iter().find(|(k, _)| *k == counter) {
-            self.host.increment_metric(id, 1);
+            self.host.increment_metric(id, by);
         }
     }
 

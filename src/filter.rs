@@ -149,6 +149,13 @@ impl HttpContext for TollgateHttp {
         Action::Continue
     }
 
+    fn on_http_response_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
+        with(&self.engine, |e| {
+            e.on_response_body(self.context_id, body_size)
+        });
+        Action::Continue
+    }
+
     fn on_log(&mut self) {
         with(&self.engine, |e| e.on_done(self.context_id));
     }

@@ -51,6 +51,10 @@ pub trait Host: RequestView {
     fn resume_request(&self) -> Result<(), HostError>;
     fn send_local_reply(&self, reply: &LocalReply) -> Result<(), HostError>;
     fn add_response_header(&self, name: &str, value: &str) -> Result<(), HostError>;
+    /// A response header by lower-case name.
+    fn response_header(&self, name: &str) -> Option<Vec<u8>>;
+    /// The response body chunk being delivered (`size` bytes).
+    fn response_body(&self, size: usize) -> Vec<u8>;
     fn define_metric(&self, kind: MetricKind, name: &str) -> Result<u32, HostError>;
     /// Adds to a counter; a failure only loses a sample.
     fn increment_metric(&self, id: u32, by: i64);

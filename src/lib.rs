@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod properties;
 pub mod request;
 pub mod throttle;
+pub mod usage;
 pub mod wire;
 
 #[cfg(target_arch = "wasm32")]

@@ -22,10 +22,15 @@ pub enum Counter {
     CacheHits,
     /// The shim gave no answer and `failure_mode: local` decided in the gateway.
     FailedLocal,
+    /// Usage charged after a response (one per counter charged).
+    UsageCharges,
+    /// Usage charges the shim did not confirm (shim down or slow, a bad answer): that usage
+    /// went uncounted.
+    UsageChargeFailures,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 7] = [
+    pub const ALL: [Counter; 9] = [
         Counter::Checked,
         Counter::Allowed,
         Counter::Denied,
@@ -33,6 +38,8 @@ impl Counter {
         Counter::FailedClosed,
         Counter::CacheHits,
         Counter::FailedLocal,
+        Counter::UsageCharges,
+        Counter::UsageChargeFailures,
     ];
 
     pub fn name(self) -> &'static str {
@@ -44,6 +51,8 @@ impl Counter {
             Counter::FailedClosed => "tollgate_failed_closed_total",
             Counter::CacheHits => "tollgate_cache_hits_total",
             Counter::FailedLocal => "tollgate_failed_local_total",
+            Counter::UsageCharges => "tollgate_usage_charges_total",
+            Counter::UsageChargeFailures => "tollgate_usage_charge_failures_total",
         }
     }
 }

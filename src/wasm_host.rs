@@ -131,6 +131,19 @@ impl Host for WasmHost {
         hostcalls::add_map_value(MapType::HttpResponseHeaders, name, value).map_err(err)
     }
 
+    fn response_header(&self, name: &str) -> Option<Vec<u8>> {
+        hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name)
+            .ok()
+            .flatten()
+    }
+
+    fn response_body(&self, size: usize) -> Vec<u8> {
+        hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size)
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    }
+
     fn define_metric(&self, kind: MetricKind, name: &str) -> Result<u32, HostError> {
         let kind = match kind {
             MetricKind::Counter => MetricType::Counter,

@@ -132,6 +132,20 @@ struct WireRelease<'a> {
     id: &'a str,
 }
 
+#[derive(Serialize)]
+struct WireChargeBody<'a> {
+    charges: Vec<WireCharge<'a>>,
+}
+
+/// Usage charged after a response: `delta` added to the window counter `key` (negative: the
+/// unused part of the reserve handed back), `ttl_ms` its lifetime if it must be created.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WireCharge<'a> {
+    pub key: &'a str,
+    pub delta: i64,
+    pub ttl_ms: u64,
+}
+
 /// The shim's answer for one gateway request.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct RequestResult {
@@ -205,6 +219,14 @@ pub fn encode_release(slots: &[(&str, &str)]) -> Vec<u8> {
             .iter()
             .map(|&(key, id)| WireRelease { key, id })
             .collect(),
+    };
+    serde_json::to_vec(&body).unwrap_or_default()
+}
+
+/// Encodes `POST /v1/charge`: usage to add to window counters after responses ended.
+pub fn encode_charges(charges: &[WireCharge<'_>]) -> Vec<u8> {
+    let body = WireChargeBody {
+        charges: charges.to_vec(),
     };
     serde_json::to_vec(&body).unwrap_or_default()
 }
@@ -341,6 +363,15 @@ mod tests {
         assert_eq!(
             String::from_utf8(encode_release(&[("k", "r1")])).unwrap(),
             r#"{"releases":[{"key":"k","id":"r1"}]}"#
+        );
+        let charge = WireCharge {
+            key: "k",
+            delta: -3,
+            ttl_ms: 500,
+        };
+        assert_eq!(
+            String::from_utf8(encode_charges(&[charge])).unwrap(),
+            r#"{"charges":[{"key":"k","delta":-3,"ttl_ms":500}]}"#
         );
     }
 

@@ -842,3 +842,50 @@ def test_acl_user_with_the_documented_commands_runs_every_algorithm(tmp_path):
         assert one(b, *mix)["allowed"] is True
         assert one(b, *mix[:5], cc("acl", 1, "r2"))["allowed"] is False
         assert release(b, (K("acl", "conc"), "r1")) == 1
+
+
+# --- POST /v1/charge: usage charged after a response -----------------------------------------
+
+def charge(b, *charges):
+    status, raw, _ = post(b.shim.port, {"charges": [{"key": k, "delta": d, "ttl_ms": t} for k, d, t in charges]},
+                          path="/v1/charge")
+    assert status == 200, f"{status} {raw[:500]!r}\n{b.shim.log_tails()}"
+    return json.loads(raw)["charged"]
+
+
+def test_charges_add_usage_and_hand_back_unused_reserve_exactly(clean):
+    key = K("usage", "10000:1")
+    # The request was checked with a reserve of 100 tokens…
+    assert one(clean, fw("usage", 1_000_000_000_000, ttl_ms=60_000, cost=100))["allowed"] is True
+    # …and used 123 456 789 012: the rest is charged, exactly (past 2^32, below 10^12).
+    assert charge(clean, (key, 123_456_789_012 - 100, 60_000)) == 1
+    assert int(redis_cli(clean.redis, "GET", key)) == 123_456_789_012
+    # Another used 10 of its 100: 90 go back, never below zero.
+    assert charge(clean, (key, -90, 60_000)) == 1
+    assert int(redis_cli(clean.redis, "GET", key)) == 123_456_788_922
+    other = K("usage2", "60000:1")
+    redis_cli(clean.redis, "SET", other, "5", "PX", "60000")
+    assert charge(clean, (other, -50, 60_000)) == 1
+    assert int(redis_cli(clean.redis, "GET", other)) == 0
+    assert 0 < int(redis_cli(clean.redis, "PTTL", other)) <= 60_000, "the TTL is kept"
+    # A refund never creates a counter; a charge on an expired one gives it a TTL.
+    gone = K("usage3", "60000:1")
+    assert charge(clean, (gone, -5, 60_000)) == 0
+    assert redis_cli(clean.redis, "EXISTS", gone) == 0
+    assert charge(clean, (gone, 7, 30_000)) == 1
+    assert 0 < int(redis_cli(clean.redis, "PTTL", gone)) <= 30_000
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"charges": []}, "charges"),
+    ({"charges": [{"key": "other:{x}:1", "delta": 1, "ttl_ms": 1}]}, "charges[0].key"),
+    ({"charges": [{"key": "tollgate:{x}:1", "delta": 0, "ttl_ms": 1}]}, "charges[0].delta"),
+    ({"charges": [{"key": "tollgate:{x}:1", "delta": 1.5, "ttl_ms": 1}]}, "charges[0].delta"),
+    ({"charges": [{"key": "tollgate:{x}:1", "delta": 1, "ttl_ms": 0}]}, "charges[0].ttl_ms"),
+    ({"charges": [{"key": "tollgate:{x}:1", "delta": 1, "ttl_ms": 1, "x": 1}]}, "charges[0].x"),
+    ({"charges": [{"key": "tollgate:{x}:1", "delta": 1, "ttl_ms": 1}] * 257}, "charges"),
+])
+def test_bad_charges_are_a_400_naming_the_field(clean, body, field):
+    status, raw, _ = post(clean.shim.port, body, path="/v1/charge")
+    assert status == 400, raw
+    assert json.loads(raw)["message"].startswith(field + ":"), raw

@@ -42,6 +42,9 @@ pub struct World {
     pub resumed: HashMap<u32, u32>,
     pub answered: HashMap<u32, Vec<LocalReply>>,
     pub response_headers: HashMap<u32, Vec<(String, String)>>,
+    /// The upstream's response headers per context, and the body chunk being delivered.
+    pub upstream_headers: HashMap<u32, Vec<(String, String)>>,
+    pub body_chunk: Vec<u8>,
     pub metric_names: Vec<String>,
     pub metric_values: HashMap<u32, i64>,
     pub shared: HashMap<String, Vec<u8>>,
@@ -205,6 +208,21 @@ impl Host for FakeHost {
                 .or_default()
                 .push((name.to_string(), value.to_string()));
         })
+    }
+
+    fn response_header(&self, name: &str) -> Option<Vec<u8>> {
+        let w = self.0.borrow();
+        w.upstream_headers
+            .get(&w.effective)?
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_bytes().to_vec())
+    }
+
+    fn response_body(&self, size: usize) -> Vec<u8> {
+        let w = self.0.borrow();
+        let chunk = w.body_chunk.clone();
+        chunk[..size.min(chunk.len())].to_vec()
     }
 
     fn define_metric(&self, _kind: MetricKind, name: &str) -> Result<u32, HostError> {

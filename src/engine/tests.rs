@@ -832,6 +832,119 @@ fn dispatch_failures_take_the_failure_mode_once() {
     assert_eq!(h.metric(Counter::Checked), 1);
 }
 
+// --- Usage rules -------------------------------------------------------------------------------
+
+impl Harness {
+    /// The upstream answers `ctx` with these headers and body chunks, then the stream ends.
+    fn respond(&mut self, ctx: u32, headers: &[(&str, &str)], chunks: &[&[u8]]) {
+        self.host.w().upstream_headers.insert(
+            ctx,
+            headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect(),
+        );
+        self.in_callback(ctx, |e| e.on_response_headers(ctx));
+        for chunk in chunks {
+            self.host.w().body_chunk = chunk.to_vec();
+            self.in_callback(ctx, |e| e.on_response_body(ctx, chunk.len()));
+        }
+    }
+
+    fn charge_bodies(&self) -> Vec<Value> {
+        let w = self.host.0.borrow();
+        w.callouts
+            .iter()
+            .filter(|c| c.path.ends_with("/charge"))
+            .map(|c| serde_json::from_slice(&c.body).unwrap())
+            .collect()
+    }
+}
+
+const USAGE_RULES: &str = r#""rules": [
+    {"name": "tokens", "descriptors": ["header:k"], "limits": [{"limit": 1000, "window": "1h"}, {"limit": 5000, "window": "1d"}],
+     "usage": {"from": "json:usage.total_tokens", "reserve": 10}},
+    {"name": "bytes", "descriptors": ["header:k"], "algorithm": "sliding_window", "limit": 1000000, "window": "1m",
+     "usage": {"from": "bytes", "reserve": 0}}]"#;
+
+#[test]
+fn usage_is_charged_after_the_response_beyond_the_reserve() {
+    let mut h = Harness::new(&cfg(USAGE_RULES));
+    let (ctx, _) = h.request(&[("k", "a")]);
+    h.answer_first(Shim::Ok);
+    assert_eq!(h.status_of(ctx), Some(200));
+    let body = br#"{"usage":{"total_tokens":42}}"#;
+    h.respond(ctx, &[(":status", "200")], &[&body[..10], &body[10..]]);
+    assert!(
+        h.charge_bodies().is_empty(),
+        "nothing before the stream ends"
+    );
+    h.finish(ctx);
+    h.tick(1);
+    let charges = h.charge_bodies();
+    assert_eq!(charges.len(), 1, "one callout for every counter");
+    let c = &charges[0]["charges"];
+    // Both limits of the token rule get 42 − 10; the bytes rule gets the body's size.
+    assert_eq!(c.as_array().unwrap().len(), 3, "{c}");
+    assert_eq!(c[0]["delta"], 32);
+    assert_eq!(c[1]["delta"], 32);
+    assert_eq!(c[2]["delta"], body.len());
+    assert!(c[0]["key"].as_str().unwrap().contains(":3600000:"));
+    assert_eq!(h.metric(Counter::UsageCharges), 3);
+    // The shim does not confirm: counted as failed, nothing else happens.
+    let token = h
+        .host
+        .0
+        .borrow()
+        .callouts
+        .iter()
+        .find(|c| c.path.ends_with("/charge"))
+        .unwrap()
+        .token;
+    let callout = h.take_callout(token);
+    h.deliver(&callout, Some(503), b"{}".to_vec());
+    assert_eq!(h.metric(Counter::UsageChargeFailures), 3);
+}
+
+#[test]
+fn unused_reserve_is_handed_back_and_an_unknown_amount_keeps_it() {
+    let mut h = Harness::new(&cfg(USAGE_RULES));
+    let (a, _) = h.request(&[("k", "a")]);
+    h.answer_first(Shim::Ok);
+    h.respond(a, &[], &[br#"{"usage":{"total_tokens":4}}"#]);
+    h.finish(a);
+    let (b, _) = h.request(&[("k", "a")]);
+    h.answer_first(Shim::Ok);
+    h.respond(b, &[], &[b"<html>not json</html>"]);
+    h.finish(b);
+    h.tick(1);
+    let deltas: Vec<i64> = h
+        .charge_bodies()
+        .iter()
+        .flat_map(|b| b["charges"].as_array().unwrap().clone())
+        .map(|c| c["delta"].as_i64().unwrap())
+        .collect();
+    // a: 4 − 10 twice (refunds), and its 28 bytes; b: only its 21 bytes (tokens unknown).
+    assert_eq!(deltas, [-6, -6, 28, 21]);
+}
+
+#[test]
+fn usage_after_a_fail_open_admission_is_charged_whole_and_lost_charges_are_counted() {
+    let mut h = Harness::new(&cfg(USAGE_RULES));
+    let (ctx, _) = h.request(&[("k", "a")]);
+    h.answer_first(Shim::Status(503));
+    assert_eq!(h.status_of(ctx), Some(200), "failed open");
+    h.respond(ctx, &[], &[br#"{"usage":{"total_tokens":42}}"#]);
+    h.finish(ctx);
+    h.tick(1);
+    let c = h.charge_bodies()[0]["charges"].clone();
+    assert_eq!(c[0]["delta"], 42, "no reserve is known to be charged");
+    // Never answered: the watchdog counts the loss.
+    h.tick(200);
+    assert_eq!(h.metric(Counter::UsageChargeFailures), 3);
+    assert!(h.engine.charge_callouts.is_empty());
+}
+
 // --- The property test: random interleavings ---------------------------------------------------
 
 /// A small deterministic generator (xorshift64*), so every failure names a seed that replays.

@@ -46,6 +46,7 @@ local HTTP = "http|" -- then "<endpoint>|<status>"
 local ENDPOINTS = {
     ["/v1/check"] = "http|check|",
     ["/v1/release"] = "http|release|",
+    ["/v1/charge"] = "http|charge|",
     ["/healthz"] = "http|healthz|",
     ["/metrics"] = "http|metrics|",
 }

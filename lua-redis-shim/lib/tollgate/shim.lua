@@ -51,6 +51,7 @@ local conf     -- the settings, from the environment (init)
 local pool     -- tollgate.redis_pool for conf.redis (init)
 local script   -- the composed check script: { name, source, sha, layout } (init)
 local release_script -- release.lua: { name, source, sha } (init)
+local charge_script -- charge.lua: { name, source, sha } (init)
 local secret   -- what x-tollgate-secret must be, or nil: none required (init)
 
 -- The algorithms' script files, in the order they are composed, and what each check sends
@@ -256,6 +257,11 @@ function _M.init(dir)
         error("cannot load the Redis scripts: " .. tostring(err), 0)
     end
     release_script = new_script("release.lua", source)
+    source, err = read_file(dir .. "/scripts/charge.lua")
+    if not source then
+        error("cannot load the Redis scripts: " .. tostring(err), 0)
+    end
+    charge_script = new_script("charge.lua", source)
 end
 
 --- init_worker_by_lua: says once per worker what it runs with.
@@ -342,7 +348,8 @@ local SHAPES = require("tollgate.cluster").shapes(ALG_BY_NAME)
 -- Runs a script: one EVALSHA on a pooled connection (SCRIPT LOAD and one retry on NOSCRIPT),
 -- following Sentinel failovers, or on Redis Cluster once per hash slot (tollgate.redis_pool).
 local function run(s, nkeys, args)
-    return pool:run(s, nkeys, args, s == release_script and SHAPES.release or SHAPES.check)
+    -- release.lua and charge.lua share a shape: KEYS[i] with ARGV[i], a count for a reply.
+    return pool:run(s, nkeys, args, s == script and SHAPES.check or SHAPES.release)
 end
 
 local CHECK_FORMAT = '%s{"allowed":%s,"limit":%s,%s"remaining":%s,"reset_ms":%s,'
@@ -509,6 +516,40 @@ function _M.check()
     return send(200, out)
 end
 
+--- POST /v1/charge: usage consumed by responses that ended, added to window counters.
+function _M.charge()
+    if not authorized() then
+        return
+    end
+    local body = read_post_body()
+    if not body then
+        return
+    end
+    local charges, err = validate.decode_charges(body, conf.key_prefix)
+    if not charges then
+        return send_error(400, "bad_request", err)
+    end
+    local n = #charges
+    local args = new_tab(2 * n, 0)
+    for i = 1, n do
+        local c = charges[i]
+        args[i], args[n + i] = c.key, int(c.delta) .. " " .. int(c.ttl_ms)
+    end
+    local changed
+    local started = metrics_now()
+    changed, err = run(charge_script, n, args)
+    metrics.observe_redis(metrics_now() - started)
+    if changed and type(changed) ~= "number" then
+        changed, err = nil, "unexpected reply from charge.lua"
+    end
+    if not changed then
+        metrics.redis_error()
+        ngx_log(ngx_ERR, "charge: ", err)
+        return send_error(503, "backend_unavailable", err)
+    end
+    return send(200, '{"charged":' .. int(changed) .. "}")
+end
+
 --- POST /v1/release: frees concurrency slots.
 function _M.release()
     if not authorized() then
@@ -584,7 +625,7 @@ end
 --- Any other path.
 function _M.not_found()
     return send_error(404, "not_found",
-                      "no such path: use POST /v1/check, POST /v1/release, GET /healthz"
+                      "no such path: use POST /v1/check, POST /v1/release, POST /v1/charge, GET /healthz"
                       .. " or GET /metrics")
 end
 

@@ -429,4 +429,50 @@ function _M.decode_release(body, key_prefix)
     return releases
 end
 
+--- Decodes and validates a charge body:
+-- `{"charges": [{"key": ..., "delta": <signed integer>, "ttl_ms": ...}, ...]}`.
+-- Every key must start with `<key_prefix>:{`; delta is a non-zero integer in
+-- -MAX_LIMIT..MAX_LIMIT, ttl_ms in 1..MAX_MS. Returns the list of charges, or nil and a message
+-- naming the field.
+function _M.decode_charges(body, key_prefix)
+    check_args(body, key_prefix, "validate.decode_charges")
+    local charges, err = decode_object(body, "charges")
+    if charges == nil then
+        return nil, err
+    end
+    local n = array_len(charges)
+    if not n or n > MAX_RELEASES then
+        return fail("charges", "must be an array of 1.." .. MAX_RELEASES .. " charges")
+    end
+    local key_start = key_prefix .. ":{"
+    local allowed = { key = true, delta = true, ttl_ms = true }
+    local where = { "charges", 0 }
+    for i = 1, n do
+        local c = charges[i]
+        where[2] = i - 1
+        if not is_object(c) then
+            return fail_at(where, nil, "must be an object")
+        end
+        local field = unknown_field(c, allowed)
+        if field then
+            return fail_at(where, field, "unknown field")
+        end
+        local ok
+        ok, err = check_key(c.key, where, "key", key_start)
+        if ok then
+            ok, err = check_integer(c, "delta", where, -MAX_LIMIT, MAX_LIMIT)
+        end
+        if ok and c.delta == 0 then
+            ok, err = fail_at(where, "delta", "must not be 0")
+        end
+        if ok then
+            ok, err = check_integer(c, "ttl_ms", where, 1, MAX_MS)
+        end
+        if not ok then
+            return nil, err
+        end
+    end
+    return charges
+end
+
 return _M
