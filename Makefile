@@ -69,7 +69,7 @@ lint: ## rustfmt check, clippy on host and wasm targets, luacheck
 	cargo fmt --all -- --check
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --release --target wasm32-wasip1 -- -D warnings
-	luacheck lua-redis-shim
+	cd lua-redis-shim && luacheck .   # reads lua-redis-shim/.luacheckrc
 
 fmt: ## Format the Rust code
 	cargo fmt --all

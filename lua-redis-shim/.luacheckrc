@@ -1,6 +1,6 @@
--- luacheck configuration, used by `cd lua-redis-shim && luacheck .`. From the repository root
--- (`luacheck lua-redis-shim`, as `make lint` runs it) luacheck does not find this file, so
--- each file also declares the globals it reads in a `-- luacheck: read globals` comment.
+-- luacheck configuration, used by `cd lua-redis-shim && luacheck .` (what `make lint` runs).
+-- From the repository root luacheck does not find this file, so each file also declares the
+-- globals it reads in a `-- luacheck: read globals` comment.
 std = "ngx_lua"
 max_line_length = 100
 

@@ -442,3 +442,77 @@ def test_dashboard_structure_and_metric_names():
                  "tollgate_cache_hits_total", "tollgate_rule_shadow_denied_total",
                  "tollgate_shim_redis_errors_total", "tollgate_shim_redis_reconnects_total"):
         assert name in used, f"no panel uses {name}"
+
+
+# --- A Redis that never keeps a script ------------------------------------------------------
+
+class ForgetfulRedis:
+    """A RESP server that says NOSCRIPT to every EVALSHA (a proxy in front of replicas that
+    never share their script cache behaves so): the shim must retry once, not forever."""
+
+    def __init__(self):
+        import socket
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.counts = {"evalsha": 0, "script": 0}
+        self.closed = False
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while not self.closed:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._client, args=(conn,), daemon=True).start()
+
+    def _client(self, conn):
+        f = conn.makefile("rb")
+        try:
+            while True:
+                line = f.readline()
+                if not line:
+                    return
+                n = int(line[1:])
+                args = []
+                for _ in range(n):
+                    size = int(f.readline()[1:])
+                    args.append(f.read(size + 2)[:-2])
+                cmd = args[0].lower()
+                if cmd == b"evalsha":
+                    self.counts["evalsha"] += 1
+                    conn.sendall(b"-NOSCRIPT No matching script. Please use EVAL.\r\n")
+                elif cmd == b"script":
+                    self.counts["script"] += 1
+                    conn.sendall(b"$40\r\n" + b"0" * 40 + b"\r\n")
+                elif cmd == b"ping":
+                    conn.sendall(b"+PONG\r\n")
+                else:
+                    conn.sendall(b"+OK\r\n")
+        except (OSError, ValueError):
+            return
+        finally:
+            conn.close()
+
+    def close(self):
+        self.closed = True
+        self.sock.close()
+
+
+def test_noscript_after_a_script_load_is_retried_once_not_forever(tmp_path):
+    redis = ForgetfulRedis()
+    try:
+        with shim_process(tmp_path / "shim", redis.port) as shim:
+            body = json.dumps({"requests": [{"checks": [{"key": "tollgate:{x}:1000:1", "limit": 1,
+                                                         "ttl_ms": 1000}]}]})
+            conn = http.client.HTTPConnection("127.0.0.1", shim.port, timeout=5)
+            conn.request("POST", "/v1/check", body=body, headers={"Content-Type": "application/json"})
+            r = conn.getresponse()
+            raw = r.read()
+            assert r.status == 503, raw
+            assert b"NOSCRIPT" in raw, raw
+            assert redis.counts == {"evalsha": 2, "script": 1}, redis.counts
+    finally:
+        redis.close()

@@ -216,7 +216,8 @@ local HEAD_FORMAT = concat(HELP, "\n")
 function _M.render()
     local out = {
         format(HEAD_FORMAT, int(get(CHECKS)), int(get(ALLOWED)), int(get(DENIED)),
-               int(get(REFUSED)), int(get(REDIS_ERRORS)), int(get(RECONNECTS)), int(get(SCRIPT_LOADS)),
+               int(get(REFUSED)), int(get(REDIS_ERRORS)), int(get(RECONNECTS)),
+               int(get(SCRIPT_LOADS)),
                int(pool_size)),
     }
 

@@ -461,20 +461,26 @@ end
 -- retry once. `asking`: send ASKING before each EVALSHA (a Redis Cluster ASK redirection).
 -- Returns the reply, or nil, err (err starts with Redis's error code, e.g. "MOVED ...").
 function _M.eval(red, s, nkeys, args, asking)
-    if asking then
-        local ok, err = red:asking()
-        if not ok then
-            return nil, "ASKING: " .. tostring(err)
+    local res, err
+    -- Two tries at most: a server that still says NOSCRIPT right after SCRIPT LOAD (a proxy
+    -- in front of replicas that do not share their script cache) gets an error, not a loop.
+    for try = 1, 2 do
+        if asking then
+            local ok
+            ok, err = red:asking()
+            if not ok then
+                return nil, "ASKING: " .. tostring(err)
+            end
         end
-    end
-    local res, err = red:evalsha(s.sha, nkeys, unpack(args))
-    if res == false and find(tostring(err), "^NOSCRIPT") then
+        res, err = red:evalsha(s.sha, nkeys, unpack(args))
+        if res ~= false or not find(tostring(err), "^NOSCRIPT") or try == 2 then
+            break
+        end
         local sha
         sha, err = red:script("load", s.source)
         if not sha then
             return nil, "SCRIPT LOAD " .. s.name .. ": " .. tostring(err)
         end
-        return _M.eval(red, s, nkeys, args, asking)
     end
     if not res then
         return nil, tostring(err)

@@ -625,8 +625,8 @@ end
 --- Any other path.
 function _M.not_found()
     return send_error(404, "not_found",
-                      "no such path: use POST /v1/check, POST /v1/release, POST /v1/charge, GET /healthz"
-                      .. " or GET /metrics")
+                      "no such path: use POST /v1/check, POST /v1/release, POST /v1/charge,"
+                      .. " GET /healthz or GET /metrics")
 end
 
 --- error_page 413: a body over client_max_body_size.

@@ -251,7 +251,8 @@ local function check_one(check, where, key_start)
             if ok then
                 local tag = hash_tag(check.key)
                 if not tag or tag ~= hash_tag(check[name]) then
-                    ok, err = fail_at(where, name, "must carry the same non-empty {hash tag} as key")
+                    ok, err = fail_at(where, name,
+                                      "must carry the same non-empty {hash tag} as key")
                 end
             end
         else
