@@ -149,8 +149,9 @@ def test_llm_tokens_from_json_are_charged_after_the_response_and_enforced(clean,
         assert body["detail"] == 'Usage budget "llm_tokens" exceeded: 100 tokens per 3600s.'
         assert counter(clean, "llm_tokens", "k1", 3_600_000) == 130, "a denied request charges nothing"
         assert request(envoy.port, "/llm/json?tokens=5", {"x-api-key": "k2"}).status == 200, "own budget"
-        stats = envoy.stat("wasmcustom.tollgate_usage_charges_total")
-        assert stats >= 5 and envoy.stat("wasmcustom.tollgate_usage_charge_failures_total") == 0
+        # Five responses, one counter each; charges go out at the root's next tick.
+        assert wait_for(lambda: envoy.stat("wasmcustom.tollgate_usage_charges_total") == 5)
+        assert envoy.stat("wasmcustom.tollgate_usage_charge_failures_total") == 0
 
 
 def test_sse_final_usage_chunk_and_response_bytes(clean, tmp_path, upstream):
