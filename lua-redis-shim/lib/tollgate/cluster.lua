@@ -374,7 +374,7 @@ local function run_group(self, s, g, n, red)
             n, asking = owner, false
         else
             local reply
-            reply, err = self.pool.eval(conn, s, g.nkeys, g.args, asking)
+            reply, err = self.pool:eval(conn, s, g.nkeys, g.args, asking)
             if reply then
                 if own then
                     self.pool:keepalive(conn)

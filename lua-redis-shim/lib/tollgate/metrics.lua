@@ -137,37 +137,15 @@ function _M.log()
     incr((ENDPOINTS[ngx.var.uri] or OTHER) .. ngx.status, 1)
 end
 
--- SCRIPT LOAD counted on its way out; `base_script` is the client library's own method.
-local base_script
-local function counting_script(red, subcommand, ...)
-    if subcommand == "load" then
-        incr(SCRIPT_LOADS, 1)
-    end
-    return base_script(red, subcommand, ...)
+--- A new Redis connection was opened (tollgate_shim_redis_reconnects_total): every Redis
+-- connection counts — single, Sentinel's master, each Redis Cluster node.
+function _M.reconnected()
+    incr(RECONNECTS, 1)
 end
 
---- Counts, on the connections `pool:connect_to()` hands out (every Redis connection: single,
--- Sentinel's master, each Redis Cluster node), the new ones (get_reused_times() is 0:
--- tollgate_shim_redis_reconnects_total) and the SCRIPT LOADs sent on them (after a NOSCRIPT:
--- tollgate_shim_script_loads_total). It wraps the pool object's `connect_to` and each
--- connection's `script` method, so the connection code (tollgate.redis_pool) stays as it is.
-function _M.instrument_pool(pool)
-    local connect_to = pool.connect_to
-    pool.connect_to = function(self, ...)
-        local red, err = connect_to(self, ...)
-        if red then
-            if red:get_reused_times() == 0 then
-                incr(RECONNECTS, 1)
-            end
-            -- A new client object each time (redis:new()), so red.script is the library's.
-            local script = red.script
-            if script ~= counting_script then
-                base_script = script
-                red.script = counting_script
-            end
-        end
-        return red, err
-    end
+--- A SCRIPT LOAD was sent (tollgate_shim_script_loads_total): first use, or after a NOSCRIPT.
+function _M.script_loaded()
+    incr(SCRIPT_LOADS, 1)
 end
 
 --------------------------------------------------------------------------------------------

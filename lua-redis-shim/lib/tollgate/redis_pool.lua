@@ -27,7 +27,6 @@ local ngx_now = ngx.now
 local ngx_WARN = ngx.WARN
 local ngx_null = ngx.null
 local type = type
-local pairs = pairs
 local error = error
 local pcall = pcall
 local rawget = rawget
@@ -36,11 +35,7 @@ local tonumber = tonumber
 local require = require
 local unpack = unpack
 local setmetatable = setmetatable
-local os_getenv = os.getenv
-local io_open = io.open
 local find = string.find
-local gmatch = string.gmatch
-local match = string.match
 local concat = table.concat
 
 local _M = { _VERSION = "0.2.0" }
@@ -75,121 +70,6 @@ local function set_timeouts(red, connect_ms, send_ms, read_ms)
         return red:set_timeouts(connect_ms, send_ms, read_ms)
     end
     return rawget(red, "_sock"):settimeouts(connect_ms, send_ms, read_ms)
-end
-
---------------------------------------------------------------------------------------------
--- Settings read from the environment (init phase: a bad value raises, nginx does not start)
-
-local function env(name)
-    local v = os_getenv(name)
-    if v == "" then
-        return nil
-    end
-    return v
-end
-
-local function env_bool(name, default)
-    local v = env(name)
-    if v == nil then
-        return default
-    end
-    if v == "1" or v == "true" or v == "yes" or v == "on" then
-        return true
-    elseif v == "0" or v == "false" or v == "no" or v == "off" then
-        return false
-    end
-    error(name .. "=" .. v .. ": must be 1 or 0", 0)
-end
-
--- "host:port,host:port" (IPv6 as [addr]:port) to { { host =, port = }, ... }.
-local function env_addresses(name)
-    local v = env(name)
-    if v == nil then
-        return nil
-    end
-    local list = {}
-    for item in gmatch(v, "[^,%s]+") do
-        local host, port = match(item, "^%[([^%]]+)%]:(%d+)$")
-        if not host then
-            host, port = match(item, "^([^:]+):(%d+)$")
-        end
-        port = tonumber(port)
-        if not host or port < 1 or port > 65535 then
-            error(name .. "=" .. v .. ": " .. item .. " is not host:port", 0)
-        end
-        list[#list + 1] = { host = host, port = port }
-    end
-    if #list == 0 then
-        error(name .. "=" .. v .. ": no host:port in it", 0)
-    end
-    return list
-end
-
-local function read_pem(path, name)
-    local f, err = io_open(path, "rb")
-    if not f then
-        error(name .. "=" .. path .. ": " .. tostring(err), 0)
-    end
-    local pem = f:read("*a")
-    f:close()
-    if not pem or not find(pem, "-----BEGIN", 1, true) then
-        error(name .. "=" .. path .. ": not a PEM file", 0)
-    end
-    return pem
-end
-
--- Fills in the high-availability and TLS settings the caller did not give, from the
--- environment; see README.md, "High availability, clustering and security".
-local function ha_options(opts)
-    local o = {}
-    for k, v in pairs(opts) do
-        o[k] = v
-    end
-    if o.tls == nil then
-        o.tls = env_bool("REDIS_TLS", false)
-    end
-    o.tls_ca_file = o.tls_ca_file or env("REDIS_TLS_CA_FILE")
-    if o.tls_verify == nil then
-        -- lua_ssl_trusted_certificate (rendered by the launcher) is the only CA store.
-        o.tls_verify = env_bool("REDIS_TLS_VERIFY", o.tls_ca_file ~= nil)
-    end
-    if o.tls and o.tls_verify and not o.tls_ca_file then
-        error("REDIS_TLS_VERIFY=1 needs REDIS_TLS_CA_FILE (the CA bundle nginx verifies with)", 0)
-    end
-    o.tls_server_name = o.tls_server_name or env("REDIS_TLS_SERVER_NAME")
-    -- A client certificate (Redis tls-auth-clients yes): the PEM files are read here, by the
-    -- master process, so the key file may stay readable by root only.
-    local cert_file = o.tls_client_cert_file or env("REDIS_TLS_CLIENT_CERT")
-    local key_file = o.tls_client_key_file or env("REDIS_TLS_CLIENT_KEY")
-    if (cert_file == nil) ~= (key_file == nil) then
-        error("REDIS_TLS_CLIENT_CERT and REDIS_TLS_CLIENT_KEY go together", 0)
-    end
-    if cert_file then
-        o.tls_client_cert_pem = read_pem(cert_file, "REDIS_TLS_CLIENT_CERT")
-        o.tls_client_key_pem = read_pem(key_file, "REDIS_TLS_CLIENT_KEY")
-    end
-    o.sentinels = o.sentinels or env_addresses("REDIS_SENTINELS")
-    o.sentinel_master = o.sentinel_master or env("REDIS_SENTINEL_MASTER")
-    o.sentinel_user = o.sentinel_user or env("REDIS_SENTINEL_USER")
-    o.sentinel_password = o.sentinel_password or env("REDIS_SENTINEL_PASSWORD")
-    if o.sentinel_refresh_ms == nil then
-        local v = env("REDIS_SENTINEL_REFRESH_MS") or "5000"
-        o.sentinel_refresh_ms = match(v, "^%d+$") and tonumber(v)
-        if not o.sentinel_refresh_ms or o.sentinel_refresh_ms > 86400000 then
-            error("REDIS_SENTINEL_REFRESH_MS=" .. v .. ": must be an integer in 0..86400000", 0)
-        end
-    end
-    o.cluster_nodes = o.cluster_nodes or env_addresses("REDIS_CLUSTER_NODES")
-    if o.sentinels and not o.sentinel_master then
-        error("REDIS_SENTINELS needs REDIS_SENTINEL_MASTER (the monitored master's name)", 0)
-    end
-    if o.sentinels and o.cluster_nodes then
-        error("REDIS_SENTINELS and REDIS_CLUSTER_NODES exclude each other", 0)
-    end
-    if o.cluster_nodes and o.db ~= 0 then
-        error("REDIS_DB must be 0 with REDIS_CLUSTER_NODES (Redis Cluster has one database)", 0)
-    end
-    return o
 end
 
 --------------------------------------------------------------------------------------------
@@ -296,6 +176,7 @@ function _M.connect_to(self, host, port, check_role)
         return nil, err
     end
     if fresh then
+        self.on_new_connection()
         local where = host .. ":" .. port
         local ok
         ok, err = login(red, where, opts.user, opts.password, opts.db)
@@ -337,7 +218,7 @@ local function ask_sentinels(self)
         if ok then
             addr, err = red:sentinel("get-master-addr-by-name", opts.sentinel_master)
             if type(addr) == "table" and type(addr[1]) == "string" then
-                _M.keepalive(self, red)
+                self:keepalive(red)
                 return addr[1], tonumber(addr[2])
             end
             err = (addr == ngx_null) and "unknown master " .. opts.sentinel_master
@@ -391,21 +272,31 @@ end
 -- The pool
 
 --- A pool for one Redis server, a Sentinel-monitored master or a Redis Cluster.
--- opts: host, port, user (optional), password (optional), db, connect_timeout_ms,
--- send_timeout_ms, read_timeout_ms, pool_size, keepalive_ms; and optionally tls, tls_verify,
--- tls_ca_file, tls_server_name, tls_client_cert_file, tls_client_key_file, sentinels,
--- sentinel_master, sentinel_user, sentinel_password, sentinel_refresh_ms, cluster_nodes:
--- those not given are read from the environment (REDIS_TLS, REDIS_SENTINELS, ... see
--- README.md), so new() raises on a bad one: call it in init_by_lua.
-function _M.new(opts)
+-- opts (tollgate.settings reads them from the environment): host, port, user (optional),
+-- password (optional), db, connect_timeout_ms, send_timeout_ms, read_timeout_ms, pool_size,
+-- keepalive_ms; and optionally tls, tls_verify, tls_server_name, tls_client_cert_pem,
+-- tls_client_key_pem, sentinels ({ {host=, port=}, ... }), sentinel_master, sentinel_user,
+-- sentinel_password, sentinel_refresh_ms, cluster_nodes (like sentinels).
+-- hooks (optional): on_new_connection() for each fresh Redis connection, on_script_load() for
+-- each SCRIPT LOAD sent (the shim counts them in its metrics).
+function _M.new(opts, hooks)
     if type(opts) ~= "table" or type(opts.host) ~= "string" or type(opts.port) ~= "number" then
         error("redis_pool.new: opts.host (string) and opts.port (number) are required", 2)
     end
-    opts = ha_options(opts)
+    if opts.sentinels and not opts.sentinel_master then
+        error("redis_pool.new: opts.sentinels needs opts.sentinel_master", 2)
+    end
+    if opts.sentinels and opts.cluster_nodes then
+        error("redis_pool.new: opts.sentinels and opts.cluster_nodes exclude each other", 2)
+    end
+    hooks = hooks or {}
+    local nothing = function() end
     local self = setmetatable({
         opts = opts,
         pools = {},
         where = opts.host .. ":" .. opts.port,
+        on_new_connection = hooks.on_new_connection or nothing,
+        on_script_load = hooks.on_script_load or nothing,
     }, mt)
     if opts.sentinels then
         self.mode = "sentinel"
@@ -456,11 +347,12 @@ end
 --------------------------------------------------------------------------------------------
 -- Running a script
 
---- One EVALSHA of script `s` ({ name, source, sha }) on `red`; on NOSCRIPT (the script cache
--- was flushed, Redis restarted or failed over, or a cluster node never saw it) SCRIPT LOAD and
--- retry once. `asking`: send ASKING before each EVALSHA (a Redis Cluster ASK redirection).
+--- One EVALSHA of script `s` ({ name, source, sha }) on `red`, a connection of this pool; on
+-- NOSCRIPT (the script cache was flushed, Redis restarted or failed over, or a cluster node
+-- never saw it) SCRIPT LOAD and retry once. `asking`: send ASKING before each EVALSHA (a
+-- Redis Cluster ASK redirection).
 -- Returns the reply, or nil, err (err starts with Redis's error code, e.g. "MOVED ...").
-function _M.eval(red, s, nkeys, args, asking)
+function _M.eval(self, red, s, nkeys, args, asking)
     local res, err
     -- Two tries at most: a server that still says NOSCRIPT right after SCRIPT LOAD (a proxy
     -- in front of replicas that do not share their script cache) gets an error, not a loop.
@@ -477,6 +369,7 @@ function _M.eval(red, s, nkeys, args, asking)
             break
         end
         local sha
+        self.on_script_load()
         sha, err = red:script("load", s.source)
         if not sha then
             return nil, "SCRIPT LOAD " .. s.name .. ": " .. tostring(err)
@@ -502,7 +395,7 @@ function _M.run(self, s, nkeys, args, shape)
         red, err = self:connect()
         if red then
             local reply
-            reply, err = _M.eval(red, s, nkeys, args)
+            reply, err = self:eval(red, s, nkeys, args)
             if reply then
                 self:keepalive(red)
                 return reply

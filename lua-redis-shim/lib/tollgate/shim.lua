@@ -9,6 +9,7 @@
 
 local cjson = require "cjson"
 local validate = require "tollgate.validate"
+local settings = require "tollgate.settings"
 local bounds = require "tollgate.bounds"
 local redis_pool = require "tollgate.redis_pool"
 local metrics = require "tollgate.metrics"
@@ -31,10 +32,8 @@ local req_get_body_file = ngx.req.get_body_file
 local type = type
 local error = error
 local tostring = tostring
-local tonumber = tonumber
 local loadstring = loadstring
 local io_open = io.open
-local os_getenv = os.getenv
 local format = string.format
 local byte = string.byte
 local gsub = string.gsub
@@ -78,82 +77,6 @@ end
 
 --------------------------------------------------------------------------------------------
 -- Configuration (init phase only: a bad value raises, and nginx does not start)
-
-local function env(name, default)
-    local v = os_getenv(name)
-    if v == nil or v == "" then
-        return default
-    end
-    return v
-end
-
-local function env_integer(name, default, lo, hi)
-    local v = env(name)
-    if v == nil then
-        return default
-    end
-    local n = match(v, "^%d+$") and tonumber(v)
-    if not n or n < lo or n > hi then
-        error(format("%s=%s: must be an integer in %d..%d", name, v, lo, hi), 0)
-    end
-    return n
-end
-
-local function read_config()
-    local prefix = env("TOLLGATE_KEY_PREFIX", "tollgate")
-    if #prefix > bounds.MAX_PREFIX_BYTES or not match(prefix, "^[%w_.-]+$") then
-        error("TOLLGATE_KEY_PREFIX=" .. prefix .. ": must match [A-Za-z0-9_.-]{1,"
-              .. bounds.MAX_PREFIX_BYTES .. "}", 0)
-    end
-    return {
-        key_prefix = prefix,
-        redis = {
-            host = env("REDIS_HOST", "127.0.0.1"),
-            port = env_integer("REDIS_PORT", 6379, 1, 65535),
-            user = env("REDIS_USER"),
-            password = env("REDIS_PASSWORD"),
-            db = env_integer("REDIS_DB", 0, 0, 1000000),
-            connect_timeout_ms = env_integer("REDIS_CONNECT_TIMEOUT_MS", 50, 1, 600000),
-            send_timeout_ms = env_integer("REDIS_SEND_TIMEOUT_MS", 50, 1, 600000),
-            read_timeout_ms = env_integer("REDIS_READ_TIMEOUT_MS", 100, 1, 600000),
-            pool_size = env_integer("REDIS_POOL_SIZE", 32, 1, 100000),
-            keepalive_ms = env_integer("REDIS_KEEPALIVE_MS", 60000, 0, 86400000),
-        },
-    }
-end
-
--- The shared secret, from TOLLGATE_SHIM_SECRET or the file TOLLGATE_SHIM_SECRET_FILE names (one
--- trailing newline dropped), or nil when neither is set. No error message quotes it.
-local function read_secret()
-    local value, file = env("TOLLGATE_SHIM_SECRET"), env("TOLLGATE_SHIM_SECRET_FILE")
-    if value and file then
-        error("TOLLGATE_SHIM_SECRET and TOLLGATE_SHIM_SECRET_FILE are both set: set one", 0)
-    end
-    local name = "TOLLGATE_SHIM_SECRET"
-    if file then
-        name = "TOLLGATE_SHIM_SECRET_FILE=" .. file
-        local f, err = io_open(file, "rb")
-        if not f then
-            error(name .. ": " .. tostring(err), 0)
-        end
-        value = f:read("*a")
-        f:close()
-        value = value and (gsub(value, "\r?\n$", ""))
-    end
-    if value == nil then
-        return nil
-    end
-    if #value == 0 or #value > bounds.MAX_SECRET_BYTES or match(value, "[^\33-\126]") then
-        error(name .. ": the secret must be 1.." .. bounds.MAX_SECRET_BYTES
-              .. " printable ASCII characters, no spaces", 0)
-    end
-    -- nginx's debug log prints every request header, so it would hold the secret.
-    if lower(env("SHIM_LOG_LEVEL", "")) == "debug" then
-        error(name .. " with SHIM_LOG_LEVEL=debug: the debug log would hold the secret (nginx"
-              .. " logs every request header); use info or above", 0)
-    end
-    return value
-end
 
 local function to_hex(s)
     return (gsub(s, ".", function(c) return format("%02x", byte(c)) end))
@@ -241,11 +164,14 @@ function _M.init(dir)
     if type(dir) ~= "string" then
         error("shim.init: dir must be the shim's directory", 2)
     end
-    conf = read_config()
-    secret = read_secret()
-    pool = redis_pool.new(conf.redis)
+    conf = settings.read()
+    secret = conf.secret
     metrics.init(conf.redis.pool_size)
-    metrics.instrument_pool(pool)
+    -- Instrumented here, where the pool is built: new connections and script loads.
+    pool = redis_pool.new(conf.redis, {
+        on_new_connection = metrics.reconnected,
+        on_script_load = metrics.script_loaded,
+    })
     local err
     script, err = compose(dir)
     if not script then
