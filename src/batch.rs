@@ -192,6 +192,7 @@ impl Batcher {
     }
 
     /// Callouts of either kind waiting for their reply.
+    #[cfg(test)]
     pub fn callouts_in_flight(&self) -> usize {
         self.in_flight.len()
     }

@@ -238,6 +238,7 @@ impl<H: Host> Engine<H> {
         })
     }
 
+    #[cfg(test)]
     pub fn config(&self) -> &Config {
         &self.config
     }
