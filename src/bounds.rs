@@ -58,12 +58,12 @@ pub const MAX_PREFIX_BYTES: usize = 64;
 pub const MAX_SECRET_BYTES: usize = 256;
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
-    /// Every constant above, by name.
-    const RUST: &[(&str, u64)] = &[
+    /// Every constant above, by name (other tests check names against it).
+    pub(crate) const RUST: &[(&str, u64)] = &[
         ("MAX_BODY_BYTES", MAX_BODY_BYTES as u64),
         ("MAX_REQUESTS", MAX_REQUESTS as u64),
         ("MAX_TOTAL_CHECKS", MAX_TOTAL_CHECKS as u64),

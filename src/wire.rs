@@ -15,29 +15,65 @@ struct WireRequest<'a> {
     checks: Vec<WireCheck<'a>>,
 }
 
-/// One check on the wire; which optional fields are set depends on `alg`.
+/// One check on the wire: `alg` names the variant, whose fields are those that
+/// `lua-redis-shim/lib/tollgate/contract.lua` lists for it, in its order (a test below holds
+/// them equal); `cost` and `shadow` follow on every check.
 #[derive(Serialize)]
-struct WireCheck<'a> {
-    alg: &'static str,
-    key: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    prev_key: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    limit: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    ttl_ms: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    window_ms: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    weight_ms: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    burst: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    rate: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    period_ms: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    id: Option<&'a str>,
+#[serde(tag = "alg", rename_all = "snake_case")]
+enum WireCheck<'a> {
+    FixedWindow {
+        key: &'a str,
+        limit: u64,
+        ttl_ms: u64,
+        #[serde(flatten)]
+        common: Common,
+    },
+    SlidingWindow {
+        key: &'a str,
+        prev_key: &'a str,
+        limit: u64,
+        window_ms: u64,
+        weight_ms: u64,
+        #[serde(flatten)]
+        common: Common,
+    },
+    SlidingLog {
+        key: &'a str,
+        limit: u64,
+        window_ms: u64,
+        id: &'a str,
+        #[serde(flatten)]
+        common: Common,
+    },
+    TokenBucket {
+        key: &'a str,
+        burst: u64,
+        rate: u64,
+        period_ms: u64,
+        #[serde(flatten)]
+        common: Common,
+    },
+    Gcra {
+        key: &'a str,
+        burst: u64,
+        rate: u64,
+        period_ms: u64,
+        #[serde(flatten)]
+        common: Common,
+    },
+    Concurrency {
+        key: &'a str,
+        limit: u64,
+        ttl_ms: u64,
+        id: &'a str,
+        #[serde(flatten)]
+        common: Common,
+    },
+}
+
+/// What every check carries besides its algorithm's fields.
+#[derive(Serialize)]
+struct Common {
     cost: u64,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     shadow: bool,
@@ -45,79 +81,76 @@ struct WireCheck<'a> {
 
 impl<'a> WireCheck<'a> {
     fn new(c: &'a Check) -> WireCheck<'a> {
-        let mut w = WireCheck {
-            alg: "fixed_window",
-            key: &c.key,
-            prev_key: None,
-            limit: None,
-            ttl_ms: None,
-            window_ms: None,
-            weight_ms: None,
-            burst: None,
-            rate: None,
-            period_ms: None,
-            id: None,
+        let key = c.key.as_str();
+        let common = Common {
             cost: c.cost,
             shadow: c.shadow,
         };
         match &c.kind {
-            CheckKind::FixedWindow { limit, ttl_ms, .. } => {
-                w.limit = Some(*limit);
-                w.ttl_ms = Some(*ttl_ms);
-            }
+            &CheckKind::FixedWindow { limit, ttl_ms, .. } => WireCheck::FixedWindow {
+                key,
+                limit,
+                ttl_ms,
+                common,
+            },
             CheckKind::SlidingWindow {
                 prev_key,
                 limit,
                 window_ms,
                 weight_ms,
-            } => {
-                w.alg = "sliding_window";
-                w.prev_key = Some(prev_key);
-                w.limit = Some(*limit);
-                w.window_ms = Some(*window_ms);
-                w.weight_ms = Some(*weight_ms);
-            }
+            } => WireCheck::SlidingWindow {
+                key,
+                prev_key,
+                limit: *limit,
+                window_ms: *window_ms,
+                weight_ms: *weight_ms,
+                common,
+            },
             CheckKind::SlidingLog {
                 limit,
                 window_ms,
                 id,
-            } => {
-                w.alg = "sliding_log";
-                w.limit = Some(*limit);
-                w.window_ms = Some(*window_ms);
-                w.id = Some(id);
-            }
-            CheckKind::TokenBucket {
+            } => WireCheck::SlidingLog {
+                key,
+                limit: *limit,
+                window_ms: *window_ms,
+                id,
+                common,
+            },
+            &CheckKind::TokenBucket {
                 burst,
                 rate,
                 period_ms,
-            }
-            | CheckKind::Gcra {
+            } => WireCheck::TokenBucket {
+                key,
                 burst,
                 rate,
                 period_ms,
-            } => {
-                w.alg = if matches!(c.kind, CheckKind::Gcra { .. }) {
-                    "gcra"
-                } else {
-                    "token_bucket"
-                };
-                w.burst = Some(*burst);
-                w.rate = Some(*rate);
-                w.period_ms = Some(*period_ms);
-            }
+                common,
+            },
+            &CheckKind::Gcra {
+                burst,
+                rate,
+                period_ms,
+            } => WireCheck::Gcra {
+                key,
+                burst,
+                rate,
+                period_ms,
+                common,
+            },
             CheckKind::Concurrency {
                 limit,
                 timeout_ms,
                 id,
-            } => {
-                w.alg = "concurrency";
-                w.limit = Some(*limit);
-                w.ttl_ms = Some(*timeout_ms);
-                w.id = Some(id);
-            }
+            } => WireCheck::Concurrency {
+                key,
+                limit: *limit,
+                ttl_ms: *timeout_ms,
+                id,
+                common,
+            },
         }
-        w
     }
 }
 
@@ -373,6 +406,113 @@ mod tests {
             String::from_utf8(encode_charges(&[charge])).unwrap(),
             r#"{"charges":[{"key":"k","delta":-3,"ttl_ms":500}]}"#
         );
+    }
+
+    /// `lua-redis-shim/lib/tollgate/contract.lua`, read line by line: algorithm → its fields
+    /// in order, each with its kind and bounds (as written there).
+    fn contract() -> Vec<(String, Vec<Vec<String>>)> {
+        let text = include_str!("../lua-redis-shim/lib/tollgate/contract.lua");
+        let mut algs: Vec<(String, Vec<Vec<String>>)> = Vec::new();
+        for line in text.lines().map(str::trim) {
+            if let Some(rest) = line.strip_prefix("{ name = \"") {
+                let name = rest.split('"').next().unwrap().to_string();
+                algs.push((name, Vec::new()));
+            } else if line.starts_with("{ \"") && line.ends_with("},") {
+                let inner = line.trim_start_matches('{').trim_end_matches("},").trim();
+                let parts: Vec<String> = inner
+                    .split(',')
+                    .map(|p| p.trim().trim_matches('"').to_string())
+                    .collect();
+                algs.last_mut().unwrap().1.push(parts);
+            }
+        }
+        algs
+    }
+
+    fn sample(kind: CheckKind) -> Check {
+        Check {
+            rule: 0,
+            key: "tollgate:{r}:k".into(),
+            cost: 1,
+            shadow: true,
+            kind,
+        }
+    }
+
+    #[test]
+    fn the_encoder_sends_exactly_the_contracts_fields() {
+        let kinds = [
+            CheckKind::FixedWindow {
+                limit: 1,
+                window_ms: 1000,
+                ttl_ms: 1,
+            },
+            CheckKind::SlidingWindow {
+                prev_key: "tollgate:{r}:p".into(),
+                limit: 1,
+                window_ms: 1000,
+                weight_ms: 1,
+            },
+            CheckKind::SlidingLog {
+                limit: 1,
+                window_ms: 1000,
+                id: "i".into(),
+            },
+            CheckKind::TokenBucket {
+                burst: 1,
+                rate: 1,
+                period_ms: 1,
+            },
+            CheckKind::Gcra {
+                burst: 1,
+                rate: 1,
+                period_ms: 1,
+            },
+            CheckKind::Concurrency {
+                limit: 1,
+                timeout_ms: 1000,
+                id: "i".into(),
+            },
+        ];
+        let contract = contract();
+        assert_eq!(contract.len(), kinds.len(), "one variant per algorithm");
+        let bound_names: Vec<&str> = crate::bounds::tests::RUST.iter().map(|(n, _)| *n).collect();
+        for kind in kinds {
+            let check = sample(kind);
+            let body: serde_json::Value =
+                serde_json::from_slice(&encode(&[std::slice::from_ref(&check)])).unwrap();
+            let sent = body["requests"][0]["checks"][0]
+                .as_object()
+                .unwrap()
+                .clone();
+            let alg = sent["alg"].as_str().unwrap().to_string();
+            let (_, fields) = contract
+                .iter()
+                .find(|(name, _)| *name == alg)
+                .unwrap_or_else(|| panic!("{alg} is not in contract.lua"));
+            // In wire order: alg, key, the contract's fields, cost, shadow.
+            let names: Vec<&str> = sent.keys().map(String::as_str).collect();
+            let mut expected = vec!["alg", "key"];
+            expected.extend(fields.iter().map(|f| f[0].as_str()));
+            expected.extend(["cost", "shadow"]);
+            let mut sorted_names = names.clone();
+            sorted_names.sort_unstable();
+            let mut sorted_expected = expected.clone();
+            sorted_expected.sort_unstable();
+            assert_eq!(sorted_names, sorted_expected, "{alg}");
+            for f in fields {
+                // Named bounds exist in bounds.rs (and so in bounds.lua).
+                for b in f.iter().skip(2) {
+                    let named = !b.chars().all(|c| c.is_ascii_digit());
+                    let field_ref = fields.iter().any(|g| &g[0] == b);
+                    assert!(
+                        !named || field_ref || bound_names.contains(&b.as_str()),
+                        "{alg}.{}: unknown bound {b}",
+                        f[0]
+                    );
+                }
+            }
+        }
     }
 
     #[test]

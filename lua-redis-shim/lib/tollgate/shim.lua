@@ -9,6 +9,7 @@
 
 local cjson = require "cjson"
 local validate = require "tollgate.validate"
+local contract = require "tollgate.contract"
 local settings = require "tollgate.settings"
 local bounds = require "tollgate.bounds"
 local redis_pool = require "tollgate.redis_pool"
@@ -53,27 +54,10 @@ local release_script -- release.lua: { name, source, sha } (init)
 local charge_script -- charge.lua: { name, source, sha } (init)
 local secret   -- what x-tollgate-secret must be, or nil: none required (init)
 
--- The algorithms' script files, in the order they are composed, and what each check sends
--- them: its KEYS and its ARGV (the contract atop each file). `limit` names the field reported
--- as `limit`; `count` says whether `count` is reported.
-local ALGS = {
-    { name = "fixed_window", keys = { "key" }, args = { "limit", "ttl_ms" },
-      limit = "limit", count = true },
-    { name = "sliding_window", keys = { "key", "prev_key" },
-      args = { "limit", "window_ms", "weight_ms" }, limit = "limit", count = true },
-    { name = "sliding_log", keys = { "key" }, args = { "limit", "window_ms", "id" },
-      limit = "limit" },
-    { name = "token_bucket", keys = { "key" }, args = { "burst", "rate", "period_ms" },
-      limit = "burst" },
-    { name = "gcra", keys = { "key" }, args = { "burst", "rate", "period_ms" },
-      limit = "burst" },
-    { name = "concurrency", keys = { "key" }, args = { "limit", "ttl_ms", "id" },
-      limit = "limit" },
-}
-local ALG_BY_NAME = {}
-for i = 1, #ALGS do
-    ALG_BY_NAME[ALGS[i].name] = ALGS[i]
-end
+-- The algorithms, in the order their script files are composed, with what each check sends
+-- them: its KEYS and its ARGV (tollgate.contract, and the contract atop each script file).
+local ALGS = contract.ALGS
+local ALG_BY_NAME = contract.BY_NAME
 
 --------------------------------------------------------------------------------------------
 -- Configuration (init phase only: a bad value raises, and nginx does not start)

@@ -6,6 +6,7 @@
 
 local cjson = require "cjson"
 local bounds = require "tollgate.bounds"
+local contract = require "tollgate.contract"
 
 local type = type
 local pairs = pairs
@@ -18,6 +19,7 @@ local sub = string.sub
 local gsub = string.gsub
 local format = string.format
 local sort = table.sort
+local concat = table.concat
 
 local _M = { _VERSION = "0.2.0" }
 
@@ -29,51 +31,34 @@ local MAX_RELEASES = bounds.MAX_RELEASES
 local MAX_KEY_BYTES = bounds.MAX_KEY_BYTES
 local MAX_ID_BYTES = bounds.MAX_ID_BYTES
 local MAX_LIMIT = bounds.MAX_LIMIT
-local MAX_LOG_LIMIT = bounds.MAX_LOG_LIMIT
-local MAX_RATE = bounds.MAX_RATE
 local MAX_RATE_PER_PERIOD_MS = bounds.MAX_RATE_PER_PERIOD_MS
 local MAX_MS = bounds.MAX_MS
-local MIN_WINDOW_MS = bounds.MIN_WINDOW_MS
-local MIN_SLOT_TTL_MS = bounds.MIN_SLOT_TTL_MS
 local MAX_COST = bounds.MAX_COST
 local MAX_DEPTH = bounds.MAX_DEPTH
 
--- What each `alg` takes besides `key`, `alg`, `cost` and `shadow`, in the order checked:
--- { field, "int", lo, hi } (hi may name an earlier field), { field, "key" }, { field, "id" }.
-local ALGS = {
-    fixed_window = {
-        { "limit", "int", 1, MAX_LIMIT },
-        { "ttl_ms", "int", 1, MAX_MS },
-    },
-    sliding_window = {
-        { "prev_key", "key" },
-        { "limit", "int", 1, MAX_LIMIT },
-        { "window_ms", "int", MIN_WINDOW_MS, MAX_MS },
-        { "weight_ms", "int", 1, "window_ms" },
-    },
-    sliding_log = {
-        { "limit", "int", 1, MAX_LOG_LIMIT },
-        { "window_ms", "int", MIN_WINDOW_MS, MAX_MS },
-        { "id", "id" },
-    },
-    token_bucket = {
-        { "burst", "int", 1, MAX_LIMIT },
-        { "rate", "int", 1, MAX_RATE },
-        { "period_ms", "int", 1, MAX_MS },
-    },
-    gcra = {
-        { "burst", "int", 1, MAX_LIMIT },
-        { "rate", "int", 1, MAX_RATE },
-        { "period_ms", "int", 1, MAX_MS },
-    },
-    concurrency = {
-        { "limit", "int", 1, MAX_LIMIT },
-        { "ttl_ms", "int", MIN_SLOT_TTL_MS, MAX_MS },
-        { "id", "id" },
-    },
-}
-local ALG_NAMES = '"fixed_window", "sliding_window", "sliding_log", "token_bucket", "gcra"'
-                  .. ' or "concurrency"'
+-- What each `alg` takes besides `key`, `alg`, `cost` and `shadow` (tollgate.contract), with
+-- the bounds named there resolved: { field, "int", lo, hi } (hi may name an earlier field),
+-- { field, "key" }, { field, "id" }.
+local ALGS, ALG_LIST = {}, {}
+do
+    local function bound(b)
+        if type(b) == "string" and bounds[b] then
+            return bounds[b]
+        end
+        return b
+    end
+    for i = 1, #contract.ALGS do
+        local alg = contract.ALGS[i]
+        local spec = {}
+        for j = 1, #alg.fields do
+            local f = alg.fields[j]
+            spec[j] = { f[1], f[2], bound(f[3]), bound(f[4]) }
+        end
+        ALGS[alg.name] = spec
+        ALG_LIST[i] = '"' .. alg.name .. '"'
+    end
+end
+local ALG_NAMES = concat(ALG_LIST, ", ", 1, #ALG_LIST - 1) .. " or " .. ALG_LIST[#ALG_LIST]
 
 local COMMON_FIELDS = { alg = true, key = true, cost = true, shadow = true }
 -- Per alg: the fields it accepts. ANY_ALG: the fields some alg accepts.
