@@ -7,7 +7,7 @@ APT_PACKAGES := nginx-light libnginx-mod-http-lua lua-resty-core lua-resty-lruca
 	lua-cjson redis-server redis-tools redis-sentinel lua-check wrk openssl
 PYTEST ?= python3 -m pytest
 
-.PHONY: help setup setup-fuzz build run test unit-test fuzz fuzz-smoke soak lint validate fmt clean bench bench-setup bench-hostcalls
+.PHONY: help setup setup-fuzz build run test unit-test fuzz fuzz-smoke soak lint validate fmt clean bench bench-setup bench-hostcalls bench-functions
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -59,6 +59,9 @@ bench: setup build bench-setup ## Benchmark Tollgate against Envoy/nginx baselin
 
 bench-hostcalls: setup ## What each proxy-wasm host call costs Envoy (~4 min): bench/results/hostcalls.md
 	python3 bench/hostcalls.py
+
+bench-functions: setup ## Redis time per check call, function library (FCALL) against EVALSHA (~1 min)
+	python3 bench/functions.py
 
 SOAK_SECONDS ?= 600
 

@@ -227,7 +227,33 @@ def test_large_numbers_are_plain_integers(clean):
 def test_survives_script_flush(clean):
     ok(clean, body([chk("a", 5)]))
     redis_cli(clean.redis, "SCRIPT", "FLUSH")
+    redis_cli(clean.redis, "FUNCTION", "FLUSH")
     assert ok(clean, body([chk("a", 5)]))[0]["checks"][0]["count"] == 2
+
+
+def test_the_check_runs_as_a_function_library_or_evalsha(tmp_path, backend):
+    """With Redis 7 the check script is loaded once as a function library and FCALLed; with
+    REDIS_FUNCTIONS=0 it is EVALSHA; both answer the same, and neither keeps state (a clock
+    reading, counters) from one call to the next."""
+    answers = {}
+    for functions in ("1", "0"):
+        redis_cli(backend.redis, "FLUSHALL")
+        redis_cli(backend.redis, "FUNCTION", "FLUSH")
+        redis_cli(backend.redis, "CONFIG", "RESETSTAT")
+        with shim_process(tmp_path / f"shim{functions}", backend.redis, REDIS_FUNCTIONS=functions) as shim:
+            b = type(backend)(backend.redis, shim)
+            answers[functions] = [ok(b, body([chk("a", 3), chk("b", 1)]))[0]["checks"] for _ in range(4)]
+        stats = redis_cli(backend.redis, "INFO", "commandstats").decode()
+        used = {m.group(1): int(m.group(2)) for m in re.finditer(r"cmdstat_(fcall|evalsha):calls=(\d+)", stats)}
+        # Four calls, and one more when the first found no function or script loaded yet.
+        want = "fcall" if functions == "1" else "evalsha"
+        assert set(used) == {want} and used[want] in (4, 5), used
+    # Times move on between the runs; the decisions must not.
+    same = {f: [[(c["allowed"], c["count"], c["remaining"]) for c in checks] for checks in answers[f]]
+            for f in answers}
+    assert same["1"] == same["0"]
+    # The first call admits both; then b is spent and, all-or-nothing, a is charged no more.
+    assert same["1"] == [[(True, 1, 2), (True, 1, 0)]] + [[(True, 1, 2), (False, 1, 0)]] * 3, same["1"]
 
 
 def test_the_largest_valid_body(clean):

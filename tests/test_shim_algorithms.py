@@ -651,6 +651,7 @@ def test_survives_script_flush_with_every_algorithm(clean):
                      gc("f", 9, 1, 10_000), cc("f", 9, f"r{i}")]
     one(clean, *mix(0))
     redis_cli(clean.redis, "SCRIPT", "FLUSH")
+    redis_cli(clean.redis, "FUNCTION", "FLUSH")
     r = one(clean, *mix(1))
     assert r["allowed"] is True and [c["remaining"] for c in r["checks"]] == [7] * 6
     redis_cli(clean.redis, "SCRIPT", "FLUSH")

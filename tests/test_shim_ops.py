@@ -229,10 +229,12 @@ def test_metrics_count_redis_failures(tmp_path):
     try:
         with shim_process(tmp_path / "shim", port) as shim:
             assert call(shim.port, body([fixed("a", 5)])).status == 200
-            redis_cli(port, "SCRIPT", "FLUSH")
+            # The check script runs as a function library (FCALL); FUNCTION FLUSH is to it what
+            # SCRIPT FLUSH is to EVALSHA.
+            redis_cli(port, "FUNCTION", "FLUSH")
             assert call(shim.port, body([fixed("a", 5)])).status == 200
             s = scrape(shim.port)
-            assert s["tollgate_shim_script_loads_total"] == 2, "NOSCRIPT after SCRIPT FLUSH reloads"
+            assert s["tollgate_shim_script_loads_total"] == 2, "a flushed library is loaded again"
             assert s["tollgate_shim_redis_reconnects_total"] == 1
             assert s["tollgate_shim_redis_errors_total"] == 0
 
@@ -481,7 +483,10 @@ class ForgetfulRedis:
                     size = int(f.readline()[1:])
                     args.append(f.read(size + 2)[:-2])
                 cmd = args[0].lower()
-                if cmd == b"evalsha":
+                if cmd == b"fcall":
+                    # Like Redis 6: no functions, so the shim falls back to EVALSHA.
+                    conn.sendall(b"-ERR unknown command 'FCALL', with args beginning with: \r\n")
+                elif cmd == b"evalsha":
                     self.counts["evalsha"] += 1
                     conn.sendall(b"-NOSCRIPT No matching script. Please use EVAL.\r\n")
                 elif cmd == b"script":

@@ -201,9 +201,11 @@ def test_acl_allows_exactly_the_commands_the_shim_and_scripts_use():
     in_scripts = set()
     for f in SCRIPTS.glob("*.lua"):
         in_scripts |= {c.lower() for c in re.findall(r'(?:call|pcall_?)\("([A-Z]+)"', f.read_text())}
-    # EVALSHA and SCRIPT LOAD (every call), PING (/healthz), ROLE (Sentinel: is it the master?),
-    # ASKING and CLUSTER SLOTS (Redis Cluster). AUTH needs no grant; SELECT is added with REDIS_DB.
-    shim_own = {"evalsha", "script|load", "ping", "role", "asking", "cluster|slots"}
+    # FCALL and FUNCTION LOAD (the check script as a function library), EVALSHA and SCRIPT LOAD
+    # (release, charge, and the check where functions are unavailable), PING (/healthz), ROLE
+    # (Sentinel: is it the master?), ASKING and CLUSTER SLOTS (Redis Cluster). AUTH needs no
+    # grant; SELECT is added with REDIS_DB.
+    shim_own = {"fcall", "function|load", "evalsha", "script|load", "ping", "role", "asking", "cluster|slots"}
     assert in_scripts <= granted, f"scripts call {sorted(in_scripts - granted)} not in acl.conf"
     assert granted == in_scripts | shim_own, f"acl.conf grants more: {sorted(granted - in_scripts - shim_own)}"
     assert " ~tollgate:* " in line and "-@all" in line and "resetchannels" in line
@@ -602,6 +604,7 @@ def test_cluster_exact_admission(cluster, tmp_path):
     for node in cluster["nodes"]:
         # Earlier tests of the module loaded the script: the shim must load it again.
         redis_cli(node.port, "SCRIPT", "FLUSH")
+        redis_cli(node.port, "FUNCTION", "FLUSH")
     with shim_process(tmp_path / "shim", cluster["nodes"][0].port, **cluster_env(cluster, SHIM_WORKERS=2)) as shim:
         start = time.monotonic()
         out = hammer(shim.port, lambda: one({"key": key, "limit": 100, "ttl_ms": 60000}), n=500)

@@ -3,7 +3,11 @@
 -- (docs/wire-format.md).
 --
 -- Composition. The shim builds ONE script from these files at start-up and loads it by SHA
--- (EVALSHA; SCRIPT LOAD and one retry on NOSCRIPT), so one HTTP call is one EVALSHA:
+-- (EVALSHA; SCRIPT LOAD and one retry on NOSCRIPT), so one HTTP call is one EVALSHA. Where
+-- Redis has functions (7.0+, and an ACL user allowed FCALL and FUNCTION LOAD) the same parts
+-- are loaded once as a function library instead, and a call is one FCALL: the prelude and the
+-- algorithms are then instantiated once per library load, not on every call, and main.lua's
+-- KEYS and ARGV are the function's arguments (see compose() in lib/tollgate/shim.lua):
 --
 --     local H = (function(...) <prelude.lua> end)()
 --     local LOAD = {}
@@ -59,6 +63,7 @@ local tostring = tostring
 local error = error
 local match = string.match
 
+H.reset()
 local reply, out = {}, 0
 local argi = 2 -- next ARGV to read
 local keyi = 0 -- KEYS read so far

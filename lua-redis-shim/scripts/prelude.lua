@@ -179,6 +179,14 @@ function H.flush_counters()
     end
 end
 
+--- Forgets the previous call's state (clock reading, counters). A script's body runs afresh on
+-- every EVALSHA, but a function library (FCALL) is loaded once and its state lives on: main.lua
+-- calls this first, so both run the same.
+function H.reset()
+    clock_ms, clock_us = nil, nil
+    counters = {}
+end
+
 --- A time in ms capped at 2^52 (TTLs and reported times).
 function H.clamp_ms(ms)
     if ms > MAX_MS then

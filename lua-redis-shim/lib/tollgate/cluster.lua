@@ -383,7 +383,7 @@ local function run_group(self, s, g, n, red)
             end
             local code, slot, addr = match(err, "^(%u+) (%d+) (%S+)")
             local tryagain = find(err, "^TRYAGAIN")
-            err = "redis " .. n.addr .. ": EVALSHA " .. s.name .. ": " .. err
+            err = "redis " .. n.addr .. ": " .. s.name .. ": " .. err
             if not (code == "MOVED" or code == "ASK" or tryagain) then
                 -- A timeout or a broken connection (the script may have run: no retry), or a
                 -- script error.

@@ -25,6 +25,7 @@ local ngx = ngx
 local ngx_log = ngx.log
 local ngx_now = ngx.now
 local ngx_WARN = ngx.WARN
+local ngx_NOTICE = ngx.NOTICE
 local ngx_null = ngx.null
 local type = type
 local error = error
@@ -277,8 +278,9 @@ end
 -- keepalive_ms; and optionally tls, tls_verify, tls_server_name, tls_client_cert_pem,
 -- tls_client_key_pem, sentinels ({ {host=, port=}, ... }), sentinel_master, sentinel_user,
 -- sentinel_password, sentinel_refresh_ms, cluster_nodes (like sentinels).
+-- functions (false: always EVALSHA, never FCALL).
 -- hooks (optional): on_new_connection() for each fresh Redis connection, on_script_load() for
--- each SCRIPT LOAD sent (the shim counts them in its metrics).
+-- each SCRIPT LOAD or FUNCTION LOAD sent (the shim counts them in its metrics).
 function _M.new(opts, hooks)
     if type(opts) ~= "table" or type(opts.host) ~= "string" or type(opts.port) ~= "number" then
         error("redis_pool.new: opts.host (string) and opts.port (number) are required", 2)
@@ -297,6 +299,8 @@ function _M.new(opts, hooks)
         where = opts.host .. ":" .. opts.port,
         on_new_connection = hooks.on_new_connection or nothing,
         on_script_load = hooks.on_script_load or nothing,
+        -- FCALL until this Redis shows it cannot (opts.functions false: never).
+        functions = opts.functions ~= false,
     }, mt)
     if opts.sentinels then
         self.mode = "sentinel"
@@ -347,22 +351,82 @@ end
 --------------------------------------------------------------------------------------------
 -- Running a script
 
---- One EVALSHA of script `s` ({ name, source, sha }) on `red`, a connection of this pool; on
--- NOSCRIPT (the script cache was flushed, Redis restarted or failed over, or a cluster node
--- never saw it) SCRIPT LOAD and retry once. `asking`: send ASKING before each EVALSHA (a
--- Redis Cluster ASK redirection).
--- Returns the reply, or nil, err (err starts with Redis's error code, e.g. "MOVED ...").
+-- Whether an error says this Redis cannot run our functions: too old (no FCALL), or an ACL
+-- user without FCALL or FUNCTION LOAD. The pool then uses EVALSHA for good.
+local function no_functions(err)
+    return find(err, "^ERR unknown command") or find(err, "^NOPERM")
+end
+
+-- Sends ASKING (a Redis Cluster ASK redirection) when asked to.
+local function ask(red, asking)
+    if not asking then
+        return true
+    end
+    local ok, err = red:asking()
+    if not ok then
+        return nil, "ASKING: " .. tostring(err)
+    end
+    return true
+end
+
+-- One FCALL of `s.fname`; on "Function not found" (first use, a flushed or restarted Redis, a
+-- cluster node that never saw it) FUNCTION LOAD REPLACE of `s.library` and one retry. Returns
+-- the reply, or nil, err, or nil, nil, true when this Redis cannot run functions.
+local function fcall(self, red, s, nkeys, args, asking)
+    local res, err
+    for try = 1, 2 do
+        local ok
+        ok, err = ask(red, asking)
+        if not ok then
+            return nil, err
+        end
+        res, err = red:fcall(s.fname, nkeys, unpack(args))
+        if res == false and no_functions(tostring(err)) then
+            return nil, nil, true
+        end
+        if res ~= false or not find(tostring(err), "^ERR Function not found") or try == 2 then
+            break
+        end
+        self.on_script_load()
+        ok, err = red["function"](red, "load", "replace", s.library)
+        if not ok then
+            if no_functions(tostring(err)) then
+                return nil, nil, true
+            end
+            return nil, "FUNCTION LOAD " .. s.name .. ": " .. tostring(err)
+        end
+    end
+    if not res then
+        return nil, tostring(err)
+    end
+    return res
+end
+
+--- Runs script `s` ({ name, source, sha, and for the check script fname and library }) on
+-- `red`, a connection of this pool: one FCALL where Redis runs our function library (loaded
+-- once, so the script's setup is not paid per call), else one EVALSHA. On NOSCRIPT (the script
+-- cache was flushed, Redis restarted or failed over, or a cluster node never saw it) SCRIPT
+-- LOAD and retry once; likewise FUNCTION LOAD on "Function not found". `asking`: send ASKING
+-- before each call (a Redis Cluster ASK redirection). Returns the reply, or nil, err (err
+-- starts with Redis's error code, e.g. "MOVED ...").
 function _M.eval(self, red, s, nkeys, args, asking)
+    if s.library and self.functions then
+        local res, err, unavailable = fcall(self, red, s, nkeys, args, asking)
+        if not unavailable then
+            return res, err
+        end
+        self.functions = false
+        ngx_log(ngx_NOTICE, "redis ", self.where, ": no Redis functions (Redis < 7, or an ACL",
+                " without FCALL and FUNCTION LOAD): using EVALSHA")
+    end
     local res, err
     -- Two tries at most: a server that still says NOSCRIPT right after SCRIPT LOAD (a proxy
     -- in front of replicas that do not share their script cache) gets an error, not a loop.
     for try = 1, 2 do
-        if asking then
-            local ok
-            ok, err = red:asking()
-            if not ok then
-                return nil, "ASKING: " .. tostring(err)
-            end
+        local ok
+        ok, err = ask(red, asking)
+        if not ok then
+            return nil, err
         end
         res, err = red:evalsha(s.sha, nkeys, unpack(args))
         if res ~= false or not find(tostring(err), "^NOSCRIPT") or try == 2 then
@@ -381,9 +445,6 @@ function _M.eval(self, red, s, nkeys, args, asking)
     return res
 end
 
---- Runs script `s` with `nkeys` KEYS and ARGV (`args`: KEYS then ARGV) and returns its reply,
--- or nil, err. In cluster mode, `shape` says how the script's arguments split by hash slot and
--- how the replies merge (tollgate.cluster); elsewhere it is unused.
 function _M.run(self, s, nkeys, args, shape)
     if self.mode == "cluster" then
         return self.cluster:run(s, nkeys, args, shape)
@@ -401,7 +462,7 @@ function _M.run(self, s, nkeys, args, shape)
                 return reply
             end
             red:close()
-            err = "redis " .. self.where .. ": EVALSHA " .. s.name .. ": " .. err
+            err = "redis " .. self.where .. ": " .. s.name .. ": " .. err
             if self.mode ~= "sentinel" or not find(err, ": READONLY") then
                 return nil, err
             end

@@ -106,6 +106,9 @@ local function redis_options()
         read_timeout_ms = env_integer("REDIS_READ_TIMEOUT_MS", 100, 1, 600000),
         pool_size = env_integer("REDIS_POOL_SIZE", 32, 1, 100000),
         keepalive_ms = env_integer("REDIS_KEEPALIVE_MS", 60000, 0, 86400000),
+        -- Load the check script as a function library and FCALL it (falls back to EVALSHA
+        -- where Redis cannot); 0: always EVALSHA.
+        functions = env_bool("REDIS_FUNCTIONS", true),
     }
     o.tls = env_bool("REDIS_TLS", false)
     o.tls_ca_file = env("REDIS_TLS_CA_FILE")

@@ -36,6 +36,7 @@ local tostring = tostring
 local loadstring = loadstring
 local io_open = io.open
 local format = string.format
+local sub = string.sub
 local byte = string.byte
 local gsub = string.gsub
 local lower = string.lower
@@ -98,7 +99,8 @@ end
 
 -- The check script: prelude, every algorithm and main.lua as one chunk (the layout is
 -- described atop scripts/main.lua). `layout` says where each file starts in it, since Redis
--- reports errors by line of the composed source.
+-- reports errors by line of the composed source (two lines further down in the function
+-- library, after its `#!lua` line and its setup()).
 local function compose(dir)
     local parts, layout, line = {}, {}, 1
     local function add(file, head, tail)
@@ -131,16 +133,35 @@ local function compose(dir)
                         .. "local load = LOAD[name]; if load then t[name] = load() end; "
                         .. "return rawget(t, name) end })\n"
     line = line + 1
-    ok, err = add("main.lua", "return (function(...)", "end)(ALG, H)")
-    if not ok then
+    local body = concat(parts)
+    local main
+    main, err = read_file(dir .. "/scripts/main.lua")
+    if not main then
         return nil, err
     end
-    local source = concat(parts)
+    layout[#layout + 1] = "main.lua at line " .. (line + 1)
+    local source = body .. "return (function(...)\n" .. main .. "\nend)(ALG, H)\n"
     ok, err = loadstring(source, "=composed check script")
     if not ok then
         return nil, err
     end
-    return new_script("check script", source, concat(layout, ", "))
+    local s = new_script("check script", source, concat(layout, ", "))
+    -- The same parts as a function library, named after the script's SHA so that shims of
+    -- different versions never replace each other's: loaded once, then one FCALL per call.
+    local tag = sub(s.sha, 1, 16)
+    s.fname = "tollgate_check_" .. tag
+    -- Redis offers only register_function while it loads a library (no redis.call, which
+    -- the prelude keeps a reference to), so the parts are set up on the first call.
+    s.library = "#!lua name=tollgate_" .. tag .. "\nlocal function setup()\n" .. body
+                .. "return H, ALG end\nlocal H, ALG\n"
+                .. "redis.register_function{function_name = '" .. s.fname .. "', "
+                .. "callback = function(KEYS, ARGV) if not H then H, ALG = setup() end "
+                .. "return (function(...)\n" .. main .. "\nend)(ALG, H) end}\n"
+    ok, err = loadstring("--" .. s.library, "=check function library")
+    if not ok then
+        return nil, err
+    end
+    return s
 end
 
 --- init_by_lua: reads the environment and the scripts under `dir` (the shim's directory).
