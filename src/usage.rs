@@ -12,8 +12,9 @@
 use serde_json::Value;
 
 /// Most body bytes kept to read a JSON usage object (larger bodies are not parsed; the
-/// amount is then unknown and only the reserve stays charged).
-pub const MAX_JSON_BODY: usize = 1 << 20;
+/// amount is then unknown and only the reserve stays charged). Kept per response in flight,
+/// in the worker's VM: it bounds what a usage rule can make a worker hold.
+pub const MAX_JSON_BODY: usize = 256 * 1024;
 /// Longest server-sent-event line kept while looking for the usage chunk.
 pub const MAX_SSE_LINE: usize = 64 * 1024;
 
