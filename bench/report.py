@@ -35,7 +35,7 @@ def markdown(rows: dict, plan: Plan, meta: dict) -> str:
         f"- **Drift**: A again at the end of the run: {meta['drift']}. Every throughput ratio is against the "
         "better of A's two runs. Other tenants move absolute numbers a lot;",
         "  compare ratios within one run.",
-        "- Envoy `--concurrency 1`, one nginx worker (shim and D), Redis, wrk and oha all on the same cores.",
+        f"- {meta.get('pinning', 'Envoy `--concurrency 1`, one nginx worker (shim and D), Redis, wrk and oha all on the same cores.')}",
         "  Ratios are against the baseline of the same run: A for Envoy setups, D0 for D. See bench/README.md.",
         "",
         f"## Throughput at saturation (closed loop: wrk -t{WRK_THREADS}, {plan.saturation_s} s after a "
@@ -80,6 +80,26 @@ def markdown(rows: dict, plan: Plan, meta: dict) -> str:
                 f"| {r.key} | {r.name} | {fraction:.0%} | {lat.offered:.0f} | {lat.achieved:.0f} | "
                 f"{lat.p50:.2f} | {lat.p90:.2f} | {lat.p99:.2f} | {lat.p999:.2f} | "
                 f"{fmt(added('p50'), '+.2f')} | {fmt(added('p99'), '+.2f')} |")
+    singles = [r for r in rows.values() if r.single and not r.error]
+    if singles:
+        a = rows.get("A").single if rows.get("A") else None
+        w = rows.get("W").single if rows.get("W") else None
+        out += [
+            "",
+            f"## One client (oha -c 1 -n {plan.single_requests}: sequential requests on one keep-alive connection)",
+            "",
+            "Measured first in each setup, before any load. Milliseconds; *added* is over A, and over W (the "
+            "do-nothing Wasm filter) for what Tollgate adds beyond any Wasm filter.",
+            "",
+            "| | setup | p50 | p90 | p99 | p99.9 | added p50 vs A | added p99 vs A | added p50 vs W | added p99 vs W |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in singles:
+            t = r.single
+            vs = lambda base, p, t=t: None if base is None else getattr(t, p) - getattr(base, p)  # noqa: E731
+            out.append(f"| {r.key} | {r.name} | {t.p50:.3f} | {t.p90:.3f} | {t.p99:.3f} | {t.p999:.3f} | "
+                       f"{fmt(vs(a, 'p50'), '+.3f')} | {fmt(vs(a, 'p99'), '+.3f')} | "
+                       f"{fmt(vs(w, 'p50'), '+.3f')} | {fmt(vs(w, 'p99'), '+.3f')} |")
     out += [
         "",
         "## Cost per request",

@@ -22,11 +22,13 @@ class Plan:
     connections: tuple
     load_fractions: tuple   # offered rates, as fractions of A's throughput at 32 connections
     memory_keys: int        # distinct keys for E's Redis memory phase
+    single_requests: int = 2000   # the one-client phase's sequential requests
 
 
 FULL = Plan(warmup_s=1, saturation_s=5, rate_s=5, connections=(32, 128), load_fractions=(0.1, 0.25, 0.5, 0.75),
             memory_keys=10_000)
-QUICK = Plan(warmup_s=1, saturation_s=1, rate_s=1, connections=(32, 128), load_fractions=(0.5,), memory_keys=1_000)
+QUICK = Plan(warmup_s=1, saturation_s=1, rate_s=1, connections=(32, 128), load_fractions=(0.5,), memory_keys=1_000,
+             single_requests=300)
 
 
 # --- Results ---------------------------------------------------------------------------------
@@ -61,6 +63,7 @@ class Row:
     rss_kb: dict = dataclasses.field(default_factory=dict)  # role -> VmHWM
     counters: dict = dataclasses.field(default_factory=dict)  # see counters(): deltas over the phases
     memory_per_key: dict = None
+    single: Latency = None                                  # one client, sequential (setup.single)
     error: str = None
     warning: str = None
 

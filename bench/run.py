@@ -224,6 +224,29 @@ def render_nginx_conf(listen_port: int, redis_port: int) -> str:
     return conf
 
 
+# --- Pinning ---------------------------------------------------------------------------------
+
+# With two or more CPUs, the gateway under test (Envoy; nginx in D0/D) runs on CPU 0 alone and
+# everything else (the shim, Redis, wrk, oha) on CPU 1, so the gateway's throughput is bounded
+# by its own CPU and its cost is not blurred by the load generator's (--no-pin: shared cores).
+PIN = {"gateway": None, "rest": None}
+
+
+def pinned(role: str, cmd: list) -> list:
+    cpu = PIN[role]
+    return ["taskset", "-c", cpu, *cmd] if cpu is not None else cmd
+
+
+def pin_tree(role: str, pid: int):
+    """Moves an already started process and all its threads and children to `role`'s CPU."""
+    cpu = PIN[role]
+    if cpu is None:
+        return
+    for p in descendants(pid):
+        subprocess.run(["taskset", "-a", "-p", "-c", cpu, str(p)], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, check=False)
+
+
 # --- Setups ----------------------------------------------------------------------------------
 
 def redis_and_shim(work: Path, stack: contextlib.ExitStack) -> tuple:
@@ -231,6 +254,8 @@ def redis_and_shim(work: Path, stack: contextlib.ExitStack) -> tuple:
     redis = stack.enter_context(owned(start_redis(work / "redis")))
     shim = stack.enter_context(owned(start_shim(work / "shim", redis.port, shim_dir=SOURCES["shim"],
                                                 SHIM_WORKERS=1, REDIS_POOL_SIZE=REDIS_POOL_SIZE)))
+    pin_tree("rest", redis.popen.pid)
+    pin_tree("rest", shim.popen.pid)
     return redis, shim
 
 
@@ -250,6 +275,7 @@ def envoy_target(work: Path, filter_kind: str, rules=None, with_shim=False, **pl
         config_path.write_text(json.dumps(config, indent=1))
         log_path = work / "envoy.log"
         cmd, env = envoy_command(config_path, ["--concurrency", "1", "-l", "warn", "--log-path", str(log_path)])
+        cmd = pinned("gateway", cmd)
         with open(work / "envoy.stdout", "wb") as out:
             popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=work)
         stack.callback(stop_popen, popen)
@@ -266,6 +292,7 @@ def nginx_target(work: Path, path: str, with_redis: bool):
         roles, redis_port = {}, free_port()
         if with_redis:
             redis = stack.enter_context(owned(start_redis(work / "redis")))
+            pin_tree("rest", redis.popen.pid)
             roles["redis"], redis_port = redis.popen.pid, redis.port
         port = free_port()
         for d in ("logs", "tmp"):
@@ -273,7 +300,7 @@ def nginx_target(work: Path, path: str, with_redis: bool):
         (work / "nginx.conf").write_text(render_nginx_conf(port, redis_port))
         with open(work / "stderr.log", "wb") as err:
             popen = subprocess.Popen(
-                ["nginx", "-p", f"{work}/", "-c", str(work / "nginx.conf"), "-g", "daemon off;"],
+                pinned("gateway", ["nginx", "-p", f"{work}/", "-c", str(work / "nginx.conf"), "-g", "daemon off;"]),
                 stdin=subprocess.DEVNULL, stdout=err, stderr=subprocess.STDOUT)
         stack.callback(stop_popen, popen)
         url = f"http://127.0.0.1:{port}{path}"
@@ -288,11 +315,18 @@ class Setup:
     name: str
     base: str
     start: object   # work dir -> context manager yielding a Target
+    # How wrk sends: a script (bench/wrk/) and its environment, else plain GETs of the URL.
+    wrk_script: str = None
+    wrk_env: dict = None
+    # The fixed-rate latency phases (oha sends one URL, so not for the key-distribution setups).
+    latency: bool = True
+    # The one-client phase: sequential requests on one keep-alive connection.
+    single: bool = False
 
 
 SETUPS = [
     Setup("A", "Envoy, no rate limiting (direct_response)", "A",
-          lambda w: envoy_target(w, "none")),
+          lambda w: envoy_target(w, "none"), single=True),
     Setup("B", "Envoy + local_ratelimit (token bucket, nothing denied)", "A",
           lambda w: envoy_target(w, "local_ratelimit")),
     Setup("C", "Envoy + Lua filter, httpCall to the shim", "A",
@@ -302,17 +336,23 @@ SETUPS = [
     Setup("D", "nginx + Lua, INCR+EXPIRE in Redis (access phase)", "D0",
           lambda w: nginx_target(w, "/limited", with_redis=True)),
     Setup("W", "Envoy + a proxy-wasm filter that does nothing", "A",
-          lambda w: envoy_target(w, "probe")),
+          lambda w: envoy_target(w, "probe"), single=True),
     Setup("E0", "Tollgate loaded, no rule applies (no callout)", "A",
           lambda w: envoy_target(w, "tollgate", NO_MATCH_RULES)),
-    Setup("E", "Tollgate, every request checked in Redis", "A",
-          lambda w: envoy_target(w, "tollgate", with_shim=True)),
+    Setup("E", "Tollgate, every request checked in Redis (one hot key)", "A",
+          lambda w: envoy_target(w, "tollgate", with_shim=True), single=True),
+    Setup("EU", "Tollgate, 10 000 keys, uniform", "A",
+          lambda w: envoy_target(w, "tollgate", with_shim=True),
+          wrk_script="keys.lua", wrk_env={"BENCH_KEYS": "10000"}, latency=False),
+    Setup("EZ", "Tollgate, 100 000 keys, Zipf s = 1.1", "A",
+          lambda w: envoy_target(w, "tollgate", with_shim=True),
+          wrk_script="keys.lua", wrk_env={"BENCH_KEYS": "100000", "BENCH_ZIPF_S": "1.1"}, latency=False),
     Setup("E1", "Tollgate, coalescing off: one callout per request", "A",
           lambda w: envoy_target(w, "tollgate", with_shim=True, coalesce=False)),
     Setup("F", "Tollgate under abuse (all over the limit)", "A",
-          lambda w: envoy_target(w, "tollgate", ABUSE_RULES, with_shim=True)),
+          lambda w: envoy_target(w, "tollgate", ABUSE_RULES, with_shim=True), single=True),
     Setup("G", "Tollgate, shim down (failure_mode allow)", "A",
-          lambda w: envoy_target(w, "tollgate")),
+          lambda w: envoy_target(w, "tollgate"), single=True),
 ]
 
 
@@ -324,8 +364,10 @@ class LoadLog:
     def __init__(self, path: Path):
         self.path = path
 
-    def run(self, cmd, timeout_s) -> str:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    def run(self, cmd, timeout_s, env=None) -> str:
+        cmd = pinned("rest", cmd)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
+                              env={**os.environ, **(env or {})})
         with open(self.path, "a") as f:
             f.write(f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}\n")
         if proc.returncode != 0:
@@ -333,10 +375,11 @@ class LoadLog:
         return proc.stdout
 
 
-def wrk(log: LoadLog, url: str, connections: int, seconds: int) -> tuple:
-    """Closed loop: (requests completed, req/s, statuses)."""
-    out = log.run(["wrk", "-t", str(WRK_THREADS), "-c", str(connections), "-d", f"{seconds}s", "--timeout", "2s", url],
-                  seconds + 30)
+def wrk(log: LoadLog, url: str, connections: int, seconds: int, setup=None) -> tuple:
+    """Closed loop: (requests completed, req/s, statuses); with the setup's script, if any."""
+    script = ["-s", str(BENCH / "wrk" / setup.wrk_script)] if setup and setup.wrk_script else []
+    out = log.run(["wrk", "-t", str(WRK_THREADS), "-c", str(connections), "-d", f"{seconds}s", "--timeout", "2s",
+                   *script, url], seconds + 30, env=setup.wrk_env if setup else None)
     requests = int(re.search(r"(\d+) requests in", out).group(1))
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -362,6 +405,20 @@ def oha(log: LoadLog, url: str, rate: float, seconds: int) -> Latency:
         # Requests still in flight when -z ends are "aborted due to deadline": not failures.
         errors=sum(n for e, n in data.get("errorDistribution", {}).items() if "deadline" not in e),
     )
+
+
+def one_client(log: LoadLog, url: str, requests: int) -> Latency:
+    """One client, sequential requests on one keep-alive connection, nothing else running:
+    the latency a single caller sees."""
+    out = log.run([OHA, "--no-tui", "--output-format", "json", "-n", str(requests), "-c", "1", url], 120)
+    data = json.loads(out)
+    pct = data["latencyPercentiles"]
+    statuses = {str(k): v for k, v in data.get("statusCodeDistribution", {}).items()}
+    ms = lambda s: (s or 0.0) * 1000  # noqa: E731
+    took = data["summary"].get("total") or 1
+    return Latency(offered=0, achieved=requests / took, p50=ms(pct["p50"]), p90=ms(pct["p90"]),
+                   p99=ms(pct["p99"]), p999=ms(pct["p99.9"]), statuses=statuses,
+                   errors=sum(data.get("errorDistribution", {}).values()))
 
 
 def counters(target: Target) -> dict:
@@ -412,11 +469,15 @@ def measure(setup: Setup, target: Target, plan: Plan, rates, work: Path, perf: b
     fraction -> req/s) is None for A, which derives them from its own throughput at 32."""
     row = Row(setup.key, setup.name, setup.base)
     log = LoadLog(work / "load.log")
+    if setup.single:
+        # First, on an idle machine: one caller's latency.
+        wrk(log, target.url, 1, plan.warmup_s)
+        row.single = one_client(log, target.url, plan.single_requests)
     for connections in plan.connections:
-        wrk(log, target.url, connections, plan.warmup_s)
+        wrk(log, target.url, connections, plan.warmup_s, setup)
         recorder = perf and connections == plan.connections[0] and perf_record(target, work, plan.saturation_s)
         with metered(row, target):
-            requests, rps, statuses = wrk(log, target.url, connections, plan.saturation_s)
+            requests, rps, statuses = wrk(log, target.url, connections, plan.saturation_s, setup)
         if recorder:
             recorder.wait()
             perf_report(work)
@@ -425,7 +486,7 @@ def measure(setup: Setup, target: Target, plan: Plan, rates, work: Path, perf: b
         count(row.statuses, statuses)
     if rates is None:
         rates = {f: row.rps[plan.connections[0]] * f for f in plan.load_fractions}
-    for fraction, rate in rates.items():
+    for fraction, rate in (rates.items() if setup.latency else ()):
         with metered(row, target):
             lat = oha(log, target.url, rate, plan.rate_s)
         row.latency[fraction] = lat
@@ -584,7 +645,11 @@ def main():
     parser.add_argument("--wasm", type=Path, default=WASM, help="the .wasm to benchmark (default: the release build)")
     parser.add_argument("--shim-dir", type=Path, default=SHIM_DIR,
                         help="the lua-redis-shim to run (default: the work tree's)")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="share the cores (default with 2+ CPUs: the gateway alone on CPU 0, the rest on CPU 1)")
     args = parser.parse_args()
+    if not args.no_pin and (os.cpu_count() or 1) >= 2 and shutil.which("taskset"):
+        PIN.update(gateway="0", rest="1")
     SOURCES.update(wasm=args.wasm.resolve(), shim=args.shim_dir.resolve())
     check_tools()
     # SIGTERM (e.g. from make) unwinds like Ctrl-C, so every process is stopped.
@@ -598,6 +663,10 @@ def main():
     shutil.copyfile(SOURCES["wasm"], WASM_COPY)
     build_probe_filter()
     meta = metadata()
+    meta["pinning"] = ("Envoy `--concurrency 1` (nginx in D0/D) alone on CPU 0; the shim (one nginx worker), Redis, "
+                       "wrk and oha on CPU 1 (`taskset`)." if PIN["gateway"] is not None else
+                       "Envoy `--concurrency 1`, one nginx worker (shim and D), Redis, wrk and oha all on the same "
+                       "cores (--no-pin).")
     rows = run_setups(plan, only, args.perf)
     print(f"[{time.monotonic() - started:5.0f}s] A again: has the machine changed during the run?", flush=True)
     again = drift_check(plan)
