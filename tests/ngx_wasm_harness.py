@@ -8,6 +8,7 @@ binary and the module in the environment, else the tests using it are skipped:
     NGX_WASM_MODULE=/path/to/ngx_wasm_module.so
 
 (The module is built outside this repository; see README, "On Kong Gateway".)
+NGX_WASM_LOG_LEVEL=debug makes nginx's error.log (kept in pytest's temporary directory) verbose.
 """
 
 import contextlib
@@ -69,7 +70,7 @@ load_module {module};
 daemon off;
 master_process on;
 worker_processes {workers};
-error_log {dir}/error.log info;
+error_log {dir}/error.log {log_level};
 pid {dir}/nginx.pid;
 
 events {{ worker_connections 1024; }}
@@ -82,6 +83,11 @@ wasm {{
 
 http {{
     access_log off;
+    # on_request_headers in the access phase, where Kong's filter chains run (Kong attaches
+    # them from its access phase). In the default rewrite phase, ngx_wasm_module re-ran the
+    # phases of a request on a keep-alive connection while the filter waited for its callout:
+    # the request went upstream unchecked and the late reply crashed the worker (signal 11).
+    proxy_wasm_request_headers_in_access on;
     client_body_temp_path {dir}/body;
     proxy_temp_path {dir}/proxy;
     fastcgi_temp_path {dir}/fastcgi;
@@ -108,7 +114,10 @@ class Nginx:
         self.log_path = log_path
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
 
 
 @contextlib.contextmanager
@@ -129,6 +138,7 @@ def run_nginx(workdir: Path, routes: dict, workers: int = 2, upstreams: dict = N
     )
     conf = workdir / "nginx.conf"
     conf.write_text(NGINX_CONF.format(module=module, workers=workers, dir=workdir, wasm=wasm_path(),
+                                      log_level=os.environ.get("NGX_WASM_LOG_LEVEL", "info"),
                                       port=port, upstream_port=upstream_port, locations=locations))
     log_path = workdir / "error.log"
     with open(workdir / "nginx.stdout", "wb") as out:
