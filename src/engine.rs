@@ -26,6 +26,11 @@
 //!   alone; the breaker counts failed callouts, not requests, and lets one probe through;
 //! - every request that gets a verdict is counted once in the metrics;
 //! - the over-limit cache only denies what Redis would deny (see `cache`).
+//!
+//! What the host can do is a [`HostCaps`] value given to [`Engine::new`]: on ngx_wasm_module
+//! (Kong) a verdict is only delivered in the request's own callback (no coalescing; the
+//! watchdog leaves live requests to the host's timeout) and releases wait for the root's tick.
+//! The property test runs every third seed on a model of that host.
 
 use std::collections::HashMap;
 
@@ -280,7 +285,8 @@ impl<H: Host> Engine<H> {
             return self.decide_now(ctx, verdict, Source::FailureMode);
         }
         // Sent on the root's behalf, so the host never cancels it with the stream (the reply
-        // still reaches this context while it lives).
+        // still reaches this context while it lives). On ngx_wasm_module the switch is a no-op:
+        // the call belongs to the request, whose own callback gets the reply.
         let body = wire::encode(&[&pending.checks]);
         let timeout_ms = self.timeout_ms();
         let _ = self.host.set_effective_context(self.root_context_id);

@@ -810,6 +810,77 @@ fn callouts_are_never_attributed_to_a_request_context() {
     assert_eq!(h.redis.held_slots(h.redis_now()), 0);
 }
 
+/// A harness on a model of ngx_wasm_module (Kong).
+fn on_ngx(json: &str) -> Harness {
+    let host = FakeHost::new(ROOT);
+    host.w().ngx = true;
+    Harness::with_host(host, config(json), FakeRedis::default())
+}
+
+#[test]
+fn on_ngx_wasm_each_request_is_answered_in_its_own_callback() {
+    // coalesce defaults to true: the engine must not queue requests for a root-sent batch there.
+    let mut h = on_ngx(&cfg(
+        r#""rules": [{"name": "r", "descriptors": ["header:k"], "limit": 2, "window": "1m"}]"#,
+    ));
+    assert!(!h.engine.coalescing());
+    assert_eq!(h.host.w().tick_ms, RELEASE_TICK_MS);
+    let ctxs: Vec<u32> = (0..4).map(|_| h.request(&[("k", "a")]).0).collect();
+    assert_eq!(h.check_callouts().len(), 4, "one callout each, none queued");
+    assert!(h.check_callouts().iter().all(|c| c.callback_ctx != ROOT));
+    for _ in 0..4 {
+        h.tick(1);
+        h.answer_first(Shim::Ok);
+    }
+    let statuses: Vec<_> = ctxs.iter().map(|&c| h.status_of(c)).collect();
+    assert_eq!(statuses, [Some(200), Some(200), Some(429), Some(429)]);
+    assert!(h.host.w().misuse.is_empty(), "{:?}", h.host.w().misuse);
+}
+
+#[test]
+fn on_ngx_wasm_the_watchdog_leaves_a_live_request_to_the_hosts_timeout() {
+    let mut h = on_ngx(&cfg(
+        r#""rules": [{"name": "r", "descriptors": ["header:k"], "limit": 2, "window": "1m"}]"#,
+    ));
+    let (ctx, _) = h.request(&[("k", "a")]);
+    let token = h.check_callouts()[0].token;
+    h.answer(token, Shim::Never);
+    // Past the deadline and the grace: the root cannot answer it, so it waits...
+    h.advance(100 + WATCHDOG_GRACE_MS + 10);
+    h.in_callback(ROOT, Engine::on_tick);
+    assert_eq!(h.status_of(ctx), None);
+    assert!(h.host.w().misuse.is_empty(), "{:?}", h.host.w().misuse);
+    // ...for the host's own timeout, which calls back in the request's context.
+    h.tick(0);
+    assert_eq!(h.status_of(ctx), Some(200), "failure mode allow");
+    assert!(h.host.w().misuse.is_empty(), "{:?}", h.host.w().misuse);
+}
+
+#[test]
+fn on_ngx_wasm_releases_go_out_on_the_next_tick_not_from_on_log() {
+    let mut h = on_ngx(&cfg(
+        r#""rules": [{"name": "c", "descriptors": ["header:k"], "algorithm": "concurrency", "limit": 1}]"#,
+    ));
+    let (a, _) = h.request(&[("k", "a")]);
+    h.answer_first(Shim::Ok);
+    h.finish(a);
+    assert_eq!(
+        h.redis.held_slots(h.redis_now()),
+        1,
+        "not released from on_log"
+    );
+    h.tick(RELEASE_TICK_MS);
+    assert_eq!(
+        h.redis.held_slots(h.redis_now()),
+        0,
+        "released from the tick"
+    );
+    let (b, _) = h.request(&[("k", "a")]);
+    h.answer_first(Shim::Ok);
+    assert_eq!(h.status_of(b), Some(200));
+    assert!(h.host.w().misuse.is_empty(), "{:?}", h.host.w().misuse);
+}
+
 #[test]
 fn dispatch_failures_take_the_failure_mode_once() {
     let mut h = Harness::new(&cfg(
