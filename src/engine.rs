@@ -189,6 +189,10 @@ impl<H: Host> Engine<H> {
         vm_id: u64,
     ) -> Result<Engine<H>, HostError> {
         let metrics = MetricIds::define(&host, &config)?;
+        // Shared data once, at configure: ngx_wasm_module traps when nginx has no `shm_kv`
+        // zone (Kong: `nginx_wasm_shm_kv`), and failing to load there names the missing zone,
+        // where a trap on the first request would fail every request.
+        let _ = host.shared_get(CLOCK_OFFSET_KEY);
         let coalesce = config.coalesce && caps.deliver_from_root;
         host.set_tick_period_ms(if coalesce {
             TICK_MS

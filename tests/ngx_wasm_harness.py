@@ -77,9 +77,7 @@ events {{ worker_connections 1024; }}
 
 wasm {{
     module tollgate {wasm};
-    # Shared data (the over-limit cache, the clock offset): Kong's nginx_wasm_shm_kv.
-    shm_kv * 1m;
-}}
+{shm_kv}}}
 
 http {{
     access_log off;
@@ -107,6 +105,12 @@ http {{
 """
 
 
+SHM_KV = """\
+    # Shared data (the over-limit cache, the clock offset): Kong's nginx_wasm_shm_kv.
+    shm_kv * 1m;
+"""
+
+
 class Nginx:
     def __init__(self, proc: Proc, port: int, log_path: Path):
         self.proc = proc
@@ -121,7 +125,7 @@ class Nginx:
 
 
 @contextlib.contextmanager
-def run_nginx(workdir: Path, routes: dict, workers: int = 2, upstreams: dict = None):
+def run_nginx(workdir: Path, routes: dict, workers: int = 2, upstreams: dict = None, shm_kv: bool = True):
     """Starts nginx with one location per route (`prefix -> plugin config`, like a Kong route
     with its own filter chain; `upstreams` may send a prefix elsewhere than the built-in 200
     server), waits until it answers, stops it afterwards."""
@@ -139,7 +143,8 @@ def run_nginx(workdir: Path, routes: dict, workers: int = 2, upstreams: dict = N
     conf = workdir / "nginx.conf"
     conf.write_text(NGINX_CONF.format(module=module, workers=workers, dir=workdir, wasm=wasm_path(),
                                       log_level=os.environ.get("NGX_WASM_LOG_LEVEL", "info"),
-                                      port=port, upstream_port=upstream_port, locations=locations))
+                                      port=port, upstream_port=upstream_port, locations=locations,
+                                      shm_kv=SHM_KV if shm_kv else ""))
     log_path = workdir / "error.log"
     with open(workdir / "nginx.stdout", "wb") as out:
         popen = subprocess.Popen([nginx, "-p", str(workdir), "-c", str(conf), "-e", str(log_path)],
@@ -159,6 +164,8 @@ def _wait_ready(server: Nginx, deadline_s: float = 30.0):
     while time.monotonic() < end:
         if server.proc.popen.poll() is not None:
             raise RuntimeError(f"nginx exited with {server.proc.popen.returncode}\n{server.proc.log_tails()}")
+        if "cannot be respawned" in server.log():
+            raise RuntimeError(f"nginx workers failed to start\n{server.proc.log_tails()}")
         if "tollgate" in server.log() and "host ngx_wasm_module" in server.log():
             try:
                 request(server.port, "/__ready", timeout_s=1)

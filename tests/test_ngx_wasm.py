@@ -5,8 +5,8 @@ ngx_wasm_harness). What issue 12 found there, each pinned here: the module loads
 configures (no import Kong types differently), limits are enforced with every header, requests
 at concurrency are admitted exactly and no worker crashes (coalescing is off on this host),
 a shim that is down takes the failure mode, concurrency slots are released from the root's tick,
-and rules are scoped per route (a location with its own filter config, as a Kong route with its
-own filter chain).
+rules are scoped per route (a location with its own filter config, as a Kong route with its
+own filter chain), and without a shared-data zone nginx refuses to start, naming it.
 """
 
 import json
@@ -127,3 +127,10 @@ def test_concurrency_slots_are_released_from_the_tick(clean, tmp_path):
     assert second == [200, 200, 429], "slots were released, not left to time out"
     assert held == 0
     assert not crashes(log), crashes(log)
+
+
+def test_without_a_shared_data_zone_nginx_refuses_to_start_naming_it(clean, tmp_path):
+    # Kong's nginx_wasm_shm_kv missing: fail at configure, not on every request.
+    with pytest.raises(RuntimeError, match="could not resolve namespace"):
+        with run_nginx(tmp_path, {"/": plugin(clean["shim"], [rule("r", 1)])}, shm_kv=False):
+            pass
