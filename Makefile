@@ -7,7 +7,7 @@ APT_PACKAGES := nginx-light libnginx-mod-http-lua lua-resty-core lua-resty-lruca
 	lua-cjson redis-server redis-tools redis-sentinel lua-check wrk openssl
 PYTEST ?= python3 -m pytest
 
-.PHONY: help setup setup-fuzz build run test unit-test fuzz fuzz-smoke soak lint validate fmt clean bench bench-setup bench-hostcalls bench-functions
+.PHONY: kong-test help setup setup-fuzz build run test unit-test fuzz fuzz-smoke soak lint validate fmt clean bench bench-setup bench-hostcalls bench-functions
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -37,6 +37,9 @@ validate: build ## Check every shipped Envoy config with `envoy --mode validate`
 
 test: setup build unit-test validate fuzz-smoke ## Everything: unit, fuzz smoke, shim and end-to-end tests through real Envoy
 	$(PYTEST) -q tests/
+
+kong-test: build ## The end-to-end tests on Kong's Wasm engine; needs NGX_WASM_NGINX and NGX_WASM_MODULE (README, "On Kong Gateway")
+	$(PYTEST) -q -rs tests/test_ngx_wasm.py tests/test_portability.py
 
 FUZZ_TARGETS := config keys shim_reply
 FUZZ_SECONDS ?= 60

@@ -182,6 +182,11 @@ impl Batcher {
         (queued, overdue)
     }
 
+    /// Puts back a callout [`expired`](Batcher::expired) returned, to wait for its reply.
+    pub fn restore(&mut self, callout: InFlight) {
+        self.in_flight.push(callout);
+    }
+
     pub fn queued(&self) -> usize {
         self.queue.len()
     }

@@ -100,12 +100,40 @@ struct RawConfig {
     #[serde(default = "default_true")]
     coalesce: bool,
     #[serde(default)]
+    log_level: LogLevel,
+    #[serde(default)]
     local_fallback: Option<RawLocalFallback>,
     #[serde(default)]
     clock: RawClock,
     #[serde(default)]
     client_ip: RawClientIp,
     rules: Vec<RawRule>,
+}
+
+/// The filter's own log level. The filter does not ask the host for its level: Envoy's
+/// `proxy_get_log_level` is typed differently on Kong (ngx_wasm_module), and importing it at
+/// all stops the module from loading there.
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum LogLevel {
+    Error,
+    Warn,
+    #[default]
+    Info,
+    Debug,
+    Trace,
+}
+
+impl From<LogLevel> for log::LevelFilter {
+    fn from(level: LogLevel) -> log::LevelFilter {
+        match level {
+            LogLevel::Error => log::LevelFilter::Error,
+            LogLevel::Warn => log::LevelFilter::Warn,
+            LogLevel::Info => log::LevelFilter::Info,
+            LogLevel::Debug => log::LevelFilter::Debug,
+            LogLevel::Trace => log::LevelFilter::Trace,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -566,6 +594,8 @@ pub struct Config {
     pub over_limit_cache: bool,
     /// Put the checks of requests that arrive while a callout is in flight into one callout.
     pub coalesce: bool,
+    /// The most verbose lines the filter logs (`log_level`, default `info`).
+    pub log_level: log::LevelFilter,
     /// With `failure_mode: "local"`: how many workers share each limit during an outage
     /// (gateway replicas × workers per replica for a strict bound).
     pub local_fallback_replicas: u64,
@@ -654,6 +684,7 @@ impl TryFrom<RawConfig> for Config {
             headers_on_allow: raw.headers_on_allow,
             over_limit_cache: raw.over_limit_cache,
             coalesce: raw.coalesce,
+            log_level: raw.log_level.into(),
             local_fallback_replicas: compile_local_fallback(raw.failure_mode, raw.local_fallback)?,
             correct_clock_skew: raw.clock.correct_skew,
             simulated_skew_ms: compile_simulated_skew(raw.clock.simulated_skew_ms)?,
@@ -1946,6 +1977,11 @@ mod tests {
             assert!(
                 config.shim.upstream.contains(':'),
                 "on Kong the shim is host:port"
+            );
+            assert!(!config.coalesce, "ngx_wasm_module cannot coalesce: say so");
+            assert!(
+                config.rules.iter().all(|r| r.matcher.routes.is_empty()),
+                "kong.route_name needs Kong 3.9.3+: scope rules by filter chain"
             );
             found += 1;
         }

@@ -165,7 +165,7 @@ pub fn on_failure(
             Verdict::Deny(local_reply(&config.failure_response, Vec::new(), || {
                 problem_json(
                     config.failure_response.status,
-                    "Rate limit service unavailable",
+                    UNAVAILABLE,
                     "The rate limit could not be checked; try again shortly.",
                     None,
                 )
@@ -204,30 +204,39 @@ pub fn on_failure(
 }
 
 /// Denies a request locally from over-limit cache entries (`hits`: index into `checks`, entry),
-/// with the headers the shim's answer would have produced for those checks.
+/// with the fields a denial from Redis would carry: every policy checked in `RateLimit-Policy`,
+/// and in `RateLimit` and the problem's `violated-policies` every policy the cache knows to be
+/// exhausted. (The state of the other policies is unknown without a callout, so `RateLimit`
+/// leaves them out rather than guess; the draft lets a server list a subset.)
 pub fn from_cache(
     config: &Config,
     checks: &[Check],
     hits: &[(usize, cache::Entry)],
     now: cache::Clocks,
 ) -> Verdict {
-    let denying: Vec<Check> = hits.iter().map(|(i, _)| checks[*i].clone()).collect();
-    let result = RequestResult::local(
-        false,
-        hits.iter()
-            .map(|(i, e)| cache::as_result(e, &checks[*i], now.for_check(&checks[*i])))
-            .collect(),
-    );
-    decide(config, &denying, &result)
+    let known: Vec<Option<CheckResult>> = (0..checks.len())
+        .map(|i| {
+            hits.iter()
+                .find(|(hit, _)| *hit == i)
+                .map(|(_, e)| cache::as_result(e, &checks[i], now.for_check(&checks[i])))
+        })
+        .collect();
+    decide_known(config, checks, false, &known)
 }
 
 /// What one check means for the response headers, with the times made safe.
 struct Outcome<'a> {
     rule: &'a str,
     limit: u64,
+    /// `qu="concurrent-requests"`: the quota counts requests in flight, not requests.
+    concurrent: bool,
+    /// Known from Redis (or the cache); `false` for a check the over-limit cache knows
+    /// nothing about, listed in `RateLimit-Policy` only.
+    known: bool,
     remaining: u64,
     window_s: Option<u64>,
-    /// Whole seconds until the limit is fully available again, rounded up.
+    /// Whole seconds until the quota is whole again (`r` back to `q`), rounded up: the
+    /// window's end, or for token bucket and GCRA the time a full burst takes to come back.
     reset_s: u64,
     /// Whole seconds until this request would fit again (0 when it fits), rounded up;
     /// for a fixed window never before the window's end.
@@ -240,10 +249,30 @@ struct Outcome<'a> {
 
 /// Decides one request from the shim's answer for it.
 pub fn decide(config: &Config, checks: &[Check], result: &RequestResult) -> Verdict {
+    let known: Vec<Option<CheckResult>> = result.checks.iter().cloned().map(Some).collect();
+    decide_known(config, checks, result.allowed, &known)
+}
+
+/// Decides one request from what is known of each check (`None`: nothing, see [`from_cache`]).
+fn decide_known(
+    config: &Config,
+    checks: &[Check],
+    allowed: bool,
+    results: &[Option<CheckResult>],
+) -> Verdict {
+    let unknown = CheckResult {
+        allowed: true,
+        limit: 0,
+        remaining: 0,
+        reset_ms: 0,
+        retry_after_ms: 0,
+    };
     let outcomes: Vec<Outcome<'_>> = checks
         .iter()
-        .zip(&result.checks)
-        .map(|(check, r): (&Check, &CheckResult)| {
+        .zip(results)
+        .map(|(check, r): (&Check, &Option<CheckResult>)| {
+            let known = r.is_some();
+            let r = r.as_ref().unwrap_or(&unknown);
             // A fixed window's key is retired when the gateway's window ends; Redis's TTL can
             // only be later (another gateway created the key), so take the later of the two.
             let floor = check.min_retry_ms();
@@ -252,6 +281,8 @@ pub fn decide(config: &Config, checks: &[Check], result: &RequestResult) -> Verd
                 rule: rule.map_or("", |rule| rule.name.as_str()),
                 unit: rule.and_then(|r| r.usage.as_ref()).map(|u| u.unit.as_str()),
                 limit: check.limit(),
+                concurrent: matches!(check.kind, CheckKind::Concurrency { .. }),
+                known,
                 remaining: r.remaining.min(check.limit()),
                 window_s: check.window_s(),
                 reset_s: ceil_seconds(floor.max(r.reset_ms)),
@@ -268,7 +299,7 @@ pub fn decide(config: &Config, checks: &[Check], result: &RequestResult) -> Verd
         })
         .collect();
 
-    if result.allowed {
+    if allowed {
         let shadow_denials = checks
             .iter()
             .zip(&outcomes)
@@ -302,12 +333,13 @@ pub fn decide(config: &Config, checks: &[Check], result: &RequestResult) -> Verd
     let retry_after = binding.retry_s.max(1);
     let mut headers = rate_limit_headers(&outcomes, binding);
     headers.insert(0, ("retry-after".to_string(), retry_after.to_string()));
-    let denied_by = checks
+    let violated: Vec<(usize, &str)> = checks
         .iter()
         .zip(&outcomes)
         .filter(|(_, o)| !o.allowed && !o.shadow)
-        .map(|(c, _)| c.rule)
+        .map(|(c, o)| (c.rule, o.rule))
         .collect();
+    let denied_by = violated.iter().map(|&(i, _)| i).collect();
     let mut reply = local_reply(&config.deny, headers, || {
         let unit = binding.unit.unwrap_or("requests");
         let per = match binding.window_s {
@@ -319,33 +351,58 @@ pub fn decide(config: &Config, checks: &[Check], result: &RequestResult) -> Verd
         } else {
             "Rate limit"
         };
+        let names: Vec<&str> = violated.iter().map(|&(_, name)| name).collect();
         problem_json(
             config.deny.status,
-            "Too Many Requests",
+            QUOTA_EXCEEDED,
             &format!("{what} \"{}\" exceeded: {per}.", binding.rule),
-            Some((binding, retry_after)),
+            Some(Denial {
+                binding,
+                retry_after,
+                violated: names,
+            }),
         )
     });
     reply.denied_by = denied_by;
     Verdict::Deny(reply)
 }
 
-/// `X-RateLimit-*` for the binding rule, and the IETF draft fields for every rule checked.
+/// `X-RateLimit-*` for the binding rule, and the fields of the IETF draft
+/// (draft-ietf-httpapi-ratelimit-headers-12) for every rule checked:
+/// - `RateLimit-Policy`: `"name";q=<quota>;w=<seconds>` (token bucket / GCRA: `q` = burst,
+///   `w` = the time a full burst takes to come back, so `q/w` is the sustained rate);
+///   concurrency: `"name";q=<limit>;qu="concurrent-requests"` (no window).
+/// - `RateLimit`: `"name";r=<quota units left now>;t=<seconds until the quota is whole
+///   again>` (window end; token bucket / GCRA: until the bucket is full). A concurrency quota
+///   has no reset time, so no `t` (optional in the draft). A policy whose state is unknown
+///   (over-limit cache hit) is only in `RateLimit-Policy`.
 fn rate_limit_headers(outcomes: &[Outcome<'_>], binding: &Outcome<'_>) -> Vec<(String, String)> {
     let policy = outcomes
         .iter()
         .map(|o| {
-            let unit = o.unit.map_or(String::new(), |u| format!(";qu=\"{u}\""));
-            match o.window_s {
-                Some(w) => format!("\"{}\";q={};w={w}{unit}", o.rule, o.limit),
-                None => format!("\"{}\";q={}{unit}", o.rule, o.limit),
+            // `qu`: what the quota counts, when it is not requests (draft-12).
+            let unit = match (o.concurrent, o.unit) {
+                (true, _) => ";qu=\"concurrent-requests\"".to_string(),
+                (false, Some(u)) => format!(";qu=\"{u}\""),
+                (false, None) => String::new(),
+            };
+            match (o.concurrent, o.window_s) {
+                (false, Some(w)) => format!("\"{}\";q={};w={w}{unit}", o.rule, o.limit),
+                _ => format!("\"{}\";q={}{unit}", o.rule, o.limit),
             }
         })
         .collect::<Vec<_>>()
         .join(", ");
     let state = outcomes
         .iter()
-        .map(|o| format!("\"{}\";r={};t={}", o.rule, o.remaining, o.reset_s))
+        .filter(|o| o.known)
+        .map(|o| {
+            if o.concurrent {
+                format!("\"{}\";r={}", o.rule, o.remaining)
+            } else {
+                format!("\"{}\";r={};t={}", o.rule, o.remaining, o.reset_s)
+            }
+        })
         .collect::<Vec<_>>()
         .join(", ");
     vec![
@@ -378,7 +435,26 @@ fn local_reply(
     }
 }
 
-/// An RFC 9457 problem document; for a denial it names the rule and its limit.
+/// The draft's problem type for a request denied by one or more quota policies.
+const QUOTA_EXCEEDED: (&str, &str) = (
+    "https://iana.org/assignments/http-problem-types#quota-exceeded",
+    "Request cannot be satisfied as assigned quota has been exceeded",
+);
+/// RFC 9457's default type, for a failure (no quota was exceeded).
+const UNAVAILABLE: (&str, &str) = ("about:blank", "Rate limit service unavailable");
+
+/// What a denial's problem document says beyond RFC 9457's members.
+struct Denial<'a> {
+    /// The rule `Retry-After` waits for.
+    binding: &'a Outcome<'a>,
+    retry_after: u64,
+    /// Every enforced rule that denied the request (the draft's `violated-policies`).
+    violated: Vec<&'a str>,
+}
+
+/// An RFC 9457 problem document. A denial uses the draft's `quota-exceeded` type with its
+/// `violated-policies` member (the policy names of `RateLimit-Policy`), and keeps naming the
+/// binding rule, its limit and the retry time.
 #[derive(serde::Serialize)]
 struct Problem<'a> {
     #[serde(rename = "type")]
@@ -386,6 +462,8 @@ struct Problem<'a> {
     title: &'a str,
     status: u32,
     detail: &'a str,
+    #[serde(rename = "violated-policies", skip_serializing_if = "Option::is_none")]
+    violated_policies: Option<&'a [&'a str]>,
     #[serde(skip_serializing_if = "Option::is_none")]
     rule: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -398,19 +476,21 @@ struct Problem<'a> {
 
 fn problem_json(
     status: u32,
-    title: &str,
+    (kind, title): (&str, &str),
     detail: &str,
-    rule: Option<(&Outcome<'_>, u64)>,
+    denial: Option<Denial<'_>>,
 ) -> String {
+    let d = denial.as_ref();
     let problem = Problem {
-        kind: "about:blank",
+        kind,
         title,
         status,
         detail,
-        rule: rule.map(|(o, _)| o.rule),
-        limit: rule.map(|(o, _)| o.limit),
-        window_seconds: rule.and_then(|(o, _)| o.window_s),
-        retry_after_seconds: rule.map(|(_, retry_after)| retry_after),
+        violated_policies: d.map(|d| d.violated.as_slice()),
+        rule: d.map(|d| d.binding.rule),
+        limit: d.map(|d| d.binding.limit),
+        window_seconds: d.and_then(|d| d.binding.window_s),
+        retry_after_seconds: d.map(|d| d.retry_after),
     };
     // Serializing borrowed strings and integers cannot fail.
     serde_json::to_string(&problem).unwrap_or_default()
@@ -859,5 +939,197 @@ mod tests {
             "an allowed request teaches the cache nothing"
         );
         assert!(matches!(verdict, Verdict::Allow { .. }));
+    }
+
+    // --- draft-ietf-httpapi-ratelimit-headers-12 -----------------------------------------------
+
+    fn check_of(rule: usize, kind: CheckKind) -> Check {
+        Check {
+            rule,
+            key: format!("k{rule}"),
+            cost: 1,
+            shadow: false,
+            kind,
+        }
+    }
+
+    fn problem(reply: &LocalReply) -> serde_json::Value {
+        serde_json::from_slice(&reply.body).unwrap()
+    }
+
+    #[test]
+    fn a_concurrency_quota_counts_requests_in_flight_and_has_no_reset() {
+        let conc = check_of(
+            0,
+            CheckKind::Concurrency {
+                limit: 3,
+                timeout_ms: 60_000,
+                id: "r1".into(),
+            },
+        );
+        let mut r = result(true, &[(true, 3, 2, 60_000)]);
+        r.checks[0].retry_after_ms = 0;
+        let Verdict::Allow {
+            response_headers: h,
+            ..
+        } = decide(&config(), &[conc], &r)
+        else {
+            panic!()
+        };
+        assert_eq!(
+            header(&h, "ratelimit-policy"),
+            "\"search\";q=3;qu=\"concurrent-requests\""
+        );
+        assert_eq!(header(&h, "ratelimit"), "\"search\";r=2");
+    }
+
+    #[test]
+    fn token_bucket_and_gcra_r_is_left_now_and_t_is_until_the_burst_is_whole() {
+        // burst 10, 1 per second: w = 10 s (q/w is the sustained rate). 3 left now, full again
+        // in 6.5 s (t = 7); this request would fit again at once, so no Retry-After.
+        for kind in [
+            CheckKind::TokenBucket {
+                burst: 10,
+                rate: 1,
+                period_ms: 1_000,
+            },
+            CheckKind::Gcra {
+                burst: 10,
+                rate: 1,
+                period_ms: 1_000,
+            },
+        ] {
+            let c = check_of(0, kind);
+            let Verdict::Allow {
+                response_headers: h,
+                ..
+            } = decide(
+                &config(),
+                std::slice::from_ref(&c),
+                &result(true, &[(true, 10, 3, 6_500)]),
+            )
+            else {
+                panic!()
+            };
+            assert_eq!(header(&h, "ratelimit-policy"), "\"search\";q=10;w=10");
+            assert_eq!(header(&h, "ratelimit"), "\"search\";r=3;t=7");
+            // Denied: r = 0, t = until whole (10 s), Retry-After = until one token (1 s).
+            let mut r = result(false, &[(false, 10, 0, 10_000)]);
+            r.checks[0].retry_after_ms = 1_000;
+            let Verdict::Deny(reply) = decide(&config(), &[c], &r) else {
+                panic!()
+            };
+            assert_eq!(header(&reply.headers, "ratelimit"), "\"search\";r=0;t=10");
+            assert_eq!(header(&reply.headers, "retry-after"), "1");
+        }
+    }
+
+    #[test]
+    fn a_denial_is_the_drafts_quota_exceeded_problem_listing_every_violated_policy() {
+        let Verdict::Deny(reply) = decide(
+            &config(),
+            &checks(),
+            &result(false, &[(false, 100, 0, 41_400), (false, 20, 0, 3_000)]),
+        ) else {
+            panic!()
+        };
+        let body = problem(&reply);
+        assert_eq!(
+            body["type"],
+            "https://iana.org/assignments/http-problem-types#quota-exceeded"
+        );
+        assert_eq!(
+            body["title"],
+            "Request cannot be satisfied as assigned quota has been exceeded"
+        );
+        assert_eq!(body["status"], 429);
+        assert_eq!(
+            body["violated-policies"],
+            serde_json::json!(["search", "per_ip"])
+        );
+        // A shadow rule that would deny is not violated.
+        let mut shadowed = checks();
+        shadowed[1].shadow = true;
+        let Verdict::Deny(reply) = decide(
+            &config(),
+            &shadowed,
+            &result(false, &[(false, 100, 0, 41_400), (false, 20, 0, 3_000)]),
+        ) else {
+            panic!()
+        };
+        assert_eq!(
+            problem(&reply)["violated-policies"],
+            serde_json::json!(["search"])
+        );
+    }
+
+    #[test]
+    fn a_failure_is_not_a_quota_problem() {
+        let mut c = config();
+        c.failure_mode = FailureMode::Deny;
+        let Verdict::Deny(reply) = on_failure(&c, &checks(), &mut LocalLimiter::default(), 0)
+        else {
+            panic!()
+        };
+        let body = problem(&reply);
+        assert_eq!(body["type"], "about:blank");
+        assert!(body.get("violated-policies").is_none());
+    }
+
+    #[test]
+    fn a_cache_hit_carries_the_same_fields_as_the_denial_it_learned_from() {
+        let body = br#"{"results":[{"allowed":false,"checks":[
+            {"allowed":true,"limit":100,"remaining":50,"reset_ms":41000,"retry_after_ms":0},
+            {"allowed":false,"limit":20,"remaining":0,"reset_ms":3000,"retry_after_ms":3000}]}]}"#;
+        let (Verdict::Deny(shim), entries) =
+            from_callout(&config(), &checks(), reply(Some(200), body), 1_000).unwrap()
+        else {
+            panic!()
+        };
+        let hits = [(1, entries[0].clone())];
+        let Verdict::Deny(cached) = from_cache(&config(), &checks(), &hits, at(1_000)) else {
+            panic!()
+        };
+        let names = |r: &LocalReply| -> Vec<String> {
+            let mut n: Vec<String> = r.headers.iter().map(|(n, _)| n.clone()).collect();
+            n.sort();
+            n
+        };
+        assert_eq!(names(&cached), names(&shim), "the same header fields");
+        for field in [
+            "ratelimit-policy",
+            "retry-after",
+            "x-ratelimit-limit",
+            "x-ratelimit-remaining",
+            "x-ratelimit-reset",
+        ] {
+            assert_eq!(
+                header(&cached.headers, field),
+                header(&shim.headers, field),
+                "{field}"
+            );
+        }
+        // Every policy checked, not only the cached one.
+        assert_eq!(
+            header(&cached.headers, "ratelimit-policy"),
+            "\"search\";q=100;w=60, \"per_ip\";q=20;w=10"
+        );
+        // The exhausted policy's state; the other's is unknown without a callout.
+        assert_eq!(header(&cached.headers, "ratelimit"), "\"per_ip\";r=0;t=4");
+        let (a, b) = (problem(&cached), problem(&shim));
+        for member in [
+            "type",
+            "title",
+            "status",
+            "detail",
+            "violated-policies",
+            "rule",
+            "limit",
+            "window_seconds",
+            "retry_after_seconds",
+        ] {
+            assert_eq!(a[member], b[member], "{member}");
+        }
+        assert_eq!(cached.denied_by, shim.denied_by);
     }
 }

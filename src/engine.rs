@@ -26,6 +26,11 @@
 //!   alone; the breaker counts failed callouts, not requests, and lets one probe through;
 //! - every request that gets a verdict is counted once in the metrics;
 //! - the over-limit cache only denies what Redis would deny (see `cache`).
+//!
+//! What the host can do is a [`HostCaps`] value given to [`Engine::new`]: on ngx_wasm_module
+//! (Kong) a verdict is only delivered in the request's own callback (no coalescing; the
+//! watchdog leaves live requests to the host's timeout) and releases wait for the root's tick.
+//! The property test runs every third seed on a model of that host.
 
 use std::collections::HashMap;
 
@@ -37,7 +42,7 @@ use crate::cache;
 use crate::clock::{self, SkewEstimator};
 use crate::config::{Config, FailureMode};
 use crate::decision::{self, CalloutReply, Failure, Verdict};
-use crate::host::{Host, HostError, MetricKind};
+use crate::host::{Host, HostCaps, HostError, MetricKind};
 use crate::local::{Breaker, LocalLimiter};
 use crate::metrics::{self, Counter, Outcome};
 use crate::request::{checks_for, Check, CheckKind};
@@ -52,6 +57,9 @@ const LOG_INTERVAL_MS: u64 = 10_000;
 pub const TICK_MS: u64 = 1;
 /// How often it ticks otherwise: the watchdog, late releases and the shared clock offset.
 pub const IDLE_TICK_MS: u64 = 100;
+/// How often it ticks on a host where concurrency releases wait for the tick
+/// ([`HostCaps::dispatch_anywhere`] false): a slot is held at most this much longer.
+pub const RELEASE_TICK_MS: u64 = 10;
 /// Grace beyond a request's deadline before the watchdog fails it itself (the host's callout
 /// timeout should have answered first).
 pub const WATCHDOG_GRACE_MS: u64 = 50;
@@ -164,6 +172,10 @@ impl MetricIds {
 pub struct Engine<H: Host> {
     host: H,
     config: Config,
+    /// What this host can do (Envoy or ngx_wasm_module): every host difference is asked here.
+    caps: HostCaps,
+    /// `config.coalesce`, unless the host cannot deliver a root-sent batch's verdicts.
+    coalesce: bool,
     root_context_id: u32,
     metrics: MetricIds,
     requests: HashMap<u32, Req>,
@@ -191,25 +203,38 @@ pub struct Engine<H: Host> {
     /// replies, which count failures, reach it).
     charges: Vec<Charge>,
     charge_callouts: Vec<ChargeCallout>,
+    /// Releases waiting for the root's tick, on a host that cannot dispatch them where they
+    /// arise (see [`HostCaps::dispatch_anywhere`]).
+    deferred_releases: Vec<Slots>,
 }
 
 impl<H: Host> Engine<H> {
-    /// Builds the engine of a configured plugin: defines its metrics, sets the tick, and (when
-    /// coalescing) registers the worker's kick queue. `vm_id` is random per VM and stable
-    /// across reloads, so a reload reuses the queue instead of registering another.
+    /// Builds the engine of a configured plugin: defines its metrics, sets the tick (once),
+    /// and (when coalescing) registers the worker's kick queue. `vm_id` is random per VM and
+    /// stable across reloads, so a reload reuses the queue instead of registering another.
+    /// Coalescing is on only where the host can deliver a batch's verdicts from the root
+    /// ([`HostCaps::deliver_from_root`]); see [`Engine::coalescing`].
     pub fn new(
         host: H,
         config: Config,
+        caps: HostCaps,
         root_context_id: u32,
         vm_id: u64,
     ) -> Result<Engine<H>, HostError> {
         let metrics = MetricIds::define(&host, &config)?;
-        host.set_tick_period_ms(if config.coalesce {
+        // Shared data once, at configure: ngx_wasm_module traps when nginx has no `shm_kv`
+        // zone (Kong: `nginx_wasm_shm_kv`), and failing to load there names the missing zone,
+        // where a trap on the first request would fail every request.
+        let _ = host.shared_get(CLOCK_OFFSET_KEY);
+        let coalesce = config.coalesce && caps.deliver_from_root;
+        host.set_tick_period_ms(if coalesce {
             TICK_MS
+        } else if !caps.dispatch_anywhere {
+            RELEASE_TICK_MS
         } else {
             IDLE_TICK_MS
         });
-        let kick_queue = if config.coalesce {
+        let kick_queue = if coalesce && caps.shared_queues {
             host.register_queue(&format!("tollgate.kick.{vm_id:016x}"))
                 .ok()
         } else {
@@ -218,6 +243,8 @@ impl<H: Host> Engine<H> {
         Ok(Engine {
             host,
             config,
+            caps,
+            coalesce,
             root_context_id,
             metrics,
             requests: HashMap::new(),
@@ -235,12 +262,18 @@ impl<H: Host> Engine<H> {
             late_releases: Vec::new(),
             charges: Vec::new(),
             charge_callouts: Vec::new(),
+            deferred_releases: Vec::new(),
         })
     }
 
-    #[cfg(test)]
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// Whether requests are coalesced into root-sent batches: the configuration's `coalesce`,
+    /// turned off on a host that cannot deliver their verdicts from the root.
+    pub fn coalescing(&self) -> bool {
+        self.coalesce
     }
 
     // --- Callbacks ---------------------------------------------------------------------------
@@ -275,7 +308,7 @@ impl<H: Host> Engine<H> {
             since_ms,
             now_ms,
         };
-        if self.config.coalesce && !self.batcher.idle() {
+        if self.coalesce && !self.batcher.idle() {
             // The breaker is asked where the batch is sent (flush), so a probe is never lost.
             self.batcher.enqueue(pending);
             self.track(ctx, Phase::Queued);
@@ -291,7 +324,8 @@ impl<H: Host> Engine<H> {
             return self.decide_now(ctx, &pending.checks, verdict, Source::FailureMode);
         }
         // Sent on the root's behalf, so the host never cancels it with the stream (the reply
-        // still reaches this context while it lives).
+        // still reaches this context while it lives). On ngx_wasm_module the switch is a no-op:
+        // the call belongs to the request, whose own callback gets the reply.
         let body = wire::encode(&[&pending.checks]);
         let timeout_ms = self.timeout_ms();
         let _ = self.host.set_effective_context(self.root_context_id);
@@ -415,19 +449,17 @@ impl<H: Host> Engine<H> {
             .batcher
             .expired(now, self.timeout_ms(), WATCHDOG_GRACE_MS);
         for callout in overdue {
+            let live = callout.requests.iter().any(|p| self.waiting(p.context_id));
+            if live && !self.caps.deliver_from_root {
+                // Only the request's own callback can answer it on this host: leave it to the
+                // host's callout timeout, which calls back there.
+                self.batcher.restore(callout);
+                continue;
+            }
             // A request's own callout outlives its context, but the SDK hands the reply to that
             // context only: when every request it carried has left, a missing reply says
             // nothing about the shim (and clients hanging up must not open the breaker).
-            let abandoned = callout.requests.iter().all(|p| {
-                !matches!(
-                    self.requests.get(&p.context_id),
-                    Some(Req {
-                        phase: Phase::InFlight,
-                        ..
-                    })
-                )
-            });
-            if !abandoned {
+            if live {
                 self.breaker.failed(now);
             }
             self.fail_callout(callout, &Failure::Status(504));
@@ -444,13 +476,16 @@ impl<H: Host> Engine<H> {
             self.charge_failed(c.charges, "no answer");
         }
         self.send_charges();
+        for slots in std::mem::take(&mut self.deferred_releases) {
+            self.send_release(&slots);
+        }
         if !self.late_releases.is_empty() {
             let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.late_releases)
                 .into_iter()
                 .partition(|(at, _)| *at <= now);
             self.late_releases = later;
             for (_, slots) in due {
-                self.release(&slots);
+                self.send_release(&slots);
             }
         }
         self.flush();
@@ -522,12 +557,22 @@ impl<H: Host> Engine<H> {
         }
     }
 
-    /// Sends the release of concurrency slots on the root's behalf (so it outlives the
-    /// request); nobody waits for the answer.
+    /// Releases concurrency slots: now, or at the root's next tick on a host that only lets
+    /// the root send it (see [`HostCaps::dispatch_anywhere`]).
     fn release(&mut self, slots: &[(String, String)]) {
         if slots.is_empty() {
             return;
         }
+        if self.caps.dispatch_anywhere {
+            self.send_release(slots);
+        } else {
+            self.deferred_releases.push(slots.to_vec());
+        }
+    }
+
+    /// Sends the release of concurrency slots on the root's behalf (so it outlives the
+    /// request); nobody waits for the answer.
+    fn send_release(&mut self, slots: &[(String, String)]) {
         let pairs: Vec<(&str, &str)> = slots
             .iter()
             .map(|(k, id)| (k.as_str(), id.as_str()))
@@ -786,6 +831,17 @@ impl<H: Host> Engine<H> {
                 }
             }
         }
+    }
+
+    /// Whether `ctx` is a live request still waiting for its verdict.
+    fn waiting(&self, ctx: u32) -> bool {
+        matches!(
+            self.requests.get(&ctx),
+            Some(Req {
+                phase: Phase::Queued | Phase::InFlight,
+                ..
+            })
+        )
     }
 
     /// A context the host no longer knows: forget it, giving back its slots.

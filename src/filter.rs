@@ -8,7 +8,7 @@ use std::cell::RefCell;
 use std::hash::{BuildHasher, Hasher};
 use std::rc::Rc;
 
-use log::{error, info};
+use log::{error, info, warn};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 
@@ -64,10 +64,6 @@ impl Context for TollgateRoot {
 
 impl RootContext for TollgateRoot {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
-        // Follow the host's log level so disabled debug lines cost nothing.
-        if let Ok(level) = proxy_wasm::hostcalls::get_log_level() {
-            log::set_max_level(to_filter(level));
-        }
         let config = match Config::from_json(&WasmHost.plugin_configuration()) {
             Ok(config) => config,
             Err(e) => {
@@ -75,17 +71,30 @@ impl RootContext for TollgateRoot {
                 return false;
             }
         };
+        // The level comes from the configuration, never from the host (see `config::LogLevel`).
+        log::set_max_level(config.log_level);
+        let caps = WasmHost.capabilities(self.context_id);
         info!(
-            "loaded {} rules, shim {} {}, failure mode {:?}, coalescing {}",
+            "loaded {} rules, shim {} {}, failure mode {:?}, host {}",
             config.rules.len(),
             config.shim.upstream,
             config.shim.path,
             config.failure_mode,
-            config.coalesce
+            caps.name()
         );
         let vm_id = VM_ID.with(|id| *id);
-        match Engine::new(WasmHost, config, self.context_id, vm_id) {
+        match Engine::new(WasmHost, config, caps, self.context_id, vm_id) {
             Ok(e) => {
+                if e.config().coalesce && !e.coalescing() {
+                    warn!(
+                        "coalescing is off on {}: it cannot resume a request from the root \
+                         context (set_effective_context does nothing there), so each request \
+                         sends its own callout",
+                        caps.name()
+                    );
+                } else {
+                    info!("coalescing {}", e.coalescing());
+                }
                 self.engine = Some(Rc::new(RefCell::new(e)));
                 true
             }
@@ -158,15 +167,5 @@ impl HttpContext for TollgateHttp {
 
     fn on_log(&mut self) {
         with(&self.engine, |e| e.on_done(self.context_id));
-    }
-}
-
-fn to_filter(level: LogLevel) -> log::LevelFilter {
-    match level {
-        LogLevel::Trace => log::LevelFilter::Trace,
-        LogLevel::Debug => log::LevelFilter::Debug,
-        LogLevel::Info => log::LevelFilter::Info,
-        LogLevel::Warn => log::LevelFilter::Warn,
-        LogLevel::Error | LogLevel::Critical => log::LevelFilter::Error,
     }
 }

@@ -1,5 +1,10 @@
 //! The real [`Host`]: Envoy (or Kong) through proxy-wasm hostcalls. Every hostcall the filter
 //! makes goes through [`WasmHost`], which maps the SDK's `Status` to [`HostError`] here.
+//!
+//! Only host functions that both Envoy and ngx_wasm_module implement, with the same types, may
+//! be called here: the list is `tests/portable_imports.txt`, and `tests/test_portability.py`
+//! fails when the built `.wasm` imports anything else. Where the hosts behave differently, the
+//! difference is a field of [`HostCaps`], probed once at configure.
 
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -8,7 +13,7 @@ use proxy_wasm::types::{BufferType, MapType, MetricType, Status};
 
 use crate::config::ShimTarget;
 use crate::decision::LocalReply;
-use crate::host::{Host, HostError, MetricKind};
+use crate::host::{Host, HostCaps, HostError, MetricKind};
 use crate::properties;
 use crate::request::RequestView;
 
@@ -26,6 +31,18 @@ fn property(paths: &[&[&str]]) -> Option<Vec<u8>> {
 }
 
 impl WasmHost {
+    /// Which host this is, probed once at configure from the root context (see
+    /// [`HostCaps::probe`]): `set_effective_context` to a context id nothing uses. On Envoy the
+    /// refused call changes nothing; on ngx_wasm_module it is a no-op anyway.
+    pub fn capabilities(&self, root_context_id: u32) -> HostCaps {
+        let probe = hostcalls::set_effective_context(u32::MAX).map_err(err);
+        if probe.is_ok() {
+            // Harmless where it was a no-op; puts the root back if a host ever did switch.
+            let _ = hostcalls::set_effective_context(root_context_id);
+        }
+        HostCaps::probe(probe)
+    }
+
     /// The plugin's configuration, read once at configure.
     pub fn plugin_configuration(&self) -> Vec<u8> {
         hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX)

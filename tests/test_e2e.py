@@ -120,6 +120,9 @@ def test_denial_carries_headers_and_problem_body(clean, tmp_path):
     assert h["ratelimit"] == f'"search";r=0;t={retry_after}'
     assert h["content-type"] == "application/problem+json"
     body = json.loads(denied.body)
+    # draft-ietf-httpapi-ratelimit-headers-12's problem type, RFC 9457 members.
+    assert body["type"] == "https://iana.org/assignments/http-problem-types#quota-exceeded"
+    assert body["violated-policies"] == ["search"]
     assert body["status"] == 429
     assert body["rule"] == "search"
     assert body["limit"] == 2

@@ -220,8 +220,11 @@ def test_concurrency_limit_holds_and_releases_slots(clean, tmp_path):
             def wave():
                 with ThreadPoolExecutor(3) as pool:
                     futures = [pool.submit(request, envoy.port, "/slow", {"x-api-key": "k"}) for _ in range(3)]
-                    return sorted(f.result().status for f in futures)
+                    responses = [f.result() for f in futures]
+                    denials.extend(r for r in responses if r.status == 429)
+                    return sorted(r.status for r in responses)
 
+            denials = []
             first = wave()
             time.sleep(0.2)  # releases are sent when each stream ends
             second = wave()
@@ -232,6 +235,9 @@ def test_concurrency_limit_holds_and_releases_slots(clean, tmp_path):
     assert first == [200, 200, 429]
     assert second == [200, 200, 429], "slots were released, not left to time out"
     assert held == 0
+    # draft-12: a concurrency quota counts requests in flight and has no reset time.
+    assert denials[0].headers["ratelimit-policy"] == '"inflight";q=2;qu="concurrent-requests"'
+    assert denials[0].headers["ratelimit"] == '"inflight";r=0'
 
 
 def test_shadow_rule_counts_but_never_denies(clean, tmp_path):

@@ -10,7 +10,7 @@ use std::rc::Rc;
 
 use crate::config::ShimTarget;
 use crate::decision::LocalReply;
-use crate::host::{Host, HostError, MetricKind};
+use crate::host::{Host, HostCaps, HostError, MetricKind};
 use crate::request::RequestView;
 
 /// A callout the engine sent and nobody answered yet.
@@ -56,6 +56,12 @@ pub struct World {
     pub misuse: Vec<String>,
     /// Fail every dispatch with this error.
     pub dispatch_fails: bool,
+    /// Behave like ngx_wasm_module: `set_effective_context` is a no-op, resuming or answering
+    /// from the root crashes the worker, `on_log` cannot dispatch, shared queues trap, and
+    /// the host's own callout timeout calls back (see `Harness::tick`).
+    pub ngx: bool,
+    /// `on_log` is running.
+    pub in_log: bool,
 }
 
 /// The engine's handle on the world.
@@ -90,9 +96,23 @@ impl FakeHost {
             .unwrap_or(0)
     }
 
+    /// The capabilities the engine is given for this fake.
+    pub fn caps(&self) -> HostCaps {
+        if self.0.borrow().ngx {
+            HostCaps::NGX_WASM
+        } else {
+            HostCaps::ENVOY
+        }
+    }
+
     fn on_live<T>(&self, what: &str, f: impl FnOnce(&mut World, u32) -> T) -> Result<T, HostError> {
         let mut w = self.0.borrow_mut();
         let ctx = w.effective;
+        if w.ngx && ctx == w.root {
+            w.misuse
+                .push(format!("{what} from the root: ngx_wasm_module crashes"));
+            return Err(HostError("crash".into()));
+        }
         if !w.live.contains(&ctx) {
             w.misuse.push(format!("{what} on dead context {ctx}"));
             return Err(HostError("NotFound".into()));
@@ -147,7 +167,13 @@ impl Host for FakeHost {
         }
         let token = w.next_token;
         w.next_token += 1;
-        if w.effective != w.root {
+        if w.ngx && w.in_log {
+            w.misuse.push(format!(
+                "dispatch of {path} in on_log: ngx_wasm_module traps"
+            ));
+            return Err(HostError("trap".into()));
+        }
+        if w.effective != w.root && !w.ngx {
             // The host would cancel it with the request, and the SDK keep its token forever.
             let owner = w.effective;
             w.misuse.push(format!(
@@ -182,6 +208,9 @@ impl Host for FakeHost {
 
     fn set_effective_context(&self, context_id: u32) -> Result<(), HostError> {
         let mut w = self.0.borrow_mut();
+        if w.ngx {
+            return Ok(());
+        }
         if !w.live.contains(&context_id) {
             return Err(HostError("BadArgument".into()));
         }
@@ -257,6 +286,11 @@ impl Host for FakeHost {
 
     fn register_queue(&self, name: &str) -> Result<u32, HostError> {
         let mut w = self.0.borrow_mut();
+        if w.ngx {
+            w.misuse
+                .push("register_queue: ngx_wasm_module traps".into());
+            return Err(HostError("trap".into()));
+        }
         w.queues.push(name.to_string());
         Ok(1)
     }

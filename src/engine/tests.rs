@@ -262,7 +262,8 @@ impl Harness {
     fn with_host(host: FakeHost, config: Config, redis: FakeRedis) -> Harness {
         let now = host.w().now_ms.max(1_000_000);
         host.w().now_ms = now;
-        let engine = Engine::new(host.clone(), config, ROOT, 0xabc).unwrap();
+        let caps = host.caps();
+        let engine = Engine::new(host.clone(), config, caps, ROOT, 0xabc).unwrap();
         Harness {
             host,
             engine,
@@ -367,10 +368,17 @@ impl Harness {
         }
     }
 
+    /// `on_log`: the stream ended.
+    fn on_log(&mut self, ctx: u32) {
+        self.host.w().in_log = true;
+        self.in_callback(ctx, |e| e.on_done(ctx));
+        self.host.w().in_log = false;
+    }
+
     /// The response comes back and the stream ends.
     fn finish(&mut self, ctx: u32) {
         self.in_callback(ctx, |e| e.on_response_headers(ctx));
-        self.in_callback(ctx, |e| e.on_done(ctx));
+        self.on_log(ctx);
         self.host.w().live.remove(&ctx);
         self.pump_releases();
     }
@@ -380,7 +388,7 @@ impl Harness {
         if self.deliveries(ctx) == 0 && self.actions.get(&ctx) == Some(&Action::Pause) {
             self.left_early.push(ctx);
         }
-        self.in_callback(ctx, |e| e.on_done(ctx));
+        self.on_log(ctx);
         self.host.w().live.remove(&ctx);
         self.pump_releases();
     }
@@ -450,6 +458,8 @@ impl Harness {
             }
             Shim::Status(status) => self.deliver(&c, Some(status), b"{}".to_vec()),
             Shim::Garbage => self.deliver(&c, Some(200), b"<html>".to_vec()),
+            // On ngx_wasm_module the host's own timeout answers it (see `tick`).
+            Shim::Never if self.host.w().ngx => self.host.w().callouts.push(c),
             Shim::Never => {}
         }
     }
@@ -479,6 +489,23 @@ impl Harness {
 
     fn tick(&mut self, advance_ms: u64) {
         self.advance(advance_ms);
+        if self.host.w().ngx {
+            // ngx_wasm_module's own callout timeout: a failed reply to the calling context.
+            let now = self.now();
+            let due: Vec<Callout> = self
+                .host
+                .0
+                .borrow()
+                .callouts
+                .iter()
+                .filter(|c| now >= c.sent_ms + c.timeout_ms)
+                .cloned()
+                .collect();
+            for c in due {
+                self.take_callout(c.token);
+                self.deliver(&c, None, Vec::new());
+            }
+        }
         self.in_callback(ROOT, Engine::on_tick);
         if std::mem::take(&mut self.host.w().queue_items) > 0 {
             self.host.w().queue_items = 1;
@@ -747,7 +774,7 @@ fn a_reload_reuses_the_workers_kick_queue() {
     let json = cfg(r#""rules": [{"name": "r", "descriptors": [], "limit": 1, "window": "1s"}]"#);
     for limit in [1, 2] {
         let json = json.replace("\"limit\": 1", &format!("\"limit\": {limit}"));
-        Engine::new(host.clone(), config(&json), ROOT, 0xabc).unwrap();
+        Engine::new(host.clone(), config(&json), HostCaps::ENVOY, ROOT, 0xabc).unwrap();
     }
     let queues = host.0.borrow().queues.clone();
     assert_eq!(queues.len(), 2);
@@ -817,6 +844,77 @@ fn callouts_are_never_attributed_to_a_request_context() {
     assert!(w.callouts.is_empty());
     drop(w);
     assert_eq!(h.redis.held_slots(h.redis_now()), 0);
+}
+
+/// A harness on a model of ngx_wasm_module (Kong).
+fn on_ngx(json: &str) -> Harness {
+    let host = FakeHost::new(ROOT);
+    host.w().ngx = true;
+    Harness::with_host(host, config(json), FakeRedis::default())
+}
+
+#[test]
+fn on_ngx_wasm_each_request_is_answered_in_its_own_callback() {
+    // coalesce defaults to true: the engine must not queue requests for a root-sent batch there.
+    let mut h = on_ngx(&cfg(
+        r#""rules": [{"name": "r", "descriptors": ["header:k"], "limit": 2, "window": "1m"}]"#,
+    ));
+    assert!(!h.engine.coalescing());
+    assert_eq!(h.host.w().tick_ms, RELEASE_TICK_MS);
+    let ctxs: Vec<u32> = (0..4).map(|_| h.request(&[("k", "a")]).0).collect();
+    assert_eq!(h.check_callouts().len(), 4, "one callout each, none queued");
+    assert!(h.check_callouts().iter().all(|c| c.callback_ctx != ROOT));
+    for _ in 0..4 {
+        h.tick(1);
+        h.answer_first(Shim::Ok);
+    }
+    let statuses: Vec<_> = ctxs.iter().map(|&c| h.status_of(c)).collect();
+    assert_eq!(statuses, [Some(200), Some(200), Some(429), Some(429)]);
+    assert!(h.host.w().misuse.is_empty(), "{:?}", h.host.w().misuse);
+}
+
+#[test]
+fn on_ngx_wasm_the_watchdog_leaves_a_live_request_to_the_hosts_timeout() {
+    let mut h = on_ngx(&cfg(
+        r#""rules": [{"name": "r", "descriptors": ["header:k"], "limit": 2, "window": "1m"}]"#,
+    ));
+    let (ctx, _) = h.request(&[("k", "a")]);
+    let token = h.check_callouts()[0].token;
+    h.answer(token, Shim::Never);
+    // Past the deadline and the grace: the root cannot answer it, so it waits...
+    h.advance(100 + WATCHDOG_GRACE_MS + 10);
+    h.in_callback(ROOT, Engine::on_tick);
+    assert_eq!(h.status_of(ctx), None);
+    assert!(h.host.w().misuse.is_empty(), "{:?}", h.host.w().misuse);
+    // ...for the host's own timeout, which calls back in the request's context.
+    h.tick(0);
+    assert_eq!(h.status_of(ctx), Some(200), "failure mode allow");
+    assert!(h.host.w().misuse.is_empty(), "{:?}", h.host.w().misuse);
+}
+
+#[test]
+fn on_ngx_wasm_releases_go_out_on_the_next_tick_not_from_on_log() {
+    let mut h = on_ngx(&cfg(
+        r#""rules": [{"name": "c", "descriptors": ["header:k"], "algorithm": "concurrency", "limit": 1}]"#,
+    ));
+    let (a, _) = h.request(&[("k", "a")]);
+    h.answer_first(Shim::Ok);
+    h.finish(a);
+    assert_eq!(
+        h.redis.held_slots(h.redis_now()),
+        1,
+        "not released from on_log"
+    );
+    h.tick(RELEASE_TICK_MS);
+    assert_eq!(
+        h.redis.held_slots(h.redis_now()),
+        0,
+        "released from the tick"
+    );
+    let (b, _) = h.request(&[("k", "a")]);
+    h.answer_first(Shim::Ok);
+    assert_eq!(h.status_of(b), Some(200));
+    assert!(h.host.w().misuse.is_empty(), "{:?}", h.host.w().misuse);
 }
 
 #[test]
@@ -1010,7 +1108,14 @@ fn run_once(seed: u64) -> Result<(), String> {
     let coalesce = rng.below(4) != 0;
     let skew = rng.below(2) == 0;
     let mode = *rng.pick(&["allow", "deny", "local"]);
-    let mut h = Harness::new(&property_config(coalesce, skew, mode, 1));
+    // Every third seed runs on a model of ngx_wasm_module (Kong).
+    let host = FakeHost::new(ROOT);
+    host.w().ngx = seed.is_multiple_of(3);
+    let mut h = Harness::with_host(
+        host,
+        config(&property_config(coalesce, skew, mode, 1)),
+        FakeRedis::default(),
+    );
     if skew {
         // A gateway whose clock is off by up to ±2 s, running for a while: its workers share
         // the learned offset. (The first seconds after a start, before any reply, keys and
@@ -1134,7 +1239,11 @@ fn run_once(seed: u64) -> Result<(), String> {
     }
     for ctx in live.clone() {
         if h.status_of(ctx).is_none() {
-            return Err(format!("ctx {ctx} is still paused after every deadline"));
+            return Err(format!(
+                "ctx {ctx} is still paused after every deadline ({:?}; misuse {:?})",
+                h.engine.requests.get(&ctx),
+                h.host.0.borrow().misuse
+            ));
         }
         h.finish(ctx);
     }
