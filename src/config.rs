@@ -34,6 +34,9 @@ const MAX_RATE: u64 = bounds::MAX_RATE;
 const MAX_COST: u64 = bounds::MAX_COST;
 /// Default lifetime of an unreleased concurrency slot.
 const DEFAULT_SLOT_TIMEOUT_MS: u64 = 60_000;
+/// Default sub-windows of a bounded sliding window: a client held at its limit gets at least
+/// 10/11 of it (docs/algorithms.md).
+pub const DEFAULT_SUBWINDOWS: u64 = 10;
 
 /// Why a configuration was rejected. The `Display` form is the line `on_configure` logs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -190,6 +193,9 @@ struct RawRule {
     on_missing: OnMissing,
     #[serde(default)]
     algorithm: Algorithm,
+    /// Sub-windows of a `sliding_window_bounded` rule (each of its windows is split in that many).
+    #[serde(default)]
+    subwindows: Option<u64>,
     // The one-limit shorthand: these fields, or `limits`, not both.
     #[serde(default)]
     limit: Option<u64>,
@@ -423,8 +429,12 @@ pub enum Algorithm {
     /// One counter per window; cheapest; up to 2× the limit across a window edge.
     #[default]
     FixedWindow,
-    /// Two weighted fixed windows: within a few % of exact at fixed-window cost.
+    /// Two weighted fixed windows: cheap, but up to ~2× the limit in a window length when
+    /// traffic packs at the end of a window (docs/algorithms.md).
     SlidingWindow,
+    /// `subwindows` counters per window, the oldest counted whole: never more than the limit in
+    /// any window length; a client held at its limit gets at least n/(n+1) of it.
+    SlidingWindowBounded,
     /// A sorted set of timestamps: exact, memory grows with the limit.
     SlidingLog,
     /// Tokens refilled continuously up to a burst capacity.
@@ -440,6 +450,7 @@ impl Algorithm {
         match self {
             Algorithm::FixedWindow => "fixed_window",
             Algorithm::SlidingWindow => "sliding_window",
+            Algorithm::SlidingWindowBounded => "sliding_window_bounded",
             Algorithm::SlidingLog => "sliding_log",
             Algorithm::TokenBucket => "token_bucket",
             Algorithm::Gcra => "gcra",
@@ -451,7 +462,7 @@ impl Algorithm {
 /// One limit of a rule, in the shape its algorithm needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Limit {
-    /// `limit` per `window_ms` (fixed window, sliding window, sliding log).
+    /// `limit` per `window_ms` (fixed window, the sliding windows, sliding log).
     Window { limit: u64, window_ms: u64 },
     /// Up to `burst` at once, refilled at `rate` per `period_ms` (token bucket, GCRA).
     Rate {
@@ -499,6 +510,8 @@ pub struct Rule {
     pub descriptors: Vec<Descriptor>,
     pub on_missing: OnMissing,
     pub algorithm: Algorithm,
+    /// Sub-windows per window (`sliding_window_bounded` only; [`DEFAULT_SUBWINDOWS`] otherwise).
+    pub subwindows: u64,
     /// The limits checked (all of them, in one callout); with `tiers`, the default tier's.
     pub limits: Vec<Limit>,
     pub tiers: Option<Tiers>,
@@ -778,12 +791,14 @@ fn compile_rule(i: usize, raw: RawRule) -> Result<Rule, ConfigError> {
     };
     let algorithm = raw.algorithm;
     let (limits, tiers) = compile_rule_limits(&at, algorithm, shorthand, raw.limits, raw.tiers)?;
+    let subwindows = compile_subwindows(&at, algorithm, raw.subwindows, &limits, &tiers)?;
     Ok(Rule {
         name: raw.name,
         matcher: compile_match(&at("match"), raw.matcher)?,
         descriptors,
         on_missing: raw.on_missing,
         algorithm,
+        subwindows,
         limits,
         tiers,
         cost: compile_cost(&at, algorithm, raw.cost)?,
@@ -824,6 +839,50 @@ fn compile_rule_limits(
     }
     let default = compile_limits(&at("tiers.default"), algorithm, &t.default)?;
     Ok((default, Some(Tiers { descriptor, values })))
+}
+
+/// A bounded sliding window's sub-windows: 1..=MAX_SUBWINDOWS, dividing every window of the rule
+/// (the shim splits a window into whole milliseconds).
+fn compile_subwindows(
+    at: &dyn Fn(&str) -> String,
+    algorithm: Algorithm,
+    raw: Option<u64>,
+    limits: &[Limit],
+    tiers: &Option<Tiers>,
+) -> Result<u64, ConfigError> {
+    if algorithm != Algorithm::SlidingWindowBounded {
+        return match raw {
+            Some(n) => Err(invalid(
+                at("subwindows"),
+                n,
+                &format!("is not used by algorithm {}", algorithm.name()),
+            )),
+            None => Ok(DEFAULT_SUBWINDOWS),
+        };
+    }
+    let n = raw.unwrap_or(DEFAULT_SUBWINDOWS);
+    if n == 0 || n > bounds::MAX_SUBWINDOWS {
+        return Err(invalid(
+            at("subwindows"),
+            n,
+            &format!("must be between 1 and {}", bounds::MAX_SUBWINDOWS),
+        ));
+    }
+    let tiered = tiers
+        .iter()
+        .flat_map(|t| t.values.iter().flat_map(|v| &v.1));
+    for limit in limits.iter().chain(tiered) {
+        if let Limit::Window { window_ms, .. } = limit {
+            if window_ms % n != 0 {
+                return Err(invalid(
+                    at("subwindows"),
+                    n,
+                    &format!("must divide every window in ms (not {window_ms})"),
+                ));
+            }
+        }
+    }
+    Ok(n)
 }
 
 fn compile_cost(
@@ -965,7 +1024,10 @@ fn compile_limit(at: &str, algorithm: Algorithm, raw: &RawLimit) -> Result<Limit
         Ok(Some(d.as_millis() as u64))
     };
     match algorithm {
-        Algorithm::FixedWindow | Algorithm::SlidingWindow | Algorithm::SlidingLog => {
+        Algorithm::FixedWindow
+        | Algorithm::SlidingWindow
+        | Algorithm::SlidingWindowBounded
+        | Algorithm::SlidingLog => {
             forbid("burst", raw.burst.is_some())?;
             forbid("rate", raw.rate.is_some())?;
             forbid("period", raw.period.is_some())?;
@@ -1617,6 +1679,29 @@ mod tests {
             (
                 rule(json!({"limit": 1, "window": "1s", "burst": 3})),
                 "rules[0].burst: is not used by algorithm fixed_window",
+            ),
+            (
+                rule(json!({"limit": 1, "window": "1s", "subwindows": 4})),
+                "rules[0].subwindows: is not used by algorithm fixed_window (got 4)",
+            ),
+            (
+                rule(
+                    json!({"algorithm": "sliding_window_bounded", "limit": 1, "window": "1s", "subwindows": 0}),
+                ),
+                "rules[0].subwindows: must be between 1 and 100 (got 0)",
+            ),
+            (
+                rule(
+                    json!({"algorithm": "sliding_window_bounded", "limit": 1, "window": "1s", "subwindows": 101}),
+                ),
+                "rules[0].subwindows: must be between 1 and 100 (got 101)",
+            ),
+            (
+                rule(
+                    json!({"algorithm": "sliding_window_bounded", "subwindows": 3,
+                            "limits": [{"limit": 1, "window": "3s"}, {"limit": 5, "window": "1m"}, {"limit": 9, "window": "1s"}]}),
+                ),
+                "rules[0].subwindows: must divide every window in ms (not 1000) (got 3)",
             ),
             (
                 rule(json!({"algorithm": "sliding_log", "limit": 10001, "window": "1s"})),

@@ -31,6 +31,8 @@ struct WireCheck<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     weight_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    subwindows: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     burst: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     rate: Option<u64>,
@@ -53,6 +55,7 @@ impl<'a> WireCheck<'a> {
             ttl_ms: None,
             window_ms: None,
             weight_ms: None,
+            subwindows: None,
             burst: None,
             rate: None,
             period_ms: None,
@@ -76,6 +79,16 @@ impl<'a> WireCheck<'a> {
                 w.limit = Some(*limit);
                 w.window_ms = Some(*window_ms);
                 w.weight_ms = Some(*weight_ms);
+            }
+            CheckKind::SlidingWindowBounded {
+                limit,
+                window_ms,
+                subwindows,
+            } => {
+                w.alg = "sliding_window_bounded";
+                w.limit = Some(*limit);
+                w.window_ms = Some(*window_ms);
+                w.subwindows = Some(*subwindows);
             }
             CheckKind::SlidingLog {
                 limit,
@@ -334,6 +347,19 @@ mod tests {
             serde_json::json!({"alg":"token_bucket","key":"k","burst":5,"rate":1,"period_ms":200,"cost":2})
         );
         assert_eq!(c[3]["alg"], "gcra");
+        let bounded = mk(
+            CheckKind::SlidingWindowBounded {
+                limit: 20,
+                window_ms: 2000,
+                subwindows: 10,
+            },
+            false,
+        );
+        let body: serde_json::Value = serde_json::from_slice(&encode(&[&[bounded]])).unwrap();
+        assert_eq!(
+            body["requests"][0]["checks"][0],
+            serde_json::json!({"alg":"sliding_window_bounded","key":"k","limit":20,"window_ms":2000,"subwindows":10,"cost":2})
+        );
         assert_eq!(
             c[4],
             serde_json::json!({"alg":"concurrency","key":"k","limit":3,"ttl_ms":60000,"id":"r1","cost":2})

@@ -61,6 +61,8 @@ local ALGS = {
       limit = "limit", count = true },
     { name = "sliding_window", keys = { "key", "prev_key" },
       args = { "limit", "window_ms", "weight_ms" }, limit = "limit", count = true },
+    { name = "sliding_window_bounded", keys = { "key" },
+      args = { "limit", "window_ms", "subwindows" }, limit = "limit", count = true },
     { name = "sliding_log", keys = { "key" }, args = { "limit", "window_ms", "id" },
       limit = "limit" },
     { name = "token_bucket", keys = { "key" }, args = { "burst", "rate", "period_ms" },

@@ -36,6 +36,7 @@ local MAX_MS = bounds.MAX_MS
 local MIN_WINDOW_MS = bounds.MIN_WINDOW_MS
 local MIN_SLOT_TTL_MS = bounds.MIN_SLOT_TTL_MS
 local MAX_COST = bounds.MAX_COST
+local MAX_SUBWINDOWS = bounds.MAX_SUBWINDOWS
 local MAX_DEPTH = bounds.MAX_DEPTH
 
 -- What each `alg` takes besides `key`, `alg`, `cost` and `shadow`, in the order checked:
@@ -50,6 +51,11 @@ local ALGS = {
         { "limit", "int", 1, MAX_LIMIT },
         { "window_ms", "int", MIN_WINDOW_MS, MAX_MS },
         { "weight_ms", "int", 1, "window_ms" },
+    },
+    sliding_window_bounded = {
+        { "limit", "int", 1, MAX_LIMIT },
+        { "window_ms", "int", MIN_WINDOW_MS, MAX_MS },
+        { "subwindows", "int", 1, MAX_SUBWINDOWS },
     },
     sliding_log = {
         { "limit", "int", 1, MAX_LOG_LIMIT },
@@ -72,8 +78,8 @@ local ALGS = {
         { "id", "id" },
     },
 }
-local ALG_NAMES = '"fixed_window", "sliding_window", "sliding_log", "token_bucket", "gcra"'
-                  .. ' or "concurrency"'
+local ALG_NAMES = '"fixed_window", "sliding_window", "sliding_window_bounded", "sliding_log",'
+                  .. ' "token_bucket", "gcra" or "concurrency"'
 
 local COMMON_FIELDS = { alg = true, key = true, cost = true, shadow = true }
 -- Per alg: the fields it accepts. ANY_ALG: the fields some alg accepts.
@@ -269,6 +275,11 @@ local function check_one(check, where, key_start)
                                              .. " most one per microsecond)",
                                              check.period_ms * MAX_RATE_PER_PERIOD_MS,
                                              MAX_RATE_PER_PERIOD_MS))
+    end
+
+    -- The script splits the window into sub-windows of window_ms / subwindows whole ms.
+    if alg == "sliding_window_bounded" and check.window_ms % check.subwindows ~= 0 then
+        return fail_at(where, "subwindows", "must divide window_ms")
     end
 
     ok, err = check_integer(check, "cost", where, 0, MAX_COST, 1)
