@@ -34,7 +34,7 @@ const MAX_RATE: u64 = bounds::MAX_RATE;
 const MAX_COST: u64 = bounds::MAX_COST;
 /// Default lifetime of an unreleased concurrency slot.
 const DEFAULT_SLOT_TIMEOUT_MS: u64 = 60_000;
-/// Default sub-windows of a bounded sliding window: a client held at its limit gets at least
+/// Default sub-windows of a `sliding_window`: a client held at its limit gets at least
 /// 10/11 of it (docs/algorithms.md).
 pub const DEFAULT_SUBWINDOWS: u64 = 10;
 
@@ -193,7 +193,7 @@ struct RawRule {
     on_missing: OnMissing,
     #[serde(default)]
     algorithm: Algorithm,
-    /// Sub-windows of a `sliding_window_bounded` rule (each of its windows is split in that many).
+    /// Sub-windows of a `sliding_window` rule (each of its windows is split in that many).
     #[serde(default)]
     subwindows: Option<u64>,
     // The one-limit shorthand: these fields, or `limits`, not both.
@@ -429,12 +429,12 @@ pub enum Algorithm {
     /// One counter per window; cheapest; up to 2× the limit across a window edge.
     #[default]
     FixedWindow,
-    /// Two weighted fixed windows: cheap, but up to ~2× the limit in a window length when
-    /// traffic packs at the end of a window (docs/algorithms.md).
-    SlidingWindow,
     /// `subwindows` counters per window, the oldest counted whole: never more than the limit in
     /// any window length; a client held at its limit gets at least n/(n+1) of it.
-    SlidingWindowBounded,
+    SlidingWindow,
+    /// Two weighted fixed windows: the cheapest sliding estimate, but up to 2 × limit − 1 in a
+    /// window length when traffic packs at the end of a window (docs/algorithms.md).
+    SlidingWindowEstimate,
     /// A sorted set of timestamps: exact, memory grows with the limit.
     SlidingLog,
     /// Tokens refilled continuously up to a burst capacity.
@@ -450,7 +450,7 @@ impl Algorithm {
         match self {
             Algorithm::FixedWindow => "fixed_window",
             Algorithm::SlidingWindow => "sliding_window",
-            Algorithm::SlidingWindowBounded => "sliding_window_bounded",
+            Algorithm::SlidingWindowEstimate => "sliding_window_estimate",
             Algorithm::SlidingLog => "sliding_log",
             Algorithm::TokenBucket => "token_bucket",
             Algorithm::Gcra => "gcra",
@@ -510,7 +510,7 @@ pub struct Rule {
     pub descriptors: Vec<Descriptor>,
     pub on_missing: OnMissing,
     pub algorithm: Algorithm,
-    /// Sub-windows per window (`sliding_window_bounded` only; [`DEFAULT_SUBWINDOWS`] otherwise).
+    /// Sub-windows per window (`sliding_window` only; [`DEFAULT_SUBWINDOWS`] otherwise).
     pub subwindows: u64,
     /// The limits checked (all of them, in one callout); with `tiers`, the default tier's.
     pub limits: Vec<Limit>,
@@ -841,7 +841,7 @@ fn compile_rule_limits(
     Ok((default, Some(Tiers { descriptor, values })))
 }
 
-/// A bounded sliding window's sub-windows: 1..=MAX_SUBWINDOWS, dividing every window of the rule
+/// A `sliding_window` rule's sub-windows: 1..=MAX_SUBWINDOWS, dividing every window of the rule
 /// (the shim splits a window into whole milliseconds).
 fn compile_subwindows(
     at: &dyn Fn(&str) -> String,
@@ -850,7 +850,7 @@ fn compile_subwindows(
     limits: &[Limit],
     tiers: &Option<Tiers>,
 ) -> Result<u64, ConfigError> {
-    if algorithm != Algorithm::SlidingWindowBounded {
+    if algorithm != Algorithm::SlidingWindow {
         return match raw {
             Some(n) => Err(invalid(
                 at("subwindows"),
@@ -1026,7 +1026,7 @@ fn compile_limit(at: &str, algorithm: Algorithm, raw: &RawLimit) -> Result<Limit
     match algorithm {
         Algorithm::FixedWindow
         | Algorithm::SlidingWindow
-        | Algorithm::SlidingWindowBounded
+        | Algorithm::SlidingWindowEstimate
         | Algorithm::SlidingLog => {
             forbid("burst", raw.burst.is_some())?;
             forbid("rate", raw.rate.is_some())?;
@@ -1686,21 +1686,19 @@ mod tests {
             ),
             (
                 rule(
-                    json!({"algorithm": "sliding_window_bounded", "limit": 1, "window": "1s", "subwindows": 0}),
+                    json!({"algorithm": "sliding_window", "limit": 1, "window": "1s", "subwindows": 0}),
                 ),
                 "rules[0].subwindows: must be between 1 and 100 (got 0)",
             ),
             (
                 rule(
-                    json!({"algorithm": "sliding_window_bounded", "limit": 1, "window": "1s", "subwindows": 101}),
+                    json!({"algorithm": "sliding_window", "limit": 1, "window": "1s", "subwindows": 101}),
                 ),
                 "rules[0].subwindows: must be between 1 and 100 (got 101)",
             ),
             (
-                rule(
-                    json!({"algorithm": "sliding_window_bounded", "subwindows": 3,
-                            "limits": [{"limit": 1, "window": "3s"}, {"limit": 5, "window": "1m"}, {"limit": 9, "window": "1s"}]}),
-                ),
+                rule(json!({"algorithm": "sliding_window", "subwindows": 3,
+                            "limits": [{"limit": 1, "window": "3s"}, {"limit": 5, "window": "1m"}, {"limit": 9, "window": "1s"}]})),
                 "rules[0].subwindows: must divide every window in ms (not 1000) (got 3)",
             ),
             (

@@ -301,7 +301,7 @@ pub fn checks_for(
                     };
                     (key(format!("{window_ms}:{}", w.index)), kind)
                 }
-                (Limit::Window { limit, window_ms }, Algorithm::SlidingWindow) => {
+                (Limit::Window { limit, window_ms }, Algorithm::SlidingWindowEstimate) => {
                     let index = now_ms / window_ms;
                     let prev_key = key(format!("{window_ms}:{}", index.saturating_sub(1)));
                     let weight_ms = sliding_weight_ms(now_ms, window_ms);
@@ -313,7 +313,7 @@ pub fn checks_for(
                     };
                     (key(format!("{window_ms}:{index}")), kind)
                 }
-                (Limit::Window { limit, window_ms }, Algorithm::SlidingWindowBounded) => (
+                (Limit::Window { limit, window_ms }, Algorithm::SlidingWindow) => (
                     key(format!("swb:{window_ms}:{}", rule.subwindows)),
                     CheckKind::SlidingWindowBounded {
                         limit,
@@ -588,9 +588,9 @@ pub(crate) mod tests {
     fn every_algorithm_has_its_key_and_parameters() {
         let c = config(
             r#"[{"name": "fw", "limits": [{"limit": 10, "window": "1s"}, {"limit": 1000, "window": "1h"}]},
-                {"name": "sw", "algorithm": "sliding_window", "limit": 10, "window": "1s"},
+                {"name": "sw", "algorithm": "sliding_window_estimate", "limit": 10, "window": "1s"},
                 {"name": "log", "algorithm": "sliding_log", "limit": 10, "window": "1m"},
-                {"name": "swb", "algorithm": "sliding_window_bounded", "limit": 10, "window": "2s", "subwindows": 4},
+                {"name": "swb", "algorithm": "sliding_window", "limit": 10, "window": "2s", "subwindows": 4},
                 {"name": "tb", "algorithm": "token_bucket", "burst": 5, "rate": 1, "period": "200ms"},
                 {"name": "gcra", "algorithm": "gcra", "burst": 5, "rate": 10, "period": "1s", "shadow": true},
                 {"name": "conc", "algorithm": "concurrency", "limit": 3, "timeout": "30s", "cost": 1}]"#,
@@ -877,11 +877,11 @@ pub(crate) mod tests {
         let limits = [
             ("fixed_window", r#""limit": 1000000000000, "window": "1d""#),
             (
-                "sliding_window",
+                "sliding_window_estimate",
                 r#""limit": 1000000000000, "window": "1d""#,
             ),
             (
-                "sliding_window_bounded",
+                "sliding_window",
                 r#""limit": 1000000000000, "window": "1d", "subwindows": 100"#,
             ),
             ("sliding_log", r#""limit": 10000, "window": "1d""#),
