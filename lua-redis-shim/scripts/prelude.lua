@@ -169,7 +169,9 @@ end
 -- Sub-window hashes (sliding_window_bounded): field = sub-window index, value = its count.
 -- Like the counters, each is read once per call (HGETALL) and written once, at the end: the
 -- call's charges (all in the current sub-window, since every check of a call sees one TIME),
--- the sub-windows that have left deleted, and the TTL moved to when the current one leaves.
+-- and, on the first charge of a sub-window, the sub-windows that have left deleted and the TTL
+-- moved to when the new one leaves. Later charges of that sub-window find the TTL already
+-- there: the script that created the field set it, and a script's writes replicate together.
 local hashes = {}
 
 --- The call's state of hash `k`: counts (index → count, charges of this call included).
@@ -186,7 +188,10 @@ function H.buckets(k)
             end
             counts[idx] = v
         end
-        b = { counts = counts, charge = 0 }
+        b = { counts = counts, charge = 0, read = {} }
+        for i in pairs(counts) do
+            b.read[i] = true
+        end
         hashes[k] = b
     end
     return b
@@ -203,18 +208,20 @@ local function flush_hashes()
     for k, b in pairs(hashes) do
         if b.charge > 0 then
             call("HINCRBY", k, H.int(b.index), H.int(b.charge))
-            -- One HDEL for every sub-window that has left (usually one, or none).
-            local gone, n = { "HDEL", k }, 2
-            for i in pairs(b.counts) do
-                if i < b.first then
-                    n = n + 1
-                    gone[n] = H.int(i)
+            if not b.read[b.index] then
+                -- One HDEL for every sub-window that has left (usually one, or none).
+                local gone, n = { "HDEL", k }, 2
+                for i in pairs(b.counts) do
+                    if i < b.first then
+                        n = n + 1
+                        gone[n] = H.int(i)
+                    end
                 end
+                if n > 2 then
+                    call(unpack(gone))
+                end
+                call("PEXPIRE", k, H.int(b.ttl_ms))
             end
-            if n > 2 then
-                call(unpack(gone))
-            end
-            call("PEXPIRE", k, H.int(b.ttl_ms))
         end
     end
 end

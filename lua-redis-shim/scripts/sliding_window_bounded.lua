@@ -8,8 +8,9 @@
 -- Time:  Redis TIME (H.now_ms), so every gateway counts in the same sub-window whatever its
 --        clock: the bound holds across gateways.
 -- State: the hash, read once per call (H.buckets, prelude.lua); a charge HINCRBYs the current
---        sub-window, HDELs sub-windows that have left, and sets PEXPIRE to when the current one
---        leaves ((j + n + 1) × sub − now): at most n + 2 fields, gone when idle.
+--        sub-window; the first charge of a sub-window also HDELs the sub-windows that have left
+--        and sets PEXPIRE to when the new one leaves ((j + n + 1) × sub − now): at most n + 2
+--        fields, gone when idle.
 -- Check: count = the sum of sub-windows j − n … j (j: the current one); fits iff
 --        count + cost <= limit. Why in full: the oldest sub-window's admissions may all lie in
 --        its last millisecond, still inside the window; weighting it by the part still inside
