@@ -120,7 +120,7 @@ def main():
             rows.append((variant, *map(statistics.median, (hot, full, spread, mem, mem_crowd))))
             print(f"{variant}: {rows[-1][1:]}", file=sys.stderr)
     base = {r[0]: r for r in rows}["sliding_window_estimate"]
-    print(f"limit {LIMIT} per {WINDOW_MS} ms at saturation; Redis {redis_version()}; "
+    print(f"limit {LIMIT} per {WINDOW_MS} ms; Redis {redis_version()}; "
           f"{time.strftime('%Y-%m-%d')}; `python3 bench/sliding_cost.py`\n")
     print("| algorithm | Redis CPU per check: 1 hot key, 1 check per call | 32 saturated keys, 32 per call "
           "| 1000 keys below the limit, 32 per call | memory per client: saturated | crowd |")
