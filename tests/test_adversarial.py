@@ -31,8 +31,9 @@ WINDOW_ALGS = ["fixed_window", "sliding_window_estimate", "sliding_window", "sli
 RATE_ALGS = ["token_bucket", "gcra"]
 
 # The most any span of WINDOW_S may hold, per algorithm, in cost units (docs/algorithms.md).
+# A fixed window may add the admissions in flight across an edge (Observer.late_at_an_edge).
 WORST = {
-    "fixed_window": 2 * LIMIT,              # L before an edge, L after
+    "fixed_window": 2 * LIMIT,              # L before an edge, L after (+ the late ones)
     "sliding_window_estimate": 2 * LIMIT - 1,  # L packed at a window's end, then up to L − 1 more
     "sliding_window": LIMIT,                # the oldest sub-window counts in full
     "sliding_log": LIMIT,               # exact
@@ -93,6 +94,13 @@ class Observer:
             best = max(best, total)
         return best, latency
 
+    def late_at_an_edge(self):
+        """The cost admitted by requests sent before a window edge and answered after it. A
+        fixed window's key expires at its window's end (by the gateway's clock), so a request
+        the gateway built just before the edge that reaches Redis after the expiry counts
+        afresh in that window (docs/algorithms.md, fixed_window)."""
+        return sum(c for s, a, c in self.admitted if s // WINDOW_S != a // WINDOW_S)
+
     def provably_inside(self):
         """The most cost that provably reached its algorithm inside one span of WINDOW_S: the
         admissions whose whole [sent, answered] lies in it (used to show a pattern bites)."""
@@ -120,10 +128,11 @@ def check_worst_cases(name, observers):
     lines, broken = [], []
     for alg, o in observers.items():
         worst, latency = o.worst_seen()
+        stated = WORST[alg] + (o.late_at_an_edge() if alg == "fixed_window" else 0)
         lines.append(f"  {alg:24} admitted {sum(c for *_, c in o.admitted):3}, worst span {worst:3} "
-                     f"({worst / LIMIT:.2f} L; stated ≤ {WORST[alg] / LIMIT:.2f} L), provably in one window "
+                     f"({worst / LIMIT:.2f} L; stated ≤ {stated / LIMIT:.2f} L), provably in one window "
                      f"{o.provably_inside():3}, J = {latency * 1000:.0f} ms")
-        if worst > WORST[alg]:
+        if worst > stated:
             broken.append(alg)
     print(f"\n{name}, limit {LIMIT} per {WINDOW_S} s:\n" + "\n".join(lines))
     assert not broken, f"{name}: over the stated worst case: {broken}"

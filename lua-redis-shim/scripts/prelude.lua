@@ -210,15 +210,15 @@ local function flush_hashes()
             call("HINCRBY", k, H.int(b.index), H.int(b.charge))
             if not b.read[b.index] then
                 -- One HDEL for every sub-window that has left (usually one, or none).
-                local gone, n = { "HDEL", k }, 2
+                local gone, n = {}, 0
                 for i in pairs(b.counts) do
                     if i < b.first then
                         n = n + 1
                         gone[n] = H.int(i)
                     end
                 end
-                if n > 2 then
-                    call(unpack(gone))
+                if n > 0 then
+                    call("HDEL", k, unpack(gone))
                 end
                 call("PEXPIRE", k, H.int(b.ttl_ms))
             end
