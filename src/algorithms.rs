@@ -3,7 +3,9 @@
 //! Each model is the same arithmetic as its script under `lua-redis-shim/scripts/`, with time
 //! passed in, so table-driven tests pin the semantics (window edges, refill, retry-after) that
 //! the scripts implement. The filter itself uses [`sliding_weight_ms`] to build sliding-window
-//! checks; the rest documents and tests the contract the shim answers by.
+//! checks; the rest documents and tests the contract the shim answers by. Models are named by
+//! their wire `alg`: [`sliding_window`] is the config's `sliding_window_estimate`, and
+//! [`sliding_window_bounded`] the config's `sliding_window` (docs/wire-format.md says why).
 
 /// What one check answers, whatever the algorithm: enough for exact headers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -468,7 +470,7 @@ mod tests {
     }
 
     /// Why the oldest sub-window counts in full: weighted by the part of it still inside (as
-    /// `sliding_window` weights its previous window), a burst packed at its end is discounted
+    /// the two-window estimate, [`sliding_window`], weights its previous window), a burst packed at its end is discounted
     /// while it is still inside, and a window length holds up to ~2 × limit, whatever `n`.
     #[test]
     fn weighting_the_oldest_sub_window_would_not_be_bounded() {

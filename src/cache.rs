@@ -15,8 +15,8 @@
 //! what Redis would say. Each entry is on the clock its algorithm's time comes from
 //! ([`Clocks::for_check`]): Redis's time (token bucket, GCRA, sliding log, the bounded sliding
 //! window, the fixed window's TTL) is followed by the gateway's own clock, which does not move
-//! when the skew estimate does; the sliding window's weight is computed on the skew-corrected
-//! clock, so its entries are too.
+//! when the skew estimate does; the two-window estimate's weight is computed on the
+//! skew-corrected clock, so its entries are too.
 
 use std::collections::HashMap;
 

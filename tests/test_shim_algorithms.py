@@ -2,10 +2,10 @@
 nginx and a real Redis (docs/wire-format.md v2; arithmetic pinned by src/algorithms.rs).
 
 The pure models of src/algorithms.rs are ported below (integers, like the Rust) so answers are
-compared exactly. The window algorithms take no time from Redis, so their answers are exact.
-The others read Redis's clock (TIME) inside the script: a test reads TIME just before and just
-after the call and asserts the answer lies between the model's answers at those two instants
-(every field is monotonic in time). Waits are short (refills of 100 ms, sleeps of at most
+compared exactly. The fixed window and the two-window estimate take no time from Redis, so their
+answers are exact. The others (sliding_window_bounded included) read Redis's clock (TIME) inside
+the script: a test reads TIME just before and just after the call and asserts the answer lies
+between the model's answers at those two instants (every field is monotonic in time). Waits are short (refills of 100 ms, sleeps of at most
 ~0.5 s, except the 1 s minimum lifetime of a concurrency slot).
 """
 
