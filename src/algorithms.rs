@@ -4,7 +4,9 @@
 //! passed in, so table-driven tests pin the semantics (window edges, refill, retry-after) that
 //! the scripts implement. The filter itself uses [`sliding_weight_ms`] to build sliding-window
 //! checks; the rest is the documented spec the shim answers by, run by tests only (its own
-//! tables, and the engine's model of Redis in `engine::tests`).
+//! tables, and the engine's model of Redis in `engine::tests`). Models are named by their wire
+//! `alg`: [`sliding_window`] is the config's `sliding_window_estimate`, and
+//! [`sliding_window_bounded`] the config's `sliding_window` (docs/wire-format.md says why).
 
 /// What one check answers, whatever the algorithm: enough for exact headers.
 #[cfg_attr(not(test), allow(dead_code))]
@@ -102,6 +104,70 @@ fn sliding_retry_after(
     // In the next window, `cur` becomes the previous window: ceil(cur × weight'' / W) <= room.
     let max_weight = (room as u128 * w) / cur;
     (weight_ms as u128 + w - max_weight) as u64
+}
+
+// --- Bounded sliding window (sub-windows) -----------------------------------------------------
+
+/// The state of a bounded sliding window: what each sub-window admitted, by index
+/// `⌊t / sub⌋` (`sub = window_ms / subwindows`), in a Redis hash.
+pub type SubWindows = std::collections::BTreeMap<u64, u64>;
+
+/// Bounded sliding window: the window split into `n = subwindows` sub-windows of
+/// `sub = window_ms / n` ms (Redis's clock). A check counts the `n + 1` sub-windows the last
+/// `window_ms` touches, `j − n ..= j` (`j = ⌊now / sub⌋`), the partly expired oldest one in full,
+/// and admits while `count + cost <= limit`; so no span of `window_ms` ever holds more than
+/// `limit` (the proof: docs/algorithms.md). Sub-windows before `j − n` are dropped on a
+/// charge, as the script deletes them. `window_ms` must be a multiple of `subwindows`.
+pub fn sliding_window_bounded(
+    state: &SubWindows,
+    now_ms: u64,
+    cost: u64,
+    limit: u64,
+    window_ms: u64,
+    subwindows: u64,
+) -> (Answer, SubWindows) {
+    let n = subwindows.max(1);
+    let sub = (window_ms / n).max(1);
+    let j = now_ms / sub;
+    let first = j.saturating_sub(n);
+    // Sub-window i leaves the window at (i + n + 1) × sub.
+    let leaves = |i: u64| (i + n + 1) * sub - now_ms;
+    // Later indices (Redis's clock stepped back) count too: counting more only denies more.
+    let counted = |s: &SubWindows| s.range(first..).map(|(_, &c)| c).sum::<u64>();
+    let count = counted(state);
+    let allowed = count + cost <= limit;
+    let mut after = state.clone();
+    if allowed && cost > 0 {
+        *after.entry(j).or_insert(0) += cost;
+        after.retain(|&i, _| i >= first);
+    }
+    let retry_after_ms = if allowed {
+        0
+    } else if cost > limit {
+        u64::MAX
+    } else {
+        // The oldest sub-windows must take `count + cost − limit` with them.
+        let need = count + cost - limit;
+        let mut freed = 0;
+        let mut at = j;
+        for i in first..=j {
+            freed += state.get(&i).copied().unwrap_or(0);
+            if freed >= need {
+                at = i;
+                break;
+            }
+        }
+        leaves(at)
+    };
+    let count_after = counted(&after);
+    let newest = after.range(first..).rev().find(|(_, &c)| c > 0);
+    let answer = Answer {
+        allowed,
+        remaining: limit.saturating_sub(count_after),
+        reset_ms: newest.map_or(0, |(&i, _)| leaves(i)),
+        retry_after_ms,
+    };
+    (answer, after)
 }
 
 // --- Token bucket -----------------------------------------------------------------------------
@@ -332,6 +398,107 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The shared vectors (`tests/vectors/sliding_window_bounded.json`), which the Python model
+    /// the shim is compared with runs too.
+    #[test]
+    fn sliding_window_bounded_vectors() {
+        let doc: serde_json::Value =
+            serde_json::from_str(include_str!("../tests/vectors/sliding_window_bounded.json"))
+                .unwrap();
+        for case in doc["cases"].as_array().unwrap() {
+            let p = |f: &str| case[f].as_u64().unwrap();
+            let mut state = SubWindows::new();
+            for step in case["steps"].as_array().unwrap() {
+                let f = |name: &str| step[name].as_u64().unwrap();
+                let (a, after) = sliding_window_bounded(
+                    &state,
+                    f("now_ms"),
+                    f("cost"),
+                    p("limit"),
+                    p("window_ms"),
+                    p("subwindows"),
+                );
+                let n = p("subwindows");
+                let first = (f("now_ms") / (p("window_ms") / n)).saturating_sub(n);
+                let count: u64 = after.range(first..).map(|(_, c)| c).sum();
+                assert_eq!(
+                    (a.allowed, count, a.remaining, a.reset_ms, a.retry_after_ms),
+                    (
+                        step["allowed"].as_bool().unwrap(),
+                        f("count"),
+                        f("remaining"),
+                        f("reset_ms"),
+                        f("retry_after_ms")
+                    ),
+                    "{}: {step}",
+                    case["name"]
+                );
+                state = after;
+            }
+        }
+    }
+
+    /// The bound of docs/algorithms.md, checked on random traffic: no span of `window_ms` ever
+    /// holds more than `limit` admitted, and a denial's retry-after is exact (the same request
+    /// fits then, not 1 ms earlier, if nothing else is admitted meanwhile).
+    #[test]
+    fn sliding_window_bounded_never_passes_its_limit() {
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut rand = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for (limit, window, n) in [(5, 1000, 1), (10, 1000, 4), (20, 2000, 10), (7, 3000, 3)] {
+            let mut state = SubWindows::new();
+            let mut admitted: Vec<(u64, u64)> = Vec::new();
+            let mut now = 100_000;
+            for _ in 0..3000 {
+                now += rand(4) * rand(60);
+                let cost = [0, 1, 1, 1, 2, 3][rand(6) as usize];
+                let (a, after) = sliding_window_bounded(&state, now, cost, limit, window, n);
+                if a.allowed {
+                    admitted.push((now, cost));
+                } else if a.retry_after_ms != u64::MAX {
+                    let at = |dt| sliding_window_bounded(&state, now + dt, cost, limit, window, n);
+                    assert!(at(a.retry_after_ms).0.allowed, "{now} {state:?}");
+                    assert!(!at(a.retry_after_ms - 1).0.allowed, "{now} {state:?}");
+                }
+                state = after;
+                let inside: u64 = admitted
+                    .iter()
+                    .filter(|&&(t, _)| t + window > now)
+                    .map(|&(_, c)| c)
+                    .sum();
+                assert!(inside <= limit, "{inside} in ({}, {now}]", now - window);
+            }
+        }
+    }
+
+    /// Why the oldest sub-window counts in full: weighted by the part of it still inside (as
+    /// the two-window estimate, [`sliding_window`], weights its previous window), a burst packed at its end is discounted
+    /// while it is still inside, and a window length holds up to ~2 × limit, whatever `n`.
+    #[test]
+    fn weighting_the_oldest_sub_window_would_not_be_bounded() {
+        let (limit, window, n) = (20u64, 2000u64, 10u64);
+        let sub = window / n;
+        // `limit` admitted at sub − 1, the last ms of sub-window 0. At n × sub + e, sub-window 0
+        // is the oldest, weighted (sub − e) / sub: the estimate leaves room for `room` more.
+        let (burst_at, e) = (sub - 1, sub - 2);
+        let room = limit - (limit * (sub - e)).div_ceil(sub);
+        assert!(
+            n * sub + e - burst_at < window,
+            "both inside one window length"
+        );
+        assert_eq!(limit + room, 2 * limit - 1);
+        // The bounded window admits none of them: the burst still counts in full.
+        let mut state = SubWindows::new();
+        state.insert(0, limit);
+        let (a, _) = sliding_window_bounded(&state, n * sub + e, 1, limit, window, n);
+        assert!(!a.allowed);
     }
 
     #[test]

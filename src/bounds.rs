@@ -49,6 +49,8 @@ pub const MIN_WINDOW_MS: u64 = 1_000;
 pub const MIN_SLOT_TTL_MS: u64 = 1_000;
 /// Largest `cost`.
 pub const MAX_COST: u64 = 1_000_000_000;
+/// Most sub-windows of a bounded sliding window (each check reads up to this many + 2 fields).
+pub const MAX_SUBWINDOWS: u64 = 100;
 
 // Settings both sides share.
 
@@ -80,6 +82,7 @@ pub(crate) mod tests {
         ("MIN_WINDOW_MS", MIN_WINDOW_MS),
         ("MIN_SLOT_TTL_MS", MIN_SLOT_TTL_MS),
         ("MAX_COST", MAX_COST),
+        ("MAX_SUBWINDOWS", MAX_SUBWINDOWS),
         ("MAX_PREFIX_BYTES", MAX_PREFIX_BYTES as u64),
         ("MAX_SECRET_BYTES", MAX_SECRET_BYTES as u64),
     ];

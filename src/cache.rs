@@ -16,10 +16,10 @@
 //! Times count from when the request's checks were built — no later than when Redis ran them —
 //! not from when the reply arrived, so round trip and queueing never stretch a denial past
 //! what Redis would say. Each entry is on the clock its algorithm's time comes from
-//! ([`Clocks::for_check`]): Redis's time (token bucket, GCRA, sliding log, the fixed window's
-//! TTL) is followed by the gateway's own clock, which does not move when the skew estimate
-//! does; the sliding window's weight is computed on the skew-corrected clock, so its entries
-//! are too.
+//! ([`Clocks::for_check`]): Redis's time (token bucket, GCRA, sliding log, the bounded sliding
+//! window, the fixed window's TTL) is followed by the gateway's own clock, which does not move
+//! when the skew estimate does; the two-window estimate's weight is computed on the
+//! skew-corrected clock, so its entries are too.
 
 use std::collections::HashMap;
 
@@ -82,6 +82,11 @@ pub fn identity(check: &Check) -> String {
         CheckKind::SlidingWindow {
             limit, window_ms, ..
         } => write!(id, "|sw/{limit}/{window_ms}"),
+        CheckKind::SlidingWindowBounded {
+            limit,
+            window_ms,
+            subwindows,
+        } => write!(id, "|swb/{limit}/{window_ms}/{subwindows}"),
         CheckKind::SlidingLog {
             limit, window_ms, ..
         } => write!(id, "|sl/{limit}/{window_ms}"),

@@ -35,6 +35,9 @@ const MAX_RATE: u64 = bounds::MAX_RATE;
 const MAX_COST: u64 = bounds::MAX_COST;
 /// Default lifetime of an unreleased concurrency slot.
 const DEFAULT_SLOT_TIMEOUT_MS: u64 = 60_000;
+/// Default sub-windows of a `sliding_window`: a client held at its limit gets at least
+/// 10/11 of it (docs/algorithms.md).
+pub const DEFAULT_SUBWINDOWS: u64 = 10;
 
 /// Why a configuration was rejected. The `Display` form is the line `on_configure` logs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -219,6 +222,9 @@ struct RawRule {
     on_missing: OnMissing,
     #[serde(default)]
     algorithm: Algorithm,
+    /// Sub-windows of a `sliding_window` rule (each of its windows is split in that many).
+    #[serde(default)]
+    subwindows: Option<u64>,
     // The one-limit shorthand: these fields, or `limits`, not both.
     #[serde(default)]
     limit: Option<u64>,
@@ -471,8 +477,12 @@ pub enum Algorithm {
     /// One counter per window; cheapest; up to 2× the limit across a window edge.
     #[default]
     FixedWindow,
-    /// Two weighted fixed windows: within a few % of exact at fixed-window cost.
+    /// `subwindows` counters per window, the oldest counted whole: never more than the limit in
+    /// any window length; a client held at its limit gets at least n/(n+1) of it.
     SlidingWindow,
+    /// Two weighted fixed windows: the cheapest sliding estimate, but up to 2 × limit − 1 in a
+    /// window length when traffic packs at the end of a window (docs/algorithms.md).
+    SlidingWindowEstimate,
     /// A sorted set of timestamps: exact, memory grows with the limit.
     SlidingLog,
     /// Tokens refilled continuously up to a burst capacity.
@@ -488,6 +498,7 @@ impl Algorithm {
         match self {
             Algorithm::FixedWindow => "fixed_window",
             Algorithm::SlidingWindow => "sliding_window",
+            Algorithm::SlidingWindowEstimate => "sliding_window_estimate",
             Algorithm::SlidingLog => "sliding_log",
             Algorithm::TokenBucket => "token_bucket",
             Algorithm::Gcra => "gcra",
@@ -499,7 +510,7 @@ impl Algorithm {
 /// One limit of a rule, in the shape its algorithm needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Limit {
-    /// `limit` per `window_ms` (fixed window, sliding window, sliding log).
+    /// `limit` per `window_ms` (fixed window, the sliding windows, sliding log).
     Window { limit: u64, window_ms: u64 },
     /// Up to `burst` at once, refilled at `rate` per `period_ms` (token bucket, GCRA).
     Rate {
@@ -547,6 +558,8 @@ pub struct Rule {
     pub descriptors: Vec<Descriptor>,
     pub on_missing: OnMissing,
     pub algorithm: Algorithm,
+    /// Sub-windows per window (`sliding_window` only; [`DEFAULT_SUBWINDOWS`] otherwise).
+    pub subwindows: u64,
     /// The limits checked (all of them, in one callout); with `tiers`, the default tier's.
     pub limits: Vec<Limit>,
     pub tiers: Option<Tiers>,
@@ -841,12 +854,14 @@ fn compile_rule(i: usize, raw: RawRule) -> Result<Rule, ConfigError> {
         Some(u) => Cost::Fixed(u.reserve),
         None => compile_cost(&at, algorithm, raw.cost)?,
     };
+    let subwindows = compile_subwindows(&at, algorithm, raw.subwindows, &limits, &tiers)?;
     Ok(Rule {
         name: raw.name,
         matcher: compile_match(&at("match"), raw.matcher)?,
         descriptors,
         on_missing: raw.on_missing,
         algorithm,
+        subwindows,
         limits,
         tiers,
         cost,
@@ -890,8 +905,8 @@ fn compile_rule_limits(
     Ok((default, Some(Tiers { descriptor, values })))
 }
 
-/// A usage rule: window algorithms only (a charge after the response adds to a counter), and
-/// its request-time cost is the reserve, not `cost`.
+/// A usage rule: fixed_window or sliding_window_estimate (a charge after the response adds to
+/// a counter), and its request-time cost is the reserve, not `cost`.
 fn compile_usage(
     at: &dyn Fn(&str) -> String,
     algorithm: Algorithm,
@@ -901,11 +916,16 @@ fn compile_usage(
     let Some(raw) = raw else { return Ok(None) };
     let source =
         usage::Source::parse(&raw.from).map_err(|r| invalid(at("usage.from"), &raw.from, &r))?;
-    if !matches!(algorithm, Algorithm::FixedWindow | Algorithm::SlidingWindow) {
+    // The charge after the response adds to one counter: a fixed window's, or the estimate's
+    // current window (the bounded sliding window keeps a hash of sub-windows instead).
+    if !matches!(
+        algorithm,
+        Algorithm::FixedWindow | Algorithm::SlidingWindowEstimate
+    ) {
         return Err(invalid(
             at("usage"),
-            format!("{algorithm:?}"),
-            "usage is charged to a window counter: use algorithm fixed_window or sliding_window",
+            algorithm.name(),
+            "usage is charged to a window counter: use algorithm fixed_window or sliding_window_estimate",
         ));
     }
     if has_cost {
@@ -942,6 +962,50 @@ fn compile_usage(
         reserve: raw.reserve,
         unit,
     }))
+}
+
+/// A `sliding_window` rule's sub-windows: 1..=MAX_SUBWINDOWS, dividing every window of the rule
+/// (the shim splits a window into whole milliseconds).
+fn compile_subwindows(
+    at: &dyn Fn(&str) -> String,
+    algorithm: Algorithm,
+    raw: Option<u64>,
+    limits: &[Limit],
+    tiers: &Option<Tiers>,
+) -> Result<u64, ConfigError> {
+    if algorithm != Algorithm::SlidingWindow {
+        return match raw {
+            Some(n) => Err(invalid(
+                at("subwindows"),
+                n,
+                &format!("is not used by algorithm {}", algorithm.name()),
+            )),
+            None => Ok(DEFAULT_SUBWINDOWS),
+        };
+    }
+    let n = raw.unwrap_or(DEFAULT_SUBWINDOWS);
+    if n == 0 || n > bounds::MAX_SUBWINDOWS {
+        return Err(invalid(
+            at("subwindows"),
+            n,
+            &format!("must be between 1 and {}", bounds::MAX_SUBWINDOWS),
+        ));
+    }
+    let tiered = tiers
+        .iter()
+        .flat_map(|t| t.values.iter().flat_map(|v| &v.1));
+    for limit in limits.iter().chain(tiered) {
+        if let Limit::Window { window_ms, .. } = limit {
+            if window_ms % n != 0 {
+                return Err(invalid(
+                    at("subwindows"),
+                    n,
+                    &format!("must divide every window in ms (not {window_ms})"),
+                ));
+            }
+        }
+    }
+    Ok(n)
 }
 
 fn compile_cost(
@@ -1083,7 +1147,10 @@ fn compile_limit(at: &str, algorithm: Algorithm, raw: &RawLimit) -> Result<Limit
         Ok(Some(d.as_millis() as u64))
     };
     match algorithm {
-        Algorithm::FixedWindow | Algorithm::SlidingWindow | Algorithm::SlidingLog => {
+        Algorithm::FixedWindow
+        | Algorithm::SlidingWindow
+        | Algorithm::SlidingWindowEstimate
+        | Algorithm::SlidingLog => {
             forbid("burst", raw.burst.is_some())?;
             forbid("rate", raw.rate.is_some())?;
             forbid("period", raw.period.is_some())?;
@@ -1737,6 +1804,27 @@ mod tests {
                 "rules[0].burst: is not used by algorithm fixed_window",
             ),
             (
+                rule(json!({"limit": 1, "window": "1s", "subwindows": 4})),
+                "rules[0].subwindows: is not used by algorithm fixed_window (got 4)",
+            ),
+            (
+                rule(
+                    json!({"algorithm": "sliding_window", "limit": 1, "window": "1s", "subwindows": 0}),
+                ),
+                "rules[0].subwindows: must be between 1 and 100 (got 0)",
+            ),
+            (
+                rule(
+                    json!({"algorithm": "sliding_window", "limit": 1, "window": "1s", "subwindows": 101}),
+                ),
+                "rules[0].subwindows: must be between 1 and 100 (got 101)",
+            ),
+            (
+                rule(json!({"algorithm": "sliding_window", "subwindows": 3,
+                            "limits": [{"limit": 1, "window": "3s"}, {"limit": 5, "window": "1m"}, {"limit": 9, "window": "1s"}]})),
+                "rules[0].subwindows: must divide every window in ms (not 1000) (got 3)",
+            ),
+            (
                 rule(json!({"algorithm": "sliding_log", "limit": 10001, "window": "1s"})),
                 "rules[0].limit: must be between 1 and 10000 (got 10001)",
             ),
@@ -1754,6 +1842,11 @@ mod tests {
                             "usage": {"from": "bytes"}}),
                 ),
                 "rules[0].usage: usage is charged to a window counter",
+            ),
+            (
+                rule(json!({"algorithm": "sliding_window", "limit": 1, "window": "1h",
+                            "usage": {"from": "bytes"}})),
+                "rules[0].usage: usage is charged to a window counter: use algorithm fixed_window or sliding_window_estimate (got sliding_window)",
             ),
             (
                 rule(json!({"limit": 1, "window": "1h", "cost": 2, "usage": {"from": "bytes"}})),

@@ -51,7 +51,8 @@ const fn max(a: usize, b: usize) -> usize {
 
 /// The longest suffix any algorithm builds from values within the wire bounds:
 /// `gcra:<burst>:<rate>:<period_ms>` (38 bytes); `tb:…` is one shorter, a window counter's
-/// `<window_ms>:<index>` at most 29 (an index of 20 digits), `log:<window_ms>` and `conc` less.
+/// `<window_ms>:<index>` at most 29 (an index of 20 digits), `swb:<window_ms>:<subwindows>`,
+/// `log:<window_ms>` and `conc` less.
 pub const MAX_SUFFIX_BYTES: usize = max(
     "gcra:".len()
         + digits(bounds::MAX_LIMIT)
@@ -250,12 +251,13 @@ mod tests {
     /// longest within the wire bounds.
     const LONG_PREFIX: &str = "pppppppppppppppppppppppppppppppppppppppppppppppppppppppppppppppp";
     const LONG_RULE: &str = "rrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrr";
-    const SUFFIXES: [&str; 6] = [
+    const SUFFIXES: [&str; 7] = [
         "86400000:18446744073709551615",
         "1000:0",
         "tb:1000000000000:1000000000:86400000",
         "gcra:1000000000000:1000000000:86400000",
         "log:86400000",
+        "swb:86400000:100",
         "conc",
     ];
 

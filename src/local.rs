@@ -70,6 +70,9 @@ fn local_slot(check: &Check, replicas: u64, now_ms: u64) -> Option<(String, u64,
         | CheckKind::SlidingWindow {
             limit, window_ms, ..
         }
+        | CheckKind::SlidingWindowBounded {
+            limit, window_ms, ..
+        }
         | CheckKind::SlidingLog {
             limit, window_ms, ..
         } => (limit, window_ms),

@@ -180,6 +180,12 @@ pub enum CheckKind {
         window_ms: u64,
         weight_ms: u64,
     },
+    /// One hash of `subwindows` counters per key, on Redis's clock (the shim reads `TIME`).
+    SlidingWindowBounded {
+        limit: u64,
+        window_ms: u64,
+        subwindows: u64,
+    },
     /// `id` makes this request's entries unique in the log.
     SlidingLog {
         limit: u64,
@@ -210,6 +216,7 @@ impl Check {
         match self.kind {
             CheckKind::FixedWindow { limit, .. }
             | CheckKind::SlidingWindow { limit, .. }
+            | CheckKind::SlidingWindowBounded { limit, .. }
             | CheckKind::SlidingLog { limit, .. }
             | CheckKind::Concurrency { limit, .. } => limit,
             CheckKind::TokenBucket { burst, .. } | CheckKind::Gcra { burst, .. } => burst,
@@ -221,6 +228,7 @@ impl Check {
         match self.kind {
             CheckKind::FixedWindow { window_ms, .. }
             | CheckKind::SlidingWindow { window_ms, .. }
+            | CheckKind::SlidingWindowBounded { window_ms, .. }
             | CheckKind::SlidingLog { window_ms, .. } => Some(window_ms / 1000),
             CheckKind::TokenBucket {
                 period_ms,
@@ -293,7 +301,7 @@ pub fn checks_for(
                     };
                     (key(format!("{window_ms}:{}", w.index)), kind)
                 }
-                (Limit::Window { limit, window_ms }, Algorithm::SlidingWindow) => {
+                (Limit::Window { limit, window_ms }, Algorithm::SlidingWindowEstimate) => {
                     let index = now_ms / window_ms;
                     let prev_key = key(format!("{window_ms}:{}", index.saturating_sub(1)));
                     let weight_ms = sliding_weight_ms(now_ms, window_ms);
@@ -305,6 +313,14 @@ pub fn checks_for(
                     };
                     (key(format!("{window_ms}:{index}")), kind)
                 }
+                (Limit::Window { limit, window_ms }, Algorithm::SlidingWindow) => (
+                    key(format!("swb:{window_ms}:{}", rule.subwindows)),
+                    CheckKind::SlidingWindowBounded {
+                        limit,
+                        window_ms,
+                        subwindows: rule.subwindows,
+                    },
+                ),
                 (Limit::Window { limit, window_ms }, _) => (
                     key(format!("log:{window_ms}")),
                     CheckKind::SlidingLog {
@@ -572,8 +588,9 @@ pub(crate) mod tests {
     fn every_algorithm_has_its_key_and_parameters() {
         let c = config(
             r#"[{"name": "fw", "limits": [{"limit": 10, "window": "1s"}, {"limit": 1000, "window": "1h"}]},
-                {"name": "sw", "algorithm": "sliding_window", "limit": 10, "window": "1s"},
+                {"name": "sw", "algorithm": "sliding_window_estimate", "limit": 10, "window": "1s"},
                 {"name": "log", "algorithm": "sliding_log", "limit": 10, "window": "1m"},
+                {"name": "swb", "algorithm": "sliding_window", "limit": 10, "window": "2s", "subwindows": 4},
                 {"name": "tb", "algorithm": "token_bucket", "burst": 5, "rate": 1, "period": "200ms"},
                 {"name": "gcra", "algorithm": "gcra", "burst": 5, "rate": 10, "period": "1s", "shadow": true},
                 {"name": "conc", "algorithm": "concurrency", "limit": 3, "timeout": "30s", "cost": 1}]"#,
@@ -618,6 +635,14 @@ pub(crate) mod tests {
                     }
                 ),
                 (
+                    "tollgate:{swb}:swb:2000:4",
+                    &CheckKind::SlidingWindowBounded {
+                        limit: 10,
+                        window_ms: 2000,
+                        subwindows: 4,
+                    }
+                ),
+                (
                     "tollgate:{tb}:tb:5:1:200",
                     &CheckKind::TokenBucket {
                         burst: 5,
@@ -643,15 +668,16 @@ pub(crate) mod tests {
                 ),
             ]
         );
-        assert!(checks[5].shadow && !checks[4].shadow);
-        assert_eq!(checks[6].slot(), Some(("tollgate:{conc}:conc", "req-1")));
+        assert!(checks[6].shadow && !checks[5].shadow);
+        assert_eq!(checks[7].slot(), Some(("tollgate:{conc}:conc", "req-1")));
         assert_eq!(checks[0].slot(), None);
+        assert_eq!(checks[4].window_s(), Some(2));
         assert_eq!(
-            checks[4].window_s(),
+            checks[5].window_s(),
             Some(1),
             "5 tokens at 1 per 200 ms come back in 1 s"
         );
-        assert_eq!(checks[6].window_s(), None);
+        assert_eq!(checks[7].window_s(), None);
     }
 
     #[test]
@@ -851,8 +877,12 @@ pub(crate) mod tests {
         let limits = [
             ("fixed_window", r#""limit": 1000000000000, "window": "1d""#),
             (
-                "sliding_window",
+                "sliding_window_estimate",
                 r#""limit": 1000000000000, "window": "1d""#,
+            ),
+            (
+                "sliding_window",
+                r#""limit": 1000000000000, "window": "1d", "subwindows": 100"#,
             ),
             ("sliding_log", r#""limit": 10000, "window": "1d""#),
             (

@@ -37,6 +37,14 @@ enum WireCheck<'a> {
         #[serde(flatten)]
         common: Common,
     },
+    SlidingWindowBounded {
+        key: &'a str,
+        limit: u64,
+        window_ms: u64,
+        subwindows: u64,
+        #[serde(flatten)]
+        common: Common,
+    },
     SlidingLog {
         key: &'a str,
         limit: u64,
@@ -104,6 +112,17 @@ impl<'a> WireCheck<'a> {
                 limit: *limit,
                 window_ms: *window_ms,
                 weight_ms: *weight_ms,
+                common,
+            },
+            &CheckKind::SlidingWindowBounded {
+                limit,
+                window_ms,
+                subwindows,
+            } => WireCheck::SlidingWindowBounded {
+                key,
+                limit,
+                window_ms,
+                subwindows,
                 common,
             },
             CheckKind::SlidingLog {
@@ -389,6 +408,19 @@ mod tests {
             serde_json::json!({"alg":"token_bucket","key":"k","burst":5,"rate":1,"period_ms":200,"cost":2})
         );
         assert_eq!(c[3]["alg"], "gcra");
+        let bounded = mk(
+            CheckKind::SlidingWindowBounded {
+                limit: 20,
+                window_ms: 2000,
+                subwindows: 10,
+            },
+            false,
+        );
+        let body: serde_json::Value = serde_json::from_slice(&encode(&[&[bounded]])).unwrap();
+        assert_eq!(
+            body["requests"][0]["checks"][0],
+            serde_json::json!({"alg":"sliding_window_bounded","key":"k","limit":20,"window_ms":2000,"subwindows":10,"cost":2})
+        );
         assert_eq!(
             c[4],
             serde_json::json!({"alg":"concurrency","key":"k","limit":3,"ttl_ms":60000,"id":"r1","cost":2})
@@ -452,6 +484,11 @@ mod tests {
                 limit: 1,
                 window_ms: 1000,
                 weight_ms: 1,
+            },
+            CheckKind::SlidingWindowBounded {
+                limit: 1,
+                window_ms: 1000,
+                subwindows: 10,
             },
             CheckKind::SlidingLog {
                 limit: 1,

@@ -60,7 +60,8 @@ def rule(name, limit=None, window="1m", descriptors=("header:x-api-key",), **ext
     r = {"name": name, "descriptors": list(descriptors), **extra}
     if limit is not None:
         r["limit"] = limit
-        if r.get("algorithm", "fixed_window") in ("fixed_window", "sliding_window", "sliding_log"):
+        if r.get("algorithm", "fixed_window") in ("fixed_window", "sliding_window", "sliding_window_estimate",
+                                                  "sliding_log"):
             r["window"] = window
     return r
 

@@ -1,16 +1,17 @@
-"""The shim's six algorithms, shadow checks, mixing and /v1/release, over HTTP against a real
+"""The shim's seven algorithms, shadow checks, mixing and /v1/release, over HTTP against a real
 nginx and a real Redis (docs/wire-format.md v2; arithmetic pinned by src/algorithms.rs).
 
 The pure models of src/algorithms.rs are ported below (integers, like the Rust) so answers are
-compared exactly. The window algorithms take no time from Redis, so their answers are exact.
-The others read Redis's clock (TIME) inside the script: a test reads TIME just before and just
-after the call and asserts the answer lies between the model's answers at those two instants
-(every field is monotonic in time). Waits are short (refills of 100 ms, sleeps of at most
+compared exactly. The fixed window and the two-window estimate take no time from Redis, so their
+answers are exact. The others (sliding_window_bounded included) read Redis's clock (TIME) inside
+the script: a test reads TIME just before and just after the call and asserts the answer lies
+between the model's answers at those two instants (every field is monotonic in time). Waits are short (refills of 100 ms, sleeps of at most
 ~0.5 s, except the 1 s minimum lifetime of a concurrency slot).
 """
 
 import http.client
 import json
+import pathlib
 import time
 
 import pytest
@@ -95,6 +96,50 @@ def model_sliding_log(log, now, cost, limit, window):
         retry = expires(after[count + cost - limit - 1])
     return dict(allowed=allowed, remaining=max(0, limit - len(after)),
                 reset_ms=expires(after[-1]) if after else 0, retry_after_ms=retry), after
+
+
+def model_sliding_window_bounded(state, now, cost, limit, window, n):
+    """`state`: sub-window index -> count (a dict, not changed); returns the answer and the new
+    state, as sliding_window_bounded in src/algorithms.rs."""
+    sub = window // n
+    j = now // sub
+    first = max(0, j - n)
+    leaves = lambda i: (i + n + 1) * sub - now  # noqa: E731
+    counted = lambda s: sum(c for i, c in s.items() if i >= first)  # noqa: E731
+    count = counted(state)
+    allowed = count + cost <= limit
+    after = dict(state)
+    if allowed and cost > 0:
+        after[j] = after.get(j, 0) + cost
+        after = {i: c for i, c in after.items() if i >= first}
+    if allowed:
+        retry = 0
+    elif cost > limit:
+        retry = NEVER
+    else:
+        need, freed, at = count + cost - limit, 0, j
+        for i in range(first, j + 1):
+            freed += state.get(i, 0)
+            if freed >= need:
+                at = i
+                break
+        retry = leaves(at)
+    live = [i for i, c in after.items() if i >= first and c > 0]
+    return dict(allowed=allowed, count=counted(after), remaining=max(0, limit - counted(after)),
+                reset_ms=leaves(max(live)) if live else 0, retry_after_ms=retry), after
+
+
+VECTORS = pathlib.Path(__file__).parent / "vectors"
+
+
+def test_bounded_model_runs_the_shared_vectors():
+    """tests/vectors/sliding_window_bounded.json, which src/algorithms.rs runs too."""
+    for case in json.loads((VECTORS / "sliding_window_bounded.json").read_text())["cases"]:
+        state = {}
+        for step in case["steps"]:
+            a, state = model_sliding_window_bounded(state, step["now_ms"], step["cost"], case["limit"],
+                                                    case["window_ms"], case["subwindows"])
+            assert a == {k: step[k] for k in a}, (case["name"], step)
 
 
 def test_models_reproduce_the_rust_tables():
@@ -220,6 +265,11 @@ def gc(name, burst, rate, period_ms, **kw):
                 period_ms=period_ms, **kw)
 
 
+def sb(name, limit, window_ms=10_000, subwindows=10, **kw):
+    return dict(alg="sliding_window_bounded", key=K(name, f"swb:{window_ms}:{subwindows}"), limit=limit,
+                window_ms=window_ms, subwindows=subwindows, **kw)
+
+
 def cc(name, limit, id, ttl_ms=10_000, **kw):
     return dict(alg="concurrency", key=K(name, "conc"), limit=limit, ttl_ms=ttl_ms, id=id, **kw)
 
@@ -244,7 +294,8 @@ def assert_all_keys_expire(b):
 # --- Reply shape ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("check,limit_field,has_count", [
-    (fw("a", 5), "limit", True), (sw("a", 5, 5000), "limit", True), (sl("a", 5), "limit", False),
+    (fw("a", 5), "limit", True), (sw("a", 5, 5000), "limit", True), (sb("a", 5), "limit", True),
+    (sl("a", 5), "limit", False),
     (tb("a", 5, 1, 1000), "burst", False), (gc("a", 5, 1, 1000), "burst", False),
     (cc("a", 5, "r1"), "limit", False),
 ], ids=lambda v: v["alg"] if isinstance(v, dict) else None)
@@ -297,6 +348,18 @@ def test_a_hot_key_is_read_and_written_once_per_call(clean, make):
     # Another call continues from the written count.
     again = one(clean, make())["checks"][0]
     assert again["allowed"] is False and again["count"] == 40
+
+
+def test_a_hot_bounded_key_is_read_and_written_once_per_call(clean):
+    """The same for a bounded sliding window's hash: one HGETALL, one HINCRBY, one PEXPIRE."""
+    redis_cli(clean.redis, "CONFIG", "RESETSTAT")
+    results = ok(clean, *[[sb("hot", 40)] for _ in range(60)])
+    stats = commandstats(clean)
+    assert [r["allowed"] for r in results] == [True] * 40 + [False] * 20
+    assert [r["checks"][0]["count"] for r in results] == list(range(1, 41)) + [40] * 20
+    print(f"\nsliding_window_bounded: 60 checks of one key in one call: Redis commands {stats}")
+    assert stats.get("hgetall") == 1 and stats.get("hincrby") == 1 and stats.get("pexpire") == 1
+    assert sum(hash_state(clean, sb("hot", 40)["key"]).values()) == 40
 
 
 # --- Sliding window: no clock in the script, so exact ---------------------------------------
@@ -461,6 +524,66 @@ def test_gcra_tat_is_in_microseconds(clean):
 
 # --- Sliding log -------------------------------------------------------------------------------
 
+# --- Bounded sliding window ----------------------------------------------------------------------
+
+def hash_state(b, key):
+    flat = redis_cli(b.redis, "HGETALL", key)
+    return {int(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+def bounded_step(b, c, state):
+    """One check against the model: the script reads TIME, so the answer must lie between the
+    model's at the instants just before and just after the call (every field but `allowed` and
+    the counts is monotonic in time; those two are compared when both instants fall in one
+    sub-window)."""
+    r, before, after = timed(b, c)
+    args = (c.get("cost", 1), c["limit"], c["window_ms"], c["subwindows"])
+    lo, lo_state = model_sliding_window_bounded(state, before // 1000, *args)
+    hi, hi_state = model_sliding_window_bounded(state, after // 1000, *args)
+    got = r["checks"][0]
+    sub = c["window_ms"] // c["subwindows"]
+    if before // 1000 // sub == after // 1000 // sub:
+        assert {k: got[k] for k in ("allowed", "count", "remaining")} == \
+            {k: lo[k] for k in ("allowed", "count", "remaining")}, (got, lo)
+        between(got, lo, hi, ["reset_ms", "retry_after_ms"])
+        assert hash_state(b, c["key"]) == {i: n for i, n in lo_state.items() if n}
+    return got, hash_state(b, c["key"])
+
+
+def test_sliding_window_bounded_matches_the_model(clean):
+    """A burst to the limit, denials with the model's retry-after, then readmission when the
+    burst's sub-window leaves; fields that left are deleted, the TTL follows the newest."""
+    c = sb("b", 5, window_ms=1000, subwindows=4)
+    state = {}
+    seen = []
+    for cost in (2, 3, 1, 2):
+        got, state = bounded_step(clean, dict(c, cost=cost), state)
+        seen.append(got["allowed"])
+    assert seen == [True, True, False, False]
+    assert 0 < redis_cli(clean.redis, "PTTL", c["key"]) <= 1250
+    time.sleep(got["retry_after_ms"] / 1000 + 0.02)
+    got, state = bounded_step(clean, dict(c, cost=2), state)
+    assert got["allowed"] is True and len(state) == 1, state
+
+
+def test_sliding_window_bounded_shared_key_deletes_what_left(clean):
+    """Stale sub-windows (set by hand here) are deleted by the next charge, not counted."""
+    c = sb("d", 5, window_ms=1000, subwindows=4)
+    j = now_us(clean) // 1000 // 250
+    redis_cli(clean.redis, "HSET", c["key"], j - 9, 5, j - 5, 5)
+    got = one(clean, c)["checks"][0]
+    assert got["allowed"] is True and got["count"] == 1
+    assert set(hash_state(clean, c["key"])) <= {j, j + 1}
+    assert 0 < redis_cli(clean.redis, "PTTL", c["key"]) <= 1250
+
+
+def test_sliding_window_bounded_corrupt_state_is_a_503(clean):
+    c = sb("x", 5)
+    redis_cli(clean.redis, "HSET", c["key"], "a", 1)
+    status, raw, _ = post(clean.shim.port, _c(**c))
+    assert status == 503 and b"does not hold sub-window counters" in raw, raw
+
+
 def test_sliding_log_burst_then_denied(clean):
     seen = [one(clean, sl("a", 3, id=f"r{i}"))["checks"][0] for i in range(4)]
     assert [s["allowed"] for s in seen] == [True, True, True, False]
@@ -609,7 +732,9 @@ def test_mixed_denial_leaves_a_fixed_window_and_a_concurrency_set_untouched(clea
 @pytest.mark.parametrize("make", [
     lambda i: fw("o", 2), lambda i: sw("o", 2, 5000), lambda i: sl("o", 2, id=f"r{i}"),
     lambda i: tb("o", 2, 1, 10_000), lambda i: gc("o", 2, 1, 10_000), lambda i: cc("o", 2, f"r{i}"),
-], ids=["fixed_window", "sliding_window", "sliding_log", "token_bucket", "gcra", "concurrency"])
+    lambda i: sb("o", 2),
+], ids=["fixed_window", "sliding_window", "sliding_log", "token_bucket", "gcra", "concurrency",
+        "sliding_window_bounded"])
 def test_requests_in_one_body_see_earlier_charges(clean, make):
     results = ok(clean, *[[make(i)] for i in range(3)])
     assert [r["allowed"] for r in results] == [True, True, False]
@@ -618,8 +743,8 @@ def test_requests_in_one_body_see_earlier_charges(clean, make):
 
 @pytest.mark.parametrize("make", [
     lambda: fw("d", 1), lambda: sw("d", 1, 5000), lambda: sl("d", 1),
-    lambda: tb("d", 1, 1, 10_000), lambda: gc("d", 1, 1, 10_000),
-], ids=["fixed_window", "sliding_window", "sliding_log", "token_bucket", "gcra"])
+    lambda: tb("d", 1, 1, 10_000), lambda: gc("d", 1, 1, 10_000), lambda: sb("d", 1),
+], ids=["fixed_window", "sliding_window", "sliding_log", "token_bucket", "gcra", "sliding_window_bounded"])
 def test_same_key_twice_in_one_request_cannot_pass_its_limit(clean, make):
     r = one(clean, make(), make())
     assert r["allowed"] is False and [c["allowed"] for c in r["checks"]] == [True, False]
@@ -631,29 +756,29 @@ def test_every_key_written_has_a_ttl(clean):
     redis_cli(clean.redis, "SET", K("t", "10000:4"), 3)  # a previous window, set by hand
     for i in range(3):
         ok(clean, [fw("t", 2), sw("t", 2, 3000), sl("t", 2, id=f"r{i}"), tb("t", 2, 1, 1000),
-                   gc("t", 2, 1, 1000), cc("t", 2, f"r{i}")],
-           [fw("u", 9, cost=0), tb("u", 9, 1, 1000, cost=0), gc("u", 9, 1, 1000, cost=0)])
+                   gc("t", 2, 1, 1000), cc("t", 2, f"r{i}"), sb("t", 2)],
+           [fw("u", 9, cost=0), tb("u", 9, 1, 1000, cost=0), gc("u", 9, 1, 1000, cost=0), sb("u", 9, cost=0)])
     redis_cli(clean.redis, "DEL", K("t", "10000:4"))
     keys = redis_cli(clean.redis, "KEYS", "*")
-    assert len(keys) == 6, keys  # cost 0 only reads
+    assert len(keys) == 7, keys  # cost 0 only reads
     assert_all_keys_expire(clean)
 
 
 def test_cost_zero_only_reads_for_every_algorithm(clean):
     r = one(clean, fw("z", 1, cost=0), sw("z", 1, 5000, cost=0), sl("z", 1, cost=0),
-            tb("z", 1, 1, 1000, cost=0), gc("z", 1, 1, 1000, cost=0))
-    assert r["allowed"] is True and [c["remaining"] for c in r["checks"]] == [1] * 5
+            tb("z", 1, 1, 1000, cost=0), gc("z", 1, 1, 1000, cost=0), sb("z", 1, cost=0))
+    assert r["allowed"] is True and [c["remaining"] for c in r["checks"]] == [1] * 6
     assert redis_cli(clean.redis, "KEYS", "*") == []
 
 
 def test_survives_script_flush_with_every_algorithm(clean):
     mix = lambda i: [fw("f", 9), sw("f", 9, 5000), sl("f", 9, id=f"r{i}"), tb("f", 9, 1, 10_000),  # noqa: E731
-                     gc("f", 9, 1, 10_000), cc("f", 9, f"r{i}")]
+                     gc("f", 9, 1, 10_000), cc("f", 9, f"r{i}"), sb("f", 9)]
     one(clean, *mix(0))
     redis_cli(clean.redis, "SCRIPT", "FLUSH")
     redis_cli(clean.redis, "FUNCTION", "FLUSH")
     r = one(clean, *mix(1))
-    assert r["allowed"] is True and [c["remaining"] for c in r["checks"]] == [7] * 6
+    assert r["allowed"] is True and [c["remaining"] for c in r["checks"]] == [7] * 7
     redis_cli(clean.redis, "SCRIPT", "FLUSH")
     assert release(clean, (K("f", "conc"), "r0")) == 1
 
@@ -696,6 +821,7 @@ SW = dict(alg="sliding_window", key="tollgate:{a}:10000:5", prev_key="tollgate:{
 SL = dict(alg="sliding_log", key="tollgate:{a}:log", limit=5, window_ms=10_000, id="r1")
 TB = dict(alg="token_bucket", key="tollgate:{a}:tb", burst=5, rate=1, period_ms=1000)
 CC = dict(alg="concurrency", key="tollgate:{a}:conc", limit=5, ttl_ms=10_000, id="r1")
+SB = dict(alg="sliding_window_bounded", key="tollgate:{a}:swb", limit=5, window_ms=10_000, subwindows=10)
 ID_MSG = "must be a string of 1..128 printable ASCII characters (0x21..0x7e)"
 
 BAD_CHECKS = [
@@ -744,6 +870,12 @@ BAD_CHECKS = [
     ("concurrency cost 0", _c(**dict(CC, cost=0)), f'{P}.cost: must be 1 for alg "concurrency"'),
     ("concurrency limit 0", _c(**dict(CC, limit=0)), f"{P}.limit: must be an integer in 1..1000000000000"),
     ("cost of a bucket", _c(**dict(TB, cost=-1)), f"{P}.cost: must be an integer in 0..1000000000"),
+    ("subwindows 0", _c(**dict(SB, subwindows=0)), f"{P}.subwindows: must be an integer in 1..100"),
+    ("subwindows 101", _c(**dict(SB, subwindows=101)), f"{P}.subwindows: must be an integer in 1..100"),
+    ("subwindows missing", _c(**dict(SB, subwindows=None)), f"{P}.subwindows: is required"),
+    ("subwindows not dividing window_ms", _c(**dict(SB, subwindows=3)), f"{P}.subwindows: must divide window_ms"),
+    ("prev_key on a bounded window", _c(**dict(SB, prev_key="tollgate:{a}:x")),
+     f'{P}.prev_key: unknown field for alg "sliding_window_bounded"'),
 ]
 
 
@@ -758,11 +890,11 @@ def test_bad_v2_fields_refuse_the_request_naming_the_field(clean, payload, messa
     assert redis_cli(clean.redis, "DBSIZE") == 0
 
 
-@pytest.mark.parametrize("check", [SW, SL, TB, dict(TB, alg="gcra"), CC, dict(CC, cost=1, shadow=False),
+@pytest.mark.parametrize("check", [SW, SB, SL, TB, dict(TB, alg="gcra"), CC, dict(CC, cost=1, shadow=False),
                                    dict(SW, weight_ms=10_000, shadow=True), dict(SL, id="!" * 128),
                                    dict(TB, alg="gcra", rate=1000, period_ms=1),
                                    dict(TB, rate=10**9, period_ms=1)],
-                         ids=["sw", "sl", "tb", "gcra", "conc", "conc-cost-1", "sw-full-weight", "id-128",
+                         ids=["sw", "sb", "sl", "tb", "gcra", "conc", "conc-cost-1", "sw-full-weight", "id-128",
                               "gcra-one-per-us", "tb-faster-than-one-per-us"])
 def test_valid_v2_checks_are_accepted(clean, check):
     status, raw, _ = post(clean.shim.port, _c(**check))
@@ -832,16 +964,16 @@ def test_release_with_redis_down_is_a_503(tmp_path):
 
 def test_acl_user_with_the_documented_commands_runs_every_algorithm(tmp_path):
     """lua-redis-shim/README.md lists the commands an ACL user needs; exactly those suffice."""
-    commands = ("evalsha script|load ping get incrby pexpire pttl time hmget hset set zadd zcard zscore "
-                "zrange zrem zremrangebyscore").split()
+    commands = ("evalsha script|load ping get incrby pexpire pttl time hmget hset hgetall hincrby hdel set zadd "
+                "zcard zscore zrange zrem zremrangebyscore").split()
     acl = ["tollgate", "on", ">pw", "~tollgate:*"] + [f"+{c}" for c in commands]
     with run_redis(tmp_path / "redis", extra_args=("--user", *acl)) as port, \
             shim_process(tmp_path / "shim", port, REDIS_USER="tollgate", REDIS_PASSWORD="pw") as shim:
         b = Backend(port, shim)
         mix = [fw("acl", 5), sw("acl", 5, 5000), sl("acl", 5), tb("acl", 5, 1, 1000), gc("acl", 5, 1, 1000),
-               cc("acl", 5, "r1")]
+               sb("acl", 5), cc("acl", 5, "r1")]
         assert one(b, *mix)["allowed"] is True
-        assert one(b, *mix[:5], cc("acl", 1, "r2"))["allowed"] is False
+        assert one(b, *mix[:6], cc("acl", 1, "r2"))["allowed"] is False
         assert release(b, (K("acl", "conc"), "r1")) == 1
 
 

@@ -12,8 +12,8 @@
 --     local H = (function(...) <prelude.lua> end)()
 --     local LOAD = {}
 --     LOAD.fixed_window = function() return (function(...) <fixed_window.lua> end)(H) end
---     ...                                 (sliding_window, sliding_log, token_bucket, gcra,
---                                          concurrency)
+--     ...                                 (sliding_window, sliding_window_bounded,
+--                                          sliding_log, token_bucket, gcra, concurrency)
 --     local ALG = setmetatable({}, ...)   ALG[name]: LOAD[name]() on first use, then kept
 --     return (function(...) <main.lua> end)(ALG, H)
 --

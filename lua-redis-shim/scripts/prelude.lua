@@ -2,7 +2,8 @@
 -- prelude, algorithms and main into the one script it loads).
 --
 -- Returns a table H: now_ms(), now_us(), try_now_ms(), muldiv(), int(), clamp_ms(), NEVER,
--- and the call's counters: counter(), charge(), pttl(), flush_counters().
+-- and the call's counters: counter(), charge(), pttl(), buckets(), charge_bucket(),
+-- flush_counters().
 --
 -- Time: one Redis `TIME` per script run, read on first use and then shared by every check of
 -- every request of the call, so all of them see the same instant. main.lua reports it to the
@@ -24,6 +25,7 @@ local floor = math.floor
 local format = string.format
 local pairs = pairs
 local error = error
+local unpack = unpack
 
 local H = {}
 
@@ -164,10 +166,72 @@ function H.pttl(k, c)
     return c.pttl
 end
 
+-- Sub-window hashes (sliding_window_bounded): field = sub-window index, value = its count.
+-- Like the counters, each is read once per call (HGETALL) and written once, at the end: the
+-- call's charges (all in the current sub-window, since every check of a call sees one TIME),
+-- and, on the first charge of a sub-window, the sub-windows that have left deleted and the TTL
+-- moved to when the new one leaves. Later charges of that sub-window find the TTL already
+-- there: the script that created the field set it, and a script's writes replicate together.
+local hashes = {}
+
+--- The call's state of hash `k`: counts (index → count, charges of this call included).
+-- A field or value that is not an integer (written by someone else) fails the script: a 503.
+function H.buckets(k)
+    local b = hashes[k]
+    if not b then
+        local flat = call("HGETALL", k)
+        local counts = {}
+        for i = 1, #flat, 2 do
+            local idx, v = tonumber(flat[i]), tonumber(flat[i + 1])
+            if not idx or not v or idx ~= floor(idx) or v ~= floor(v) then
+                error("tollgate: " .. k .. " does not hold sub-window counters")
+            end
+            counts[idx] = v
+        end
+        b = { counts = counts, charge = 0, read = {} }
+        for i in pairs(counts) do
+            b.read[i] = true
+        end
+        hashes[k] = b
+    end
+    return b
+end
+
+--- Records a charge of `cost` to sub-window `j` of hash `b` (from H.buckets, whose counts the
+-- caller has updated): sub-windows before `first` have left; the hash lives `ttl_ms` more.
+function H.charge_bucket(b, j, cost, first, ttl_ms)
+    b.charge = b.charge + cost
+    b.index, b.first, b.ttl_ms = j, first, ttl_ms
+end
+
+local function flush_hashes()
+    for k, b in pairs(hashes) do
+        if b.charge > 0 then
+            call("HINCRBY", k, H.int(b.index), H.int(b.charge))
+            if not b.read[b.index] then
+                -- One HDEL for every sub-window that has left (usually one, or none).
+                local gone, n = {}, 0
+                for i in pairs(b.counts) do
+                    if i < b.first then
+                        n = n + 1
+                        gone[n] = H.int(i)
+                    end
+                end
+                if n > 0 then
+                    call("HDEL", k, unpack(gone))
+                end
+                call("PEXPIRE", k, H.int(b.ttl_ms))
+            end
+        end
+    end
+end
+
 --- Writes the call's charges: one INCRBY per charged counter, and a PEXPIRE for a new one
 -- or one without expiry (set by hand, or a PEXPIRE lost in a failover) that would otherwise
--- block its key forever. main.lua calls it once, after the last request.
+-- block its key forever; then the sub-window hashes' (H.buckets above). main.lua calls
+-- it once, after the last request.
 function H.flush_counters()
+    flush_hashes()
     for k, c in pairs(counters) do
         if c.charge > 0 then
             call("INCRBY", k, H.int(c.charge))
@@ -185,6 +249,7 @@ end
 function H.reset()
     clock_ms, clock_us = nil, nil
     counters = {}
+    hashes = {}
 end
 
 --- A time in ms capped at 2^52 (TTLs and reported times).

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use super::fake::{Callout, FakeHost};
 use super::*;
-use crate::algorithms::{self, Answer, Bucket};
+use crate::algorithms::{self, Answer, Bucket, SubWindows};
 use crate::metrics::Counter;
 use crate::request::checks_for;
 
@@ -23,6 +23,9 @@ struct FakeRedis {
     buckets: HashMap<String, Bucket>,
     tats: HashMap<String, u64>,
     logs: HashMap<String, Vec<u64>>,
+    /// Bounded sliding windows: the hash of sub-window counts (stale ones only ever dropped;
+    /// they no longer count, as when the key expires).
+    subwindows: HashMap<String, SubWindows>,
     /// Concurrency: key → slot id → expiry.
     slots: HashMap<String, HashMap<String, u64>>,
 }
@@ -33,6 +36,7 @@ enum Commit {
     Bucket(String, Bucket),
     Tat(String, u64),
     Log(String, Vec<u64>),
+    SubWindows(String, SubWindows),
     Slot(String, String, u64),
 }
 
@@ -78,6 +82,18 @@ impl FakeRedis {
                     window,
                 );
                 (a, u(c, "limit"), Commit::Counter(key, after, exp))
+            }
+            "sliding_window_bounded" => {
+                let state = self.subwindows.get(&key).cloned().unwrap_or_default();
+                let (a, after) = algorithms::sliding_window_bounded(
+                    &state,
+                    now,
+                    cost,
+                    u(c, "limit"),
+                    u(c, "window_ms"),
+                    u(c, "subwindows"),
+                );
+                (a, u(c, "limit"), Commit::SubWindows(key, after))
             }
             "sliding_log" => {
                 let log = self.logs.get(&key).cloned().unwrap_or_default();
@@ -142,6 +158,9 @@ impl FakeRedis {
             }
             Commit::Log(k, l) => {
                 self.logs.insert(k, l);
+            }
+            Commit::SubWindows(k, w) => {
+                self.subwindows.insert(k, w);
             }
             Commit::Slot(k, id, exp) => {
                 self.slots.entry(k).or_default().insert(id, exp);
@@ -962,7 +981,7 @@ impl Harness {
 const USAGE_RULES: &str = r#""rules": [
     {"name": "tokens", "descriptors": ["header:k"], "limits": [{"limit": 1000, "window": "1h"}, {"limit": 5000, "window": "1d"}],
      "usage": {"from": "json:usage.total_tokens", "reserve": 10}},
-    {"name": "bytes", "descriptors": ["header:k"], "algorithm": "sliding_window", "limit": 1000000, "window": "1m",
+    {"name": "bytes", "descriptors": ["header:k"], "algorithm": "sliding_window_estimate", "limit": 1000000, "window": "1m",
      "usage": {"from": "bytes", "reserve": 0}}]"#;
 
 #[test]
@@ -1083,6 +1102,8 @@ fn property_config(coalesce: bool, skew: bool, failure_mode: &str, scale: u64) -
             "algorithm": "sliding_window"}},
           {{"name": "log", "descriptors": ["header:k"], "algorithm": "sliding_log", "limit": {}, "window": "1s",
             "match": {{"path_prefix": "/log"}}}},
+          {{"name": "swe", "descriptors": ["header:k"], "algorithm": "sliding_window_estimate", "limit": {}, "window": "2s",
+            "match": {{"path_prefix": "/log"}}}},
           {{"name": "tb", "descriptors": ["header:k"], "algorithm": "token_bucket", "burst": {}, "rate": 2, "period": "1s",
             "match": {{"path_prefix": "/tb"}}}},
           {{"name": "gcra", "descriptors": ["header:k"], "algorithm": "gcra", "burst": {}, "rate": 3, "period": "1s",
@@ -1095,6 +1116,7 @@ fn property_config(coalesce: bool, skew: bool, failure_mode: &str, scale: u64) -
         l(20),
         l(6),
         l(2),
+        l(3),
         l(3),
         l(3),
         l(2),

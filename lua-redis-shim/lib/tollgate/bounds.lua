@@ -31,6 +31,8 @@ _M.MAX_MS = 86400000
 _M.MIN_WINDOW_MS = 1000
 _M.MIN_SLOT_TTL_MS = 1000
 _M.MAX_COST = 1e9
+-- Sub-windows of a sliding_window_bounded: each check reads up to this many + 2 hash fields.
+_M.MAX_SUBWINDOWS = 100
 
 -- Settings both sides share: the key prefix (TOLLGATE_KEY_PREFIX, the filter's key_prefix) and
 -- the shared secret (TOLLGATE_SHIM_SECRET, the filter's shim.secret).

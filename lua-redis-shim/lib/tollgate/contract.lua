@@ -28,6 +28,11 @@ _M.ALGS = {
         { "window_ms", "int", "MIN_WINDOW_MS", "MAX_MS" },
         { "weight_ms", "int", 1, "window_ms" },
     } },
+    { name = "sliding_window_bounded", limit = "limit", count = true, fields = {
+        { "limit", "int", 1, "MAX_LIMIT" },
+        { "window_ms", "int", "MIN_WINDOW_MS", "MAX_MS" },
+        { "subwindows", "int", 1, "MAX_SUBWINDOWS" },
+    } },
     { name = "sliding_log", limit = "limit", count = false, fields = {
         { "limit", "int", 1, "MAX_LOG_LIMIT" },
         { "window_ms", "int", "MIN_WINDOW_MS", "MAX_MS" },

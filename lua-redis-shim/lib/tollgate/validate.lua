@@ -257,6 +257,11 @@ local function check_one(check, where, key_start)
                                              MAX_RATE_PER_PERIOD_MS))
     end
 
+    -- The script splits the window into sub-windows of window_ms / subwindows whole ms.
+    if alg == "sliding_window_bounded" and check.window_ms % check.subwindows ~= 0 then
+        return fail_at(where, "subwindows", "must divide window_ms")
+    end
+
     ok, err = check_integer(check, "cost", where, 0, MAX_COST, 1)
     if not ok then
         return nil, err
