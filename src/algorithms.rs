@@ -110,6 +110,7 @@ fn sliding_retry_after(
 
 /// The state of a bounded sliding window: what each sub-window admitted, by index
 /// `⌊t / sub⌋` (`sub = window_ms / subwindows`), in a Redis hash.
+#[cfg_attr(not(test), allow(dead_code))]
 pub type SubWindows = std::collections::BTreeMap<u64, u64>;
 
 /// Bounded sliding window: the window split into `n = subwindows` sub-windows of
@@ -118,6 +119,7 @@ pub type SubWindows = std::collections::BTreeMap<u64, u64>;
 /// and admits while `count + cost <= limit`; so no span of `window_ms` ever holds more than
 /// `limit` (the proof: docs/algorithms.md). Sub-windows before `j − n` are dropped on a
 /// charge, as the script deletes them. `window_ms` must be a multiple of `subwindows`.
+#[cfg_attr(not(test), allow(dead_code))]
 pub fn sliding_window_bounded(
     state: &SubWindows,
     now_ms: u64,
