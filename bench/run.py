@@ -378,7 +378,7 @@ class LoadLog:
 def wrk(log: LoadLog, url: str, connections: int, seconds: int, setup=None) -> tuple:
     """Closed loop: (requests completed, req/s, statuses); with the setup's script, if any."""
     script = ["-s", str(BENCH / "wrk" / setup.wrk_script)] if setup and setup.wrk_script else []
-    out = log.run(["wrk", "-t", str(WRK_THREADS), "-c", str(connections), "-d", f"{seconds}s", "--timeout", "2s",
+    out = log.run(["wrk", "-t", str(min(WRK_THREADS, connections)), "-c", str(connections), "-d", f"{seconds}s", "--timeout", "2s",
                    *script, url], seconds + 30, env=setup.wrk_env if setup else None)
     requests = int(re.search(r"(\d+) requests in", out).group(1))
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
