@@ -141,7 +141,7 @@ README_END = "<!-- bench-results:end -->"
 
 def update_readme(md: str, meta: dict):
     """Copies the tables of a full run into README.md, between the bench-results markers:
-    throughput, CPU per request, and latency at 10 % and 50 % of A's saturation."""
+    throughput, CPU per request, latency at 10 % and 50 % of A's saturation, and one client."""
     readme = ROOT / "README.md"
     text = readme.read_text()
     if README_START not in text or README_END not in text:
@@ -167,6 +167,8 @@ def update_readme(md: str, meta: dict):
         "Latency at 10 % and 50 % of A's saturation (open loop; *added* is over A at the same rate):",
         "",
         *latency,
+        *(["", "One client, sequential requests on one keep-alive connection, before any load (ms):", "",
+            *tables["One client"]] if "One client" in tables else []),
         README_END,
     ])
     start, end = text.index(README_START), text.index(README_END) + len(README_END)
