@@ -17,7 +17,7 @@
 
 use std::collections::VecDeque;
 
-use crate::request::Check;
+use crate::check::Check;
 
 /// A paused request waiting for its verdict.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -217,7 +217,7 @@ pub fn deadline(requests: &[Pending], timeout_ms: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::request::CheckKind;
+    use crate::check::CheckKind;
 
     fn checks(n: usize) -> Vec<Check> {
         (0..n)

@@ -23,7 +23,7 @@
 
 use std::collections::HashMap;
 
-use crate::request::{Check, CheckKind};
+use crate::check::{Check, CheckKind};
 use crate::wire::CheckResult;
 
 /// Shared-data slots per gateway: ~4096 × (key + 16 bytes) at most.

@@ -6,9 +6,9 @@
 use std::fmt;
 
 use crate::cache;
+use crate::check::{Check, CheckKind};
 use crate::config::{Config, FailureMode, LocalResponse};
 use crate::local::LocalLimiter;
-use crate::request::{Check, CheckKind};
 use crate::wire::{self, CheckResult, RequestResult};
 
 /// What the filter does with a request.

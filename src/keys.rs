@@ -63,6 +63,38 @@ pub const MAX_SUFFIX_BYTES: usize = max(
     digits(bounds::MAX_MS) + 1 + digits(u64::MAX),
 );
 
+/// The suffix that names each algorithm's state, built here and nowhere else (the shim's
+/// scripts say the same shapes atop their files; [`MAX_SUFFIX_BYTES`] bounds them all).
+pub mod suffix {
+    /// A window counter (fixed window, the sliding estimate's two windows).
+    pub fn window(window_ms: u64, index: u64) -> String {
+        format!("{window_ms}:{index}")
+    }
+
+    /// The bounded sliding window's hash of sub-window counters.
+    pub fn sub_windows(window_ms: u64, subwindows: u64) -> String {
+        format!("swb:{window_ms}:{subwindows}")
+    }
+
+    /// The sliding log's sorted set.
+    pub fn log(window_ms: u64) -> String {
+        format!("log:{window_ms}")
+    }
+
+    /// A token bucket's state, named by its parameters so a changed limit starts afresh.
+    pub fn token_bucket(burst: u64, rate: u64, period_ms: u64) -> String {
+        format!("tb:{burst}:{rate}:{period_ms}")
+    }
+
+    /// GCRA's theoretical arrival time, named by its parameters.
+    pub fn gcra(burst: u64, rate: u64, period_ms: u64) -> String {
+        format!("gcra:{burst}:{rate}:{period_ms}")
+    }
+
+    /// The concurrency slots' sorted set (the shim's release endpoint requires `}:conc`).
+    pub const CONCURRENCY: &str = "conc";
+}
+
 /// Bytes of a hashed tuple: `#` + 32 hex digits.
 const HASHED_TUPLE_BYTES: usize = 1 + 32;
 

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use crate::request::{Check, CheckKind};
+use crate::check::{Check, CheckKind};
 
 /// Per-worker fixed-window counters for the fallback: key and window index → (count, when the
 /// window ends).

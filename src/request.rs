@@ -4,11 +4,11 @@ use std::cell::OnceCell;
 use std::net::IpAddr;
 
 use crate::algorithms::sliding_weight_ms;
-use crate::config::{
-    Algorithm, ClientIp, ClientIpSource, Config, Cost, Descriptor, Limit, OnMissing, Rule,
-};
+use crate::check::{Check, CheckKind};
+use crate::config::{ClientIp, ClientIpSource, Config};
 use crate::ip;
-use crate::keys::{counter_key, fixed_window, Value};
+use crate::keys::{counter_key, fixed_window, suffix, Value};
+use crate::rules::{Algorithm, Cost, Descriptor, Limit, OnMissing, Rule};
 
 /// The few request attributes the pure logic reads, provided by the host (Envoy, Kong, a test).
 pub trait RequestView {
@@ -152,118 +152,6 @@ impl<'v, V: RequestView> Facts<'v, V> {
     }
 }
 
-/// One limit of one rule on one request: what the shim needs plus what the decision needs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Check {
-    /// Index into `Config::rules`.
-    pub rule: usize,
-    pub key: String,
-    pub cost: u64,
-    /// Counted and reported, never denies.
-    pub shadow: bool,
-    pub kind: CheckKind,
-}
-
-/// The algorithm-specific part of a check.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CheckKind {
-    /// `ttl_ms`: until this window ends by the gateway clock, the earliest `Retry-After`.
-    FixedWindow {
-        limit: u64,
-        window_ms: u64,
-        ttl_ms: u64,
-    },
-    /// `prev_key` counts the previous window; `weight_ms` of it still lies inside the slide.
-    SlidingWindow {
-        prev_key: String,
-        limit: u64,
-        window_ms: u64,
-        weight_ms: u64,
-    },
-    /// One hash of `subwindows` counters per key, on Redis's clock (the shim reads `TIME`).
-    SlidingWindowBounded {
-        limit: u64,
-        window_ms: u64,
-        subwindows: u64,
-    },
-    /// `id` makes this request's entries unique in the log.
-    SlidingLog {
-        limit: u64,
-        window_ms: u64,
-        id: String,
-    },
-    TokenBucket {
-        burst: u64,
-        rate: u64,
-        period_ms: u64,
-    },
-    Gcra {
-        burst: u64,
-        rate: u64,
-        period_ms: u64,
-    },
-    /// `id` names this request's slot so it can be released when the stream ends.
-    Concurrency {
-        limit: u64,
-        timeout_ms: u64,
-        id: String,
-    },
-}
-
-impl Check {
-    /// The number of requests the limit allows (the burst for rate algorithms).
-    pub fn limit(&self) -> u64 {
-        match self.kind {
-            CheckKind::FixedWindow { limit, .. }
-            | CheckKind::SlidingWindow { limit, .. }
-            | CheckKind::SlidingWindowBounded { limit, .. }
-            | CheckKind::SlidingLog { limit, .. }
-            | CheckKind::Concurrency { limit, .. } => limit,
-            CheckKind::TokenBucket { burst, .. } | CheckKind::Gcra { burst, .. } => burst,
-        }
-    }
-
-    /// The policy's time span in seconds for `RateLimit-Policy` (`w=`); `None` for concurrency.
-    pub fn window_s(&self) -> Option<u64> {
-        match self.kind {
-            CheckKind::FixedWindow { window_ms, .. }
-            | CheckKind::SlidingWindow { window_ms, .. }
-            | CheckKind::SlidingWindowBounded { window_ms, .. }
-            | CheckKind::SlidingLog { window_ms, .. } => Some(window_ms / 1000),
-            CheckKind::TokenBucket {
-                period_ms,
-                burst,
-                rate,
-            }
-            | CheckKind::Gcra {
-                period_ms,
-                burst,
-                rate,
-            } => {
-                // The time a full burst takes to come back.
-                Some((burst as u128 * period_ms as u128).div_ceil(rate as u128 * 1000) as u64)
-            }
-            CheckKind::Concurrency { .. } => None,
-        }
-    }
-
-    /// The earliest moment (ms from now) a denial by this check may point `Retry-After` to.
-    pub fn min_retry_ms(&self) -> u64 {
-        match self.kind {
-            CheckKind::FixedWindow { ttl_ms, .. } => ttl_ms,
-            _ => 0,
-        }
-    }
-
-    /// The slot to release when the request ends, for a concurrency check.
-    pub fn slot(&self) -> Option<(&str, &str)> {
-        match &self.kind {
-            CheckKind::Concurrency { id, .. } => Some((self.key.as_str(), id.as_str())),
-            _ => None,
-        }
-    }
-}
-
 /// The checks for every rule that applies to this request, in rule order.
 /// `request_id` must be unique per request across all gateways (it names concurrency slots).
 pub fn checks_for(
@@ -287,8 +175,7 @@ pub fn checks_for(
             .collect();
         let cost = cost_of(&rule.cost, &facts);
         for limit in limits_for(rule, &facts) {
-            let key =
-                |suffix: String| counter_key(&config.key_prefix, &rule.name, &borrowed, &suffix);
+            let key = |tail: String| counter_key(&config.key_prefix, &rule.name, &borrowed, &tail);
             // Each algorithm's state has its own key shape (see `keys`); the window counters of
             // fixed and sliding windows are the same kind of key.
             let (key, kind) = match (*limit, rule.algorithm) {
@@ -299,11 +186,11 @@ pub fn checks_for(
                         window_ms,
                         ttl_ms: w.remaining_ms,
                     };
-                    (key(format!("{window_ms}:{}", w.index)), kind)
+                    (key(suffix::window(window_ms, w.index)), kind)
                 }
                 (Limit::Window { limit, window_ms }, Algorithm::SlidingWindowEstimate) => {
                     let index = now_ms / window_ms;
-                    let prev_key = key(format!("{window_ms}:{}", index.saturating_sub(1)));
+                    let prev_key = key(suffix::window(window_ms, index.saturating_sub(1)));
                     let weight_ms = sliding_weight_ms(now_ms, window_ms);
                     let kind = CheckKind::SlidingWindow {
                         prev_key,
@@ -311,10 +198,10 @@ pub fn checks_for(
                         window_ms,
                         weight_ms,
                     };
-                    (key(format!("{window_ms}:{index}")), kind)
+                    (key(suffix::window(window_ms, index)), kind)
                 }
                 (Limit::Window { limit, window_ms }, Algorithm::SlidingWindow) => (
-                    key(format!("swb:{window_ms}:{}", rule.subwindows)),
+                    key(suffix::sub_windows(window_ms, rule.subwindows)),
                     CheckKind::SlidingWindowBounded {
                         limit,
                         window_ms,
@@ -322,7 +209,7 @@ pub fn checks_for(
                     },
                 ),
                 (Limit::Window { limit, window_ms }, _) => (
-                    key(format!("log:{window_ms}")),
+                    key(suffix::log(window_ms)),
                     CheckKind::SlidingLog {
                         limit,
                         window_ms,
@@ -337,7 +224,7 @@ pub fn checks_for(
                     },
                     Algorithm::Gcra,
                 ) => (
-                    key(format!("gcra:{burst}:{rate}:{period_ms}")),
+                    key(suffix::gcra(burst, rate, period_ms)),
                     CheckKind::Gcra {
                         burst,
                         rate,
@@ -352,7 +239,7 @@ pub fn checks_for(
                     },
                     _,
                 ) => (
-                    key(format!("tb:{burst}:{rate}:{period_ms}")),
+                    key(suffix::token_bucket(burst, rate, period_ms)),
                     CheckKind::TokenBucket {
                         burst,
                         rate,
@@ -360,7 +247,7 @@ pub fn checks_for(
                     },
                 ),
                 (Limit::InFlight { limit, timeout_ms }, _) => (
-                    key("conc".to_string()),
+                    key(suffix::CONCURRENCY.to_string()),
                     CheckKind::Concurrency {
                         limit,
                         timeout_ms,

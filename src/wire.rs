@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::request::{Check, CheckKind};
+use crate::check::{Check, CheckKind};
 
 #[derive(Serialize)]
 struct WireRequestBody<'a> {
