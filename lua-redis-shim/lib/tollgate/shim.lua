@@ -447,8 +447,10 @@ function _M.check()
     return send(200, out)
 end
 
---- POST /v1/charge: usage consumed by responses that ended, added to window counters.
-function _M.charge()
+-- The shape /v1/release and /v1/charge share: a body of items decoded by `decode`, one KEYS
+-- entry per item (its key) with one ARGV entry (`arg(item)`), one call of `s` whose reply is a
+-- count, answered as {"<field>": count}.
+local function keyed(what, s, decode, arg, field)
     if not authorized() then
         return
     end
@@ -456,63 +458,46 @@ function _M.charge()
     if not body then
         return
     end
-    local charges, err = validate.decode_charges(body, conf.key_prefix)
-    if not charges then
+    local items, err = decode(body, conf.key_prefix)
+    if not items then
         return send_error(400, "bad_request", err)
     end
-    local n = #charges
+    local n = #items
     local args = new_tab(2 * n, 0)
     for i = 1, n do
-        local c = charges[i]
-        args[i], args[n + i] = c.key, int(c.delta) .. " " .. int(c.ttl_ms)
+        args[i], args[n + i] = items[i].key, arg(items[i])
     end
-    local changed
     local started = metrics_now()
-    changed, err = run(charge_script, n, args)
+    local count
+    count, err = run(s, n, args)
     metrics.observe_redis(metrics_now() - started)
-    if changed and type(changed) ~= "number" then
-        changed, err = nil, "unexpected reply from charge.lua"
+    if count and type(count) ~= "number" then
+        count, err = nil, "unexpected reply from " .. s.name
     end
-    if not changed then
+    if not count then
         metrics.redis_error()
-        ngx_log(ngx_ERR, "charge: ", err)
+        ngx_log(ngx_ERR, what, ": ", err)
         return send_error(503, "backend_unavailable", err)
     end
-    return send(200, '{"charged":' .. int(changed) .. "}")
+    return send(200, '{"' .. field .. '":' .. int(count) .. "}")
+end
+
+local function charge_arg(c)
+    return int(c.delta) .. " " .. int(c.ttl_ms)
+end
+
+local function release_arg(r)
+    return r.id
+end
+
+--- POST /v1/charge: usage consumed by responses that ended, added to window counters.
+function _M.charge()
+    return keyed("charge", charge_script, validate.decode_charges, charge_arg, "charged")
 end
 
 --- POST /v1/release: frees concurrency slots.
 function _M.release()
-    if not authorized() then
-        return
-    end
-    local body = read_post_body()
-    if not body then
-        return
-    end
-    local releases, err = validate.decode_release(body, conf.key_prefix)
-    if not releases then
-        return send_error(400, "bad_request", err)
-    end
-
-    local n = #releases
-    local args = new_tab(2 * n, 0)
-    for i = 1, n do
-        args[i], args[n + i] = releases[i].key, releases[i].id
-    end
-    local released
-    local started = metrics_now()
-    released, err = run(release_script, n, args)
-    metrics.observe_redis(metrics_now() - started)
-    if released and type(released) ~= "number" then
-        released, err = nil, "unexpected reply from release.lua"
-    end
-    if not released then
-        metrics.redis_error()
-        ngx_log(ngx_ERR, "release: ", err)
-        return send_error(503, "backend_unavailable", err)
-    end
-    return send(200, '{"released":' .. int(released) .. "}")
+    return keyed("release", release_script, validate.decode_release, release_arg, "released")
 end
 
 --- GET /healthz: 200 when Redis answers PING.
