@@ -176,6 +176,10 @@ impl Batcher {
         {
             queued.extend(self.queue.pop_front());
         }
+        // The root ticks every millisecond: rebuild the list only when something is overdue.
+        if !self.in_flight.iter().any(|b| late(b.deadline_ms)) {
+            return (queued, Vec::new());
+        }
         let (overdue, kept): (Vec<InFlight>, Vec<InFlight>) =
             self.in_flight.drain(..).partition(|b| late(b.deadline_ms));
         self.in_flight = kept;

@@ -321,7 +321,7 @@ impl<H: Host> Engine<H> {
             return Action::Pause;
         }
         if !self.breaker.allows_call(since_ms) {
-            let verdict = self.failure_verdict(&Failure::CircuitOpen, &pending.checks);
+            let verdict = self.failure_verdict(&Failure::CircuitOpen, &pending.checks, since_ms);
             return self.decide_now(ctx, &pending.checks, verdict, Source::FailureMode);
         }
         // Sent on the root's behalf, so the host never cancels it with the stream (the reply
@@ -343,8 +343,11 @@ impl<H: Host> Engine<H> {
             }
             Err(e) => {
                 self.breaker.failed(since_ms);
-                let verdict =
-                    self.failure_verdict(&Failure::Dispatch(e.to_string()), &pending.checks);
+                let verdict = self.failure_verdict(
+                    &Failure::Dispatch(e.to_string()),
+                    &pending.checks,
+                    since_ms,
+                );
                 self.decide_now(ctx, &pending.checks, verdict, Source::FailureMode)
             }
         }
@@ -405,6 +408,9 @@ impl<H: Host> Engine<H> {
 
     /// A response body chunk of `size` bytes passes: usage rules count it.
     pub fn on_response_body(&mut self, ctx: u32, size: usize) {
+        if !self.config.has_usage_rules {
+            return;
+        }
         let Some(Req { usage: Some(m), .. }) = self.requests.get_mut(&ctx) else {
             return;
         };
@@ -463,18 +469,20 @@ impl<H: Host> Engine<H> {
             if live {
                 self.breaker.failed(now);
             }
-            self.fail_callout(callout, &Failure::Status(504));
+            self.fail_callout(callout, &Failure::Status(504), now);
         }
         for pending in queued {
-            let verdict = self.failure_verdict(&Failure::Status(504), &pending.checks);
+            let verdict = self.failure_verdict(&Failure::Status(504), &pending.checks, now);
             self.settle(pending, verdict, Source::FailureMode, false);
         }
-        let (late, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.charge_callouts)
-            .into_iter()
-            .partition(|c| now > c.deadline_ms.saturating_add(WATCHDOG_GRACE_MS));
-        self.charge_callouts = kept;
-        for c in late {
-            self.charge_failed(c.charges, "no answer");
+        if !self.charge_callouts.is_empty() {
+            let (late, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.charge_callouts)
+                .into_iter()
+                .partition(|c| now > c.deadline_ms.saturating_add(WATCHDOG_GRACE_MS));
+            self.charge_callouts = kept;
+            for c in late {
+                self.charge_failed(c.charges, "no answer");
+            }
         }
         self.send_charges();
         for slots in std::mem::take(&mut self.deferred_releases) {
@@ -510,7 +518,7 @@ impl<H: Host> Engine<H> {
             let now = self.gateway_ms();
             if !self.breaker.allows_call(now) {
                 for pending in batch {
-                    let verdict = self.failure_verdict(&Failure::CircuitOpen, &pending.checks);
+                    let verdict = self.failure_verdict(&Failure::CircuitOpen, &pending.checks, now);
                     self.settle(pending, verdict, Source::FailureMode, false);
                 }
                 continue;
@@ -541,7 +549,7 @@ impl<H: Host> Engine<H> {
                     self.breaker.failed(now);
                     let failure = Failure::Dispatch(e.to_string());
                     for pending in batch {
-                        let verdict = self.failure_verdict(&failure, &pending.checks);
+                        let verdict = self.failure_verdict(&failure, &pending.checks, now);
                         self.settle(pending, verdict, Source::FailureMode, false);
                     }
                 }
@@ -574,21 +582,24 @@ impl<H: Host> Engine<H> {
     /// Sends the release of concurrency slots on the root's behalf (so it outlives the
     /// request); nobody waits for the answer.
     fn send_release(&mut self, slots: &[(String, String)]) {
-        let pairs: Vec<(&str, &str)> = slots
-            .iter()
-            .map(|(k, id)| (k.as_str(), id.as_str()))
-            .collect();
-        let body = wire::encode_release(&pairs);
-        let _ = self.host.set_effective_context(self.root_context_id);
         let timeout_ms = self.timeout_ms();
-        if let Err(e) = self.host.dispatch(
-            &self.config.shim,
-            &self.config.shim.release_path,
-            &body,
-            timeout_ms,
-        ) {
-            // The slots free themselves when their timeout passes.
-            debug!("releasing {} concurrency slots failed: {e}", pairs.len());
+        // At most a body's worth each (a failed batch can carry more).
+        for chunk in slots.chunks(bounds::MAX_RELEASES) {
+            let pairs: Vec<(&str, &str)> = chunk
+                .iter()
+                .map(|(k, id)| (k.as_str(), id.as_str()))
+                .collect();
+            let body = wire::encode_release(&pairs);
+            let _ = self.host.set_effective_context(self.root_context_id);
+            if let Err(e) = self.host.dispatch(
+                &self.config.shim,
+                &self.config.shim.release_path,
+                &body,
+                timeout_ms,
+            ) {
+                // The slots free themselves when their timeout passes.
+                debug!("releasing {} concurrency slots failed: {e}", pairs.len());
+            }
         }
     }
 
@@ -736,7 +747,8 @@ impl<H: Host> Engine<H> {
                         }
                         Err(refused) => {
                             // Nothing was charged for it: its slots were never taken.
-                            let verdict = self.failure_verdict(&refused, &pending.checks);
+                            let verdict =
+                                self.failure_verdict(&refused, &pending.checks, received_ms);
                             self.settle(pending, verdict, Source::FailureMode, false);
                         }
                     }
@@ -744,17 +756,24 @@ impl<H: Host> Engine<H> {
             }
             Err(failure) => {
                 self.breaker.failed(received_ms);
-                self.fail_callout(callout, &failure);
+                self.fail_callout(callout, &failure, received_ms);
             }
         }
     }
 
-    /// Applies the failure mode to every request of a failed callout (and only to those).
-    fn fail_callout(&mut self, callout: InFlight, failure: &Failure) {
+    /// Applies the failure mode to every request of a failed callout (and only to those). The
+    /// slots the callout may have taken are given back together, in one release.
+    fn fail_callout(&mut self, callout: InFlight, failure: &Failure, gateway_ms: u64) {
+        let slots: Slots = callout
+            .requests
+            .iter()
+            .flat_map(|p| slots_of(&p.checks))
+            .collect();
         for pending in callout.requests {
-            let verdict = self.failure_verdict(failure, &pending.checks);
-            self.settle(pending, verdict, Source::FailureMode, true);
+            let verdict = self.failure_verdict(failure, &pending.checks, gateway_ms);
+            self.settle(pending, verdict, Source::FailureMode, false);
         }
+        self.release_unknown(slots);
     }
 
     /// Carries out the verdict of a request that was paused (queued or in flight): the one
@@ -814,10 +833,12 @@ impl<H: Host> Engine<H> {
                 }
             }
             Verdict::Deny(reply) => {
-                // A denied request took nothing, but on Redis Cluster one slot group may have
-                // charged while another denied: releasing is harmless, a leak is not.
+                // A denied request took nothing, unless its keys span several hash tags: Redis
+                // Cluster may then have charged one slot group while another denied.
                 if source == Source::Shim {
-                    self.release(&slots);
+                    if spans_slot_groups(&pending.checks) {
+                        self.release(&slots);
+                    }
                 } else {
                     self.release_unknown(slots);
                 }
@@ -906,9 +927,9 @@ impl<H: Host> Engine<H> {
         }
     }
 
-    /// Logs a failure (throttled) and returns the failure mode's verdict for these checks.
-    fn failure_verdict(&mut self, failure: &Failure, checks: &[Check]) -> Verdict {
-        let gateway_ms = self.gateway_ms();
+    /// Logs a failure (throttled) and returns the failure mode's verdict for these checks, at
+    /// `gateway_ms` (the caller's clock reading: one per callback, not one per request).
+    fn failure_verdict(&mut self, failure: &Failure, checks: &[Check], gateway_ms: u64) -> Verdict {
         let now_ms = self.corrected(gateway_ms);
         let mode = self.config.failure_mode;
         if let Some(held_back) = self.failures.admit(gateway_ms, LOG_INTERVAL_MS) {
@@ -1071,6 +1092,16 @@ impl<H: Host> Engine<H> {
         self.next_id = n.wrapping_add(1);
         format!("{:016x}-{n:x}", self.id_prefix)
     }
+}
+
+/// Whether the checks' keys carry more than one `{hash tag}`, so that Redis Cluster runs them
+/// in separate slot groups.
+fn spans_slot_groups(checks: &[Check]) -> bool {
+    fn tag(key: &str) -> Option<&str> {
+        let (_, rest) = key.split_once('{')?;
+        Some(rest.split_once('}')?.0)
+    }
+    checks.windows(2).any(|w| tag(&w[0].key) != tag(&w[1].key))
 }
 
 fn slots_of(checks: &[Check]) -> Slots {

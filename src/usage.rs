@@ -134,13 +134,12 @@ impl Meter {
                 }
             }
             Source::Sse(paths) => {
-                let paths = paths.clone();
                 for &b in chunk {
                     if b == b'\n' {
-                        let line = std::mem::take(&mut self.buf);
-                        if let Some(n) = sse_amount(&line, &paths) {
+                        if let Some(n) = sse_amount(&self.buf, paths) {
                             self.last_event = Some(n);
                         }
+                        self.buf.clear();
                     } else if self.buf.len() < MAX_SSE_LINE {
                         self.buf.push(b);
                     }

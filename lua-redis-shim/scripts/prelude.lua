@@ -128,7 +128,8 @@ end
 -- has no TTL): a few commands per key per call instead of three per check. Checks see the
 -- charges of earlier requests of the call in `count`, exactly as if each had been written at
 -- once; Redis runs the script to completion, so nobody else can tell the difference.
-local counters = {}
+-- Set by H.reset(), which main.lua calls first on every call.
+local counters
 
 --- The call's state of counter `k`: count (charges of this call included), exists, charge.
 -- A value that is not an integer (written by someone else) fails the script: a 503.
@@ -172,7 +173,7 @@ end
 -- and, on the first charge of a sub-window, the sub-windows that have left deleted and the TTL
 -- moved to when the new one leaves. Later charges of that sub-window find the TTL already
 -- there: the script that created the field set it, and a script's writes replicate together.
-local hashes = {}
+local hashes -- H.reset()
 
 --- The call's state of hash `k`: counts (index → count, charges of this call included).
 -- A field or value that is not an integer (written by someone else) fails the script: a 503.

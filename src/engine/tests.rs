@@ -267,6 +267,8 @@ struct Harness {
     left_early: Vec<u32>,
     /// Cache denials that the model of Redis would have allowed.
     unsound_denials: Vec<String>,
+    /// Release callouts the shim got.
+    releases_sent: usize,
 }
 
 fn config(json: &str) -> Config {
@@ -292,6 +294,7 @@ impl Harness {
             actions: HashMap::new(),
             left_early: Vec::new(),
             unsound_denials: Vec::new(),
+            releases_sent: 0,
         }
     }
 
@@ -501,6 +504,7 @@ impl Harness {
             };
             let Some(c) = next else { return };
             self.take_callout(c.token);
+            self.releases_sent += 1;
             self.redis.release(&c.body);
             self.deliver(&c, Some(200), b"{}".to_vec());
         }
@@ -801,6 +805,29 @@ fn a_reload_reuses_the_workers_kick_queue() {
         queues[0], queues[1],
         "one name per VM, not per configuration"
     );
+}
+
+#[test]
+fn a_denial_releases_slots_only_when_its_keys_span_slot_groups() {
+    let one = cfg(
+        r#""rules": [{"name": "c", "descriptors": ["header:k"], "algorithm": "concurrency", "limit": 1}]"#,
+    );
+    let two = cfg(
+        r#""rules": [{"name": "c", "descriptors": ["header:k"], "algorithm": "concurrency", "limit": 1},
+                     {"name": "w", "descriptors": ["header:k"], "limit": 100, "window": "1m"}]"#,
+    );
+    for (json, releases) in [(one, 0), (two, 1)] {
+        let mut h = Harness::new(&json);
+        let (holder, _) = h.request(&[("k", "a")]);
+        h.answer_first(Shim::Ok);
+        let (denied, _) = h.request(&[("k", "a")]);
+        h.answer_first(Shim::Ok);
+        assert_eq!(h.status_of(denied), Some(429));
+        // One script call decided a single-tag request all or nothing: nothing to give back.
+        assert_eq!(h.releases_sent, releases, "{json}");
+        h.finish(holder);
+        assert_eq!(h.releases_sent, releases + 1);
+    }
 }
 
 #[test]
