@@ -355,6 +355,7 @@ end
 -- user without FCALL or FUNCTION LOAD. The pool then uses EVALSHA for good.
 local function no_functions(err)
     return find(err, "^ERR unknown command") or find(err, "^NOPERM")
+        or find(err, "^FUNCTION LOAD [^:]*: NOPERM")
 end
 
 -- Sends ASKING (a Redis Cluster ASK redirection) when asked to.
@@ -369,10 +370,22 @@ local function ask(red, asking)
     return true
 end
 
--- One FCALL of `s.fname`; on "Function not found" (first use, a flushed or restarted Redis, a
--- cluster node that never saw it) FUNCTION LOAD REPLACE of `s.library` and one retry. Returns
--- the reply, or nil, err, or nil, nil, true when this Redis cannot run functions.
-local function fcall(self, red, s, nkeys, args, asking)
+-- The two ways to run a script Redis keeps by name: how to call it, the error that says Redis
+-- does not have it (first use, a flushed or restarted Redis, a failover, a cluster node that
+-- never saw it), and how to load it.
+local VIA_FUNCTION = {
+    command = "fcall", id = "fname", missing = "^ERR Function not found", what = "FUNCTION LOAD",
+    load = function(red, s) return red["function"](red, "load", "replace", s.library) end,
+}
+local VIA_SCRIPT = {
+    command = "evalsha", id = "sha", missing = "^NOSCRIPT", what = "SCRIPT LOAD",
+    load = function(red, s) return red:script("load", s.source) end,
+}
+
+-- One call of `s` `via` a function or a script; when Redis does not have it, load it and call
+-- once more. Two tries at most: a server that still lacks it right after loading (a proxy in
+-- front of replicas that do not share their script cache) gets an error, not a loop.
+local function call_loading(self, red, s, nkeys, args, asking, via)
     local res, err
     for try = 1, 2 do
         local ok
@@ -380,20 +393,14 @@ local function fcall(self, red, s, nkeys, args, asking)
         if not ok then
             return nil, err
         end
-        res, err = red:fcall(s.fname, nkeys, unpack(args))
-        if res == false and no_functions(tostring(err)) then
-            return nil, nil, true
-        end
-        if res ~= false or not find(tostring(err), "^ERR Function not found") or try == 2 then
+        res, err = red[via.command](red, s[via.id], nkeys, unpack(args))
+        if res ~= false or not find(tostring(err), via.missing) or try == 2 then
             break
         end
         self.on_script_load()
-        ok, err = red["function"](red, "load", "replace", s.library)
+        ok, err = via.load(red, s)
         if not ok then
-            if no_functions(tostring(err)) then
-                return nil, nil, true
-            end
-            return nil, "FUNCTION LOAD " .. s.name .. ": " .. tostring(err)
+            return nil, via.what .. " " .. s.name .. ": " .. tostring(err)
         end
     end
     if not res then
@@ -404,45 +411,21 @@ end
 
 --- Runs script `s` ({ name, source, sha, and for the check script fname and library }) on
 -- `red`, a connection of this pool: one FCALL where Redis runs our function library (loaded
--- once, so the script's setup is not paid per call), else one EVALSHA. On NOSCRIPT (the script
--- cache was flushed, Redis restarted or failed over, or a cluster node never saw it) SCRIPT
--- LOAD and retry once; likewise FUNCTION LOAD on "Function not found". `asking`: send ASKING
--- before each call (a Redis Cluster ASK redirection). Returns the reply, or nil, err (err
--- starts with Redis's error code, e.g. "MOVED ...").
+-- once, so the script's setup is not paid per call), else one EVALSHA; each loads what Redis
+-- lacks and retries once. `asking`: send ASKING before each call (a Redis Cluster ASK
+-- redirection). Returns the reply, or nil, err (err starts with Redis's error code, e.g.
+-- "MOVED ...").
 function _M.eval(self, red, s, nkeys, args, asking)
     if s.library and self.functions then
-        local res, err, unavailable = fcall(self, red, s, nkeys, args, asking)
-        if not unavailable then
+        local res, err = call_loading(self, red, s, nkeys, args, asking, VIA_FUNCTION)
+        if res or not no_functions(err) then
             return res, err
         end
         self.functions = false
         ngx_log(ngx_NOTICE, "redis ", self.where, ": no Redis functions (Redis < 7, or an ACL",
                 " without FCALL and FUNCTION LOAD): using EVALSHA")
     end
-    local res, err
-    -- Two tries at most: a server that still says NOSCRIPT right after SCRIPT LOAD (a proxy
-    -- in front of replicas that do not share their script cache) gets an error, not a loop.
-    for try = 1, 2 do
-        local ok
-        ok, err = ask(red, asking)
-        if not ok then
-            return nil, err
-        end
-        res, err = red:evalsha(s.sha, nkeys, unpack(args))
-        if res ~= false or not find(tostring(err), "^NOSCRIPT") or try == 2 then
-            break
-        end
-        local sha
-        self.on_script_load()
-        sha, err = red:script("load", s.source)
-        if not sha then
-            return nil, "SCRIPT LOAD " .. s.name .. ": " .. tostring(err)
-        end
-    end
-    if not res then
-        return nil, tostring(err)
-    end
-    return res
+    return call_loading(self, red, s, nkeys, args, asking, VIA_SCRIPT)
 end
 
 function _M.run(self, s, nkeys, args, shape)
