@@ -226,6 +226,7 @@ mod tests {
     fn checks(n: usize) -> Vec<Check> {
         (0..n)
             .map(|i| Check {
+                lease: 0,
                 rule: i,
                 key: format!("tollgate:{{r{i}}}:1000:1"),
                 cost: 1,

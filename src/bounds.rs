@@ -51,6 +51,11 @@ pub const MIN_SLOT_TTL_MS: u64 = 1_000;
 pub const MAX_COST: u64 = 1_000_000_000;
 /// Most sub-windows of a bounded sliding window (each check reads up to this many + 2 fields).
 pub const MAX_SUBWINDOWS: u64 = 100;
+/// Most units a check may ask as a lease beyond its cost (`lease`).
+pub const MAX_LEASE: u64 = 1_000_000;
+/// A grant takes at most 1/`LEASE_SHARE` of what the key has left after the call, so leases
+/// shrink near the limit (to none when less than this is left).
+pub const LEASE_SHARE: u64 = 4;
 
 // Settings both sides share.
 
@@ -83,6 +88,8 @@ pub(crate) mod tests {
         ("MIN_SLOT_TTL_MS", MIN_SLOT_TTL_MS),
         ("MAX_COST", MAX_COST),
         ("MAX_SUBWINDOWS", MAX_SUBWINDOWS),
+        ("MAX_LEASE", MAX_LEASE),
+        ("LEASE_SHARE", LEASE_SHARE),
         ("MAX_PREFIX_BYTES", MAX_PREFIX_BYTES as u64),
         ("MAX_SECRET_BYTES", MAX_SECRET_BYTES as u64),
     ];

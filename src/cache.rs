@@ -61,12 +61,17 @@ pub struct Entry {
 /// The shared-data slot name for a counter key (FNV-1a: fast, and a crafted collision only
 /// evicts an entry).
 pub fn slot(id: &str) -> String {
+    format!("tollgate.oc.{}", fnv(id) % BUCKETS)
+}
+
+/// FNV-1a of a string (shared-data slots: over-limit cache, leases).
+pub fn fnv(s: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in id.bytes() {
+    for b in s.bytes() {
         h ^= b as u64;
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
-    format!("tollgate.oc.{}", h % BUCKETS)
+    h
 }
 
 /// What an entry is about: the counter key and every parameter of the limit, so that only a
@@ -145,6 +150,8 @@ pub fn denies(entry: &Entry, check: &Check, id: &str, now_ms: u64) -> bool {
 /// The answer the shim would give for a check that the cache denies.
 pub fn as_result(entry: &Entry, check: &Check, now_ms: u64) -> CheckResult {
     CheckResult {
+        lease: 0,
+        lease_ms: 0,
         allowed: false,
         limit: check.limit(),
         remaining: 0,
@@ -221,6 +228,7 @@ mod tests {
 
     fn check(kind: CheckKind, cost: u64) -> Check {
         Check {
+            lease: 0,
             rule: 0,
             key: "tollgate:{r|=k}:1000:5".into(),
             cost,
@@ -238,6 +246,8 @@ mod tests {
 
     fn denied(remaining: u64, reset_ms: u64, retry_after_ms: u64) -> CheckResult {
         CheckResult {
+            lease: 0,
+            lease_ms: 0,
             allowed: false,
             limit: 10,
             remaining,

@@ -11,6 +11,8 @@ pub struct Check {
     pub cost: u64,
     /// Counted and reported, never denies.
     pub shadow: bool,
+    /// Units asked beyond `cost` as a lease for this gateway (0: none; see `lease`).
+    pub lease: u64,
     pub kind: CheckKind,
 }
 
@@ -103,6 +105,17 @@ impl Check {
             CheckKind::FixedWindow { ttl_ms, .. } => ttl_ms,
             _ => 0,
         }
+    }
+
+    /// Whether its algorithm takes leases (`lease = true` in contract.lua; a test holds them
+    /// equal): the windows, whose units can be spent later in the same window or sub-window.
+    pub fn leasable(&self) -> bool {
+        matches!(
+            self.kind,
+            CheckKind::FixedWindow { .. }
+                | CheckKind::SlidingWindow { .. }
+                | CheckKind::SlidingWindowBounded { .. }
+        )
     }
 
     /// The slot to release when the request ends, for a concurrency check.

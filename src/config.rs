@@ -113,7 +113,38 @@ struct RawConfig {
     clock: RawClock,
     #[serde(default)]
     client_ip: RawClientIp,
+    #[serde(default)]
+    leases: RawLeases,
     rules: Vec<RawRule>,
+}
+
+/// `leases`: how hot keys are spent locally (see [`crate::lease`]).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLeases {
+    #[serde(default = "default_true")]
+    enabled: bool,
+    #[serde(default = "default_lease_max_units")]
+    max_units: u64,
+    #[serde(default = "default_lease_horizon_ms")]
+    horizon_ms: u64,
+}
+
+impl Default for RawLeases {
+    fn default() -> Self {
+        RawLeases {
+            enabled: true,
+            max_units: default_lease_max_units(),
+            horizon_ms: default_lease_horizon_ms(),
+        }
+    }
+}
+
+fn default_lease_max_units() -> u64 {
+    1000
+}
+fn default_lease_horizon_ms() -> u64 {
+    100
 }
 
 /// The filter's own log level. The filter does not ask the host for its level: Envoy's
@@ -468,6 +499,8 @@ pub struct Config {
     pub local_fallback_replicas: u64,
     /// Compute window keys on Redis's clock (learned from shim replies), not the gateway's.
     pub correct_clock_skew: bool,
+    /// Leases for hot keys (`leases`; see [`crate::lease`]).
+    pub leases: Leases,
     /// Moves this gateway's clock, to rehearse skew in tests and drills. 0 in production.
     pub simulated_skew_ms: i64,
     pub client_ip: ClientIp,
@@ -554,6 +587,7 @@ impl TryFrom<RawConfig> for Config {
             log_level: raw.log_level.into(),
             local_fallback_replicas: compile_local_fallback(raw.failure_mode, raw.local_fallback)?,
             correct_clock_skew: raw.clock.correct_skew,
+            leases: compile_leases(raw.leases)?,
             simulated_skew_ms: compile_simulated_skew(raw.clock.simulated_skew_ms)?,
             client_ip: compile_client_ip(raw.client_ip)?,
             rules,
@@ -1121,6 +1155,39 @@ fn compile_local_fallback(
         )),
         (_, None) => Ok(1),
     }
+}
+
+/// `leases`, compiled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Leases {
+    /// Hot keys get leases (the default); `false`: every request is checked in Redis.
+    pub enabled: bool,
+    /// The most units one lease asks (and so the most a gateway wastes per key and window).
+    pub max_units: u64,
+    /// A lease is sized to last about this long at the key's current rate.
+    pub horizon_ms: u64,
+}
+
+fn compile_leases(raw: RawLeases) -> Result<Leases, ConfigError> {
+    if raw.max_units == 0 || raw.max_units > bounds::MAX_LEASE {
+        return Err(invalid(
+            "leases.max_units",
+            raw.max_units,
+            &format!("must be between 1 and {}", bounds::MAX_LEASE),
+        ));
+    }
+    if raw.horizon_ms == 0 || raw.horizon_ms > 10_000 {
+        return Err(invalid(
+            "leases.horizon_ms",
+            raw.horizon_ms,
+            "must be between 1 and 10000",
+        ));
+    }
+    Ok(Leases {
+        enabled: raw.enabled,
+        max_units: raw.max_units,
+        horizon_ms: raw.horizon_ms,
+    })
 }
 
 fn compile_simulated_skew(ms: i64) -> Result<i64, ConfigError> {

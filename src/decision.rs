@@ -104,6 +104,8 @@ pub type RequestVerdict = Result<(Verdict, Vec<cache::Entry>), Failure>;
 pub struct Decided {
     pub verdicts: Vec<RequestVerdict>,
     pub server_now_ms: Option<u64>,
+    /// Leases granted: (request, check, its answer with `lease` > 0).
+    pub grants: Vec<(usize, usize, CheckResult)>,
 }
 
 /// Decides every request of a completed callout (`requests[i]`: the checks of request `i` and
@@ -137,9 +139,23 @@ pub fn from_batch_callout(
                     Ok((decide(config, checks, result), entries))
                 })
                 .collect();
+            let grants = decoded
+                .results
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.allowed && r.refused.is_none())
+                .flat_map(|(i, r)| {
+                    r.checks
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, c)| c.lease > 0)
+                        .map(move |(j, c)| (i, j, c.clone()))
+                })
+                .collect();
             Ok(Decided {
                 verdicts,
                 server_now_ms: decoded.now_ms,
+                grants,
             })
         }
         (Some(other), _) => Err(Failure::Status(other)),
@@ -189,6 +205,8 @@ pub fn on_failure(
                         let window_ms = c.window_s().unwrap_or(1).max(1) * 1000;
                         let left = window_ms - now_ms % window_ms;
                         CheckResult {
+                            lease: 0,
+                            lease_ms: 0,
                             allowed: false,
                             limit: c.limit(),
                             remaining: 0,
@@ -261,6 +279,8 @@ fn decide_known(
     results: &[Option<CheckResult>],
 ) -> Verdict {
     let unknown = CheckResult {
+        lease: 0,
+        lease_ms: 0,
         allowed: true,
         limit: 0,
         remaining: 0,
@@ -522,6 +542,7 @@ mod tests {
 
     fn fixed(rule: usize, limit: u64, window_ms: u64, ttl_ms: u64) -> Check {
         Check {
+            lease: 0,
             rule,
             key: format!("k{rule}"),
             cost: 1,
@@ -560,6 +581,8 @@ mod tests {
             checks: checks
                 .iter()
                 .map(|&(allowed, limit, remaining, reset_ms)| CheckResult {
+                    lease: 0,
+                    lease_ms: 0,
                     allowed,
                     limit,
                     remaining,
@@ -798,6 +821,7 @@ mod tests {
     #[test]
     fn other_algorithms_take_retry_after_from_the_shim() {
         let bucket = Check {
+            lease: 0,
             rule: 0,
             key: "k".into(),
             cost: 1,
@@ -945,6 +969,7 @@ mod tests {
 
     fn check_of(rule: usize, kind: CheckKind) -> Check {
         Check {
+            lease: 0,
             rule,
             key: format!("k{rule}"),
             cost: 1,

@@ -44,12 +44,13 @@ use crate::clock::{self, SkewEstimator};
 use crate::config::{Config, FailureMode};
 use crate::decision::{self, CalloutReply, Failure, Verdict};
 use crate::host::{Host, HostCaps, HostError, MetricKind};
+use crate::lease;
 use crate::local::{Breaker, LocalLimiter};
 use crate::metrics::{self, Counter, Outcome};
 use crate::request::checks_for;
 use crate::throttle::LogThrottle;
 use crate::usage;
-use crate::wire;
+use crate::wire::{self, CheckResult, RequestResult};
 
 /// A recurring failure or shadow denial is logged at most this often per worker; the rest at
 /// debug.
@@ -134,7 +135,19 @@ struct Charge {
 enum Source {
     Shim,
     Cache,
+    /// Spent from a lease Redis granted this gateway.
+    Lease,
     FailureMode,
+}
+
+/// A lease refill in flight: its token, when it was sent, its deadline, and the checks (cost
+/// 0, each asking a lease) it carries, one per request.
+#[derive(Debug)]
+struct LeaseCallout {
+    token: u32,
+    sent_ms: u64,
+    deadline_ms: u64,
+    checks: Vec<Check>,
 }
 
 /// Metric ids from the host, defined once per plugin.
@@ -207,6 +220,11 @@ pub struct Engine<H: Host> {
     /// Releases waiting for the root's tick, on a host that cannot dispatch them where they
     /// arise (see [`HostCaps::dispatch_anywhere`]).
     deferred_releases: Vec<Slots>,
+    /// Which keys this worker sees often (they get leases).
+    heat: lease::Heat,
+    /// Lease refills to send from the root: checks of cost 0 asking a lease.
+    refills: Vec<Check>,
+    lease_callouts: Vec<LeaseCallout>,
 }
 
 impl<H: Host> Engine<H> {
@@ -264,6 +282,9 @@ impl<H: Host> Engine<H> {
             charges: Vec::new(),
             charge_callouts: Vec::new(),
             deferred_releases: Vec::new(),
+            heat: lease::Heat::default(),
+            refills: Vec::new(),
+            lease_callouts: Vec::new(),
         })
     }
 
@@ -288,7 +309,7 @@ impl<H: Host> Engine<H> {
         };
         let since_ms = self.gateway_ms();
         let now_ms = self.corrected(since_ms);
-        let checks = checks_for(&self.config, &self.host, now_ms, &request_id);
+        let mut checks = checks_for(&self.config, &self.host, now_ms, &request_id);
         if checks.is_empty() {
             return Action::Continue;
         }
@@ -296,6 +317,15 @@ impl<H: Host> Engine<H> {
             gateway_ms: since_ms,
             corrected_ms: now_ms,
         };
+        // Leases first: units Redis granted this gateway are spent even when another gateway
+        // has since exhausted the key (which the over-limit cache may have learned).
+        if self.config.leases.enabled && lease::leasable(&checks) {
+            if let Some(results) = self.spend_leases(&mut checks, since_ms) {
+                let verdict =
+                    decision::decide(&self.config, &checks, &RequestResult::local(true, results));
+                return self.decide_now(ctx, &checks, verdict, Source::Lease);
+            }
+        }
         if self.config.over_limit_cache {
             let hits = self.cached_denials(&checks, clocks);
             if !hits.is_empty() {
@@ -364,6 +394,9 @@ impl<H: Host> Engine<H> {
     ) {
         if let Some(callout) = self.batcher.complete(token) {
             self.on_callout_done(callout, num_headers, body_size);
+        } else if let Some(i) = self.lease_callouts.iter().position(|c| c.token == token) {
+            let callout = self.lease_callouts.swap_remove(i);
+            self.on_refill_done(callout, num_headers, body_size);
         } else if let Some(i) = self.charge_callouts.iter().position(|c| c.token == token) {
             let charge = self.charge_callouts.swap_remove(i);
             let status = (num_headers > 0)
@@ -484,6 +517,15 @@ impl<H: Host> Engine<H> {
                 self.charge_failed(c.charges, "no answer");
             }
         }
+        if !self.lease_callouts.is_empty() {
+            let (late, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.lease_callouts)
+                .into_iter()
+                .partition(|c| now > c.deadline_ms.saturating_add(WATCHDOG_GRACE_MS));
+            self.lease_callouts = kept;
+            for c in late {
+                self.refill_failed(c.checks.len(), "no answer");
+            }
+        }
         self.send_charges();
         for slots in std::mem::take(&mut self.deferred_releases) {
             self.send_release(&slots);
@@ -553,6 +595,37 @@ impl<H: Host> Engine<H> {
                         self.settle(pending, verdict, Source::FailureMode, false);
                     }
                 }
+            }
+        }
+        self.send_refills();
+    }
+
+    /// Sends the lease refills waiting (root callbacks only, so their replies reach the root).
+    fn send_refills(&mut self) {
+        while !self.refills.is_empty() {
+            let n = self.refills.len().min(bounds::MAX_REQUESTS);
+            let checks: Vec<Check> = self.refills.drain(..n).collect();
+            let now = self.gateway_ms();
+            if !self.breaker.allows_call(now) {
+                // The shim is down: requests find no units and take the failure mode.
+                self.refill_failed(n, "circuit open");
+                continue;
+            }
+            let requests: Vec<&[Check]> = checks.iter().map(std::slice::from_ref).collect();
+            let body = wire::encode(&requests);
+            let timeout_ms = self.timeout_ms();
+            let _ = self.host.set_effective_context(self.root_context_id);
+            match self
+                .host
+                .dispatch(&self.config.shim, &self.config.shim.path, &body, timeout_ms)
+            {
+                Ok(token) => self.lease_callouts.push(LeaseCallout {
+                    token,
+                    sent_ms: now,
+                    deadline_ms: now + timeout_ms,
+                    checks,
+                }),
+                Err(e) => self.refill_failed(n, &e.to_string()),
             }
         }
     }
@@ -739,6 +812,13 @@ impl<H: Host> Engine<H> {
             Ok(decided) => {
                 self.breaker.succeeded();
                 self.observe_clock(callout.sent_ms, received_ms, decided.server_now_ms);
+                for (i, j, granted) in &decided.grants {
+                    if let Some(p) = callout.requests.get(*i) {
+                        if let Some(check) = p.checks.get(*j) {
+                            self.store_grant(check, granted, p.since_ms);
+                        }
+                    }
+                }
                 for (pending, verdict) in callout.requests.into_iter().zip(decided.verdicts) {
                     match verdict {
                         Ok((verdict, exhausted)) => {
@@ -897,7 +977,8 @@ impl<H: Host> Engine<H> {
                     self.track(ctx, Phase::Allowed(response_headers));
                 }
                 if metered {
-                    self.meter_usage(ctx, checks, source == Source::Shim);
+                    // A lease's units were charged in Redis when granted.
+                    self.meter_usage(ctx, checks, matches!(source, Source::Shim | Source::Lease));
                 }
                 Action::Continue
             }
@@ -957,6 +1038,9 @@ impl<H: Host> Engine<H> {
         };
         if source == Source::Cache {
             self.bump(Counter::CacheHits);
+        }
+        if source == Source::Lease {
+            self.bump(Counter::LeaseAdmitted);
         }
         for c in metrics::counters(&outcome) {
             self.bump(c);
@@ -1035,6 +1119,191 @@ impl<H: Host> Engine<H> {
             }
         }
         hits
+    }
+
+    // --- Leases ----------------------------------------------------------------------------------
+
+    /// Decides a request from leases when every check has units: takes them (each check's
+    /// record by compare-and-swap) and returns the answers to report. Otherwise gives back
+    /// what it took, marks the checks of hot keys to ask a lease (unless a refill is already
+    /// in flight) and returns `None`: the request goes to Redis.
+    fn spend_leases(&mut self, checks: &mut [Check], now: u64) -> Option<Vec<CheckResult>> {
+        let cfg = self.config.leases;
+        let ids: Vec<String> = checks.iter().map(cache::identity).collect();
+        let wants: Vec<Option<u64>> = ids
+            .iter()
+            .map(|id| self.heat.hit(id, now, cfg.horizon_ms, cfg.max_units))
+            .collect();
+        if wants.iter().all(Option::is_none) {
+            // No key is hot on this worker: none has units worth a shared-data read.
+            return None;
+        }
+        let stale_ms = self.timeout_ms() + WATCHDOG_GRACE_MS;
+        let mut results = Vec::with_capacity(checks.len());
+        let mut refilling = vec![false; checks.len()];
+        for (i, c) in checks.iter().enumerate() {
+            match self.take_lease(&ids[i], c.cost, now, stale_ms) {
+                Ok((taken, refill)) => {
+                    if refill > 0 {
+                        self.refills.push(Check {
+                            cost: 0,
+                            lease: refill,
+                            ..c.clone()
+                        });
+                        self.kick();
+                    }
+                    results.push(CheckResult {
+                        allowed: true,
+                        limit: c.limit(),
+                        remaining: taken.remaining,
+                        reset_ms: taken.reset_ms,
+                        retry_after_ms: 0,
+                        lease: 0,
+                        lease_ms: 0,
+                    });
+                }
+                Err(in_flight) => {
+                    refilling[i] = in_flight;
+                    break;
+                }
+            }
+        }
+        if results.len() == checks.len() {
+            return Some(results);
+        }
+        for (i, c) in checks.iter().enumerate().take(results.len()) {
+            self.give_back_lease(&ids[i], c.cost);
+        }
+        for (i, c) in checks.iter_mut().enumerate() {
+            if let (Some(want), false) = (wants[i], refilling[i]) {
+                c.lease = want;
+            }
+        }
+        None
+    }
+
+    /// Takes `cost` units of `id`'s lease: what to report, and the refill to ask (0: none).
+    /// `Err(true)`: no units, but a refill is in flight.
+    fn take_lease(
+        &self,
+        id: &str,
+        cost: u64,
+        now: u64,
+        stale_ms: u64,
+    ) -> Result<(lease::Taken, u64), bool> {
+        let slot = lease::slot(id);
+        for _ in 0..lease::CAS_TRIES {
+            let (bytes, cas) = self.host.shared_get_cas(&slot);
+            let Some(mut rec) = bytes.as_deref().and_then(lease::decode) else {
+                return Err(false);
+            };
+            let Some(taken) = lease::take(&mut rec, id, cost, now, stale_ms) else {
+                return Err(lease::refilling(&rec, id, now, stale_ms));
+            };
+            let refill = if taken.refill {
+                let cfg = self.config.leases;
+                lease::refill_size(&rec, now, cfg.horizon_ms, cfg.max_units)
+            } else {
+                0
+            };
+            if self
+                .host
+                .shared_set_cas(&slot, &lease::encode(&rec), cas)
+                .is_ok()
+            {
+                return Ok((taken, refill));
+            }
+        }
+        Err(false)
+    }
+
+    /// Returns units taken for a request that went to Redis after all.
+    fn give_back_lease(&self, id: &str, cost: u64) {
+        let slot = lease::slot(id);
+        for _ in 0..lease::CAS_TRIES {
+            let (bytes, cas) = self.host.shared_get_cas(&slot);
+            let Some(mut rec) = bytes.as_deref().and_then(lease::decode) else {
+                return;
+            };
+            if !lease::give_back(&mut rec, id, cost) {
+                return;
+            }
+            if self
+                .host
+                .shared_set_cas(&slot, &lease::encode(&rec), cas)
+                .is_ok()
+            {
+                return;
+            }
+        }
+        // Lost to contention: the units go unspent (counted in Redis, never admitted).
+    }
+
+    /// Adds what Redis granted for `check` (built, or sent, at gateway ms `since_ms`) to its
+    /// record; a grant of 0 ends the refill that asked it.
+    fn store_grant(&mut self, check: &Check, answer: &CheckResult, since_ms: u64) {
+        let id = cache::identity(check);
+        let slot = lease::slot(&id);
+        let now = self.gateway_ms();
+        let grant = lease::Grant {
+            units: answer.lease,
+            since_ms,
+            lease_ms: answer.lease_ms,
+            remaining: answer.remaining,
+            reset_ms: answer.reset_ms,
+        };
+        for _ in 0..lease::CAS_TRIES {
+            let (bytes, cas) = self.host.shared_get_cas(&slot);
+            let old = bytes.as_deref().and_then(lease::decode);
+            if old.is_none() && grant.units == 0 {
+                return;
+            }
+            let (rec, dropped) = lease::merge(old, &id, grant, now);
+            if self
+                .host
+                .shared_set_cas(&slot, &lease::encode(&rec), cas)
+                .is_ok()
+            {
+                self.bump_by(Counter::LeaseUnitsGranted, grant.units as i64);
+                self.bump_by(Counter::LeaseUnitsDropped, dropped as i64);
+                return;
+            }
+        }
+        self.bump_by(Counter::LeaseUnitsGranted, grant.units as i64);
+        self.bump_by(Counter::LeaseUnitsDropped, grant.units as i64);
+    }
+
+    /// A refill's answer: each check's grant (or none) goes to its record.
+    fn on_refill_done(&mut self, callout: LeaseCallout, num_headers: usize, body_size: usize) {
+        let data = CalloutData::read(&self.host, num_headers, body_size);
+        let shape = vec![1; callout.checks.len()];
+        let decoded = match data.status {
+            Some(200) => wire::decode(&data.body, &shape),
+            other => Err(format!("shim answered {other:?}")),
+        };
+        match decoded {
+            Ok(reply) => {
+                self.breaker.succeeded();
+                for (check, result) in callout.checks.iter().zip(&reply.results) {
+                    if let Some(answer) = result.checks.first() {
+                        self.store_grant(check, answer, callout.sent_ms);
+                    }
+                }
+            }
+            Err(why) => self.refill_failed(callout.checks.len(), &why),
+        }
+    }
+
+    /// Refills that got no answer: their records keep what they hold, and requests find the
+    /// next refill asked once this one is stale (or go to Redis when the units run out).
+    fn refill_failed(&mut self, refills: usize, why: &str) {
+        self.bump_by(Counter::LeaseRefillFailures, refills as i64);
+        let now = self.host.now_ms();
+        if let Some(held_back) = self.failures.admit(now, LOG_INTERVAL_MS) {
+            warn!("lease refill of {refills} keys failed: {why} ({held_back} similar failures not logged)");
+        } else {
+            debug!("lease refill of {refills} keys failed: {why}");
+        }
     }
 
     // --- Clocks ----------------------------------------------------------------------------------

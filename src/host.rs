@@ -127,6 +127,11 @@ pub trait Host: RequestView {
     /// Shared data, visible to every worker of this VM (over-limit cache, clock offset).
     fn shared_get(&self, key: &str) -> Option<Vec<u8>>;
     fn shared_set(&self, key: &str, value: &[u8]);
+    /// Shared data with its version (`None`: no such key), for a compare-and-swap.
+    fn shared_get_cas(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>);
+    /// Writes `value` only if the key is still at version `cas` (`None`: whatever it holds);
+    /// an error means another worker wrote first.
+    fn shared_set_cas(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), HostError>;
     fn set_tick_period_ms(&self, period_ms: u64);
     /// A shared queue whose `on_queue_ready` runs on this (root) context's worker (only asked
     /// where [`HostCaps::shared_queues`]).

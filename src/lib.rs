@@ -21,6 +21,7 @@ pub(crate) mod engine;
 pub(crate) mod host;
 pub(crate) mod ip;
 pub mod keys;
+pub(crate) mod lease;
 pub(crate) mod local;
 pub(crate) mod metrics;
 pub(crate) mod properties;

@@ -159,6 +159,7 @@ mod tests {
 
     fn check(key: &str, kind: CheckKind, cost: u64) -> Check {
         Check {
+            lease: 0,
             rule: 0,
             key: key.into(),
             cost,

@@ -27,10 +27,19 @@ pub enum Counter {
     /// Usage charges the shim did not confirm (shim down or slow, a bad answer): that usage
     /// went uncounted.
     UsageChargeFailures,
+    /// Requests admitted by spending a lease, without a callout (also counted as allowed).
+    LeaseAdmitted,
+    /// Units Redis granted as leases.
+    LeaseUnitsGranted,
+    /// Units held in a lease and dropped unspent (a later grant that expires later replaced
+    /// them). Units that simply expire are not seen, so this is a lower bound of the waste.
+    LeaseUnitsDropped,
+    /// Lease refills that did not get an answer (the key's requests go to Redis meanwhile).
+    LeaseRefillFailures,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 9] = [
+    pub const ALL: [Counter; 13] = [
         Counter::Checked,
         Counter::Allowed,
         Counter::Denied,
@@ -40,6 +49,10 @@ impl Counter {
         Counter::FailedLocal,
         Counter::UsageCharges,
         Counter::UsageChargeFailures,
+        Counter::LeaseAdmitted,
+        Counter::LeaseUnitsGranted,
+        Counter::LeaseUnitsDropped,
+        Counter::LeaseRefillFailures,
     ];
 
     pub fn name(self) -> &'static str {
@@ -53,6 +66,10 @@ impl Counter {
             Counter::FailedLocal => "tollgate_failed_local_total",
             Counter::UsageCharges => "tollgate_usage_charges_total",
             Counter::UsageChargeFailures => "tollgate_usage_charge_failures_total",
+            Counter::LeaseAdmitted => "tollgate_lease_admitted_total",
+            Counter::LeaseUnitsGranted => "tollgate_lease_units_granted_total",
+            Counter::LeaseUnitsDropped => "tollgate_lease_units_dropped_total",
+            Counter::LeaseRefillFailures => "tollgate_lease_refill_failures_total",
         }
     }
 }

@@ -262,6 +262,7 @@ pub fn checks_for(
                 cost
             };
             checks.push(Check {
+                lease: 0,
                 rule: i,
                 key,
                 cost,

@@ -188,6 +188,14 @@ impl Host for WasmHost {
         let _ = hostcalls::set_shared_data(key, Some(value), None);
     }
 
+    fn shared_get_cas(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        hostcalls::get_shared_data(key).unwrap_or((None, None))
+    }
+
+    fn shared_set_cas(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), HostError> {
+        hostcalls::set_shared_data(key, Some(value), cas).map_err(err)
+    }
+
     fn set_tick_period_ms(&self, period_ms: u64) {
         let _ = hostcalls::set_tick_period(Duration::from_millis(period_ms));
     }

@@ -85,6 +85,12 @@ struct Common {
     cost: u64,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     shadow: bool,
+    #[serde(skip_serializing_if = "is_zero")]
+    lease: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl<'a> WireCheck<'a> {
@@ -93,6 +99,7 @@ impl<'a> WireCheck<'a> {
         let common = Common {
             cost: c.cost,
             shadow: c.shadow,
+            lease: c.lease,
         };
         match &c.kind {
             &CheckKind::FixedWindow { limit, ttl_ms, .. } => WireCheck::FixedWindow {
@@ -233,6 +240,12 @@ pub struct CheckResult {
     /// When the same request would fit again; 0 when allowed.
     #[serde(default)]
     pub retry_after_ms: u64,
+    /// Units granted as a lease beyond the cost (already charged in Redis), and for how many
+    /// ms from when Redis ran the check they may be spent.
+    #[serde(default)]
+    pub lease: u64,
+    #[serde(default)]
+    pub lease_ms: u64,
 }
 
 #[derive(Deserialize)]
@@ -315,6 +328,7 @@ mod tests {
 
     fn check(key: &str, limit: u64) -> Check {
         Check {
+            lease: 0,
             rule: 0,
             key: key.into(),
             cost: 1,
@@ -344,6 +358,7 @@ mod tests {
     #[test]
     fn encodes_every_algorithm() {
         let mk = |kind, shadow| Check {
+            lease: 0,
             rule: 0,
             key: "k".into(),
             cost: 2,
@@ -463,6 +478,7 @@ mod tests {
 
     fn sample(kind: CheckKind) -> Check {
         Check {
+            lease: 0,
             rule: 0,
             key: "tollgate:{r}:k".into(),
             cost: 1,
@@ -514,8 +530,15 @@ mod tests {
         let contract = contract();
         assert_eq!(contract.len(), kinds.len(), "one variant per algorithm");
         let bound_names: Vec<&str> = crate::bounds::tests::RUST.iter().map(|(n, _)| *n).collect();
+        // The algorithms whose checks may ask a lease: `lease = true` on their line.
+        let leasable: Vec<&str> = include_str!("../lua-redis-shim/lib/tollgate/contract.lua")
+            .lines()
+            .filter(|l| l.contains("lease = true"))
+            .filter_map(|l| l.split("name = \"").nth(1)?.split('"').next())
+            .collect();
         for kind in kinds {
-            let check = sample(kind);
+            let mut check = sample(kind);
+            check.lease = u64::from(check.leasable());
             let body: serde_json::Value =
                 serde_json::from_slice(&encode(&[std::slice::from_ref(&check)])).unwrap();
             let sent = body["requests"][0]["checks"][0]
@@ -527,11 +550,15 @@ mod tests {
                 .iter()
                 .find(|(name, _)| *name == alg)
                 .unwrap_or_else(|| panic!("{alg} is not in contract.lua"));
-            // In wire order: alg, key, the contract's fields, cost, shadow.
+            assert_eq!(check.leasable(), leasable.contains(&alg.as_str()), "{alg}");
+            // In wire order: alg, key, the contract's fields, cost, shadow, lease.
             let names: Vec<&str> = sent.keys().map(String::as_str).collect();
             let mut expected = vec!["alg", "key"];
             expected.extend(fields.iter().map(|f| f[0].as_str()));
             expected.extend(["cost", "shadow"]);
+            if check.leasable() {
+                expected.push("lease");
+            }
             let mut sorted_names = names.clone();
             sorted_names.sort_unstable();
             let mut sorted_expected = expected.clone();
@@ -562,6 +589,8 @@ mod tests {
         assert_eq!(
             results[0].checks[1],
             CheckResult {
+                lease: 0,
+                lease_ms: 0,
                 allowed: false,
                 limit: 20,
                 remaining: 0,
@@ -637,6 +666,7 @@ mod tests {
         assert_eq!(key.len(), crate::bounds::MAX_KEY_BYTES);
         let checks: Vec<Check> = (0..crate::bounds::MAX_CHECKS)
             .map(|_| Check {
+                lease: 0,
                 rule: 0,
                 key: key.clone(),
                 cost: crate::bounds::MAX_COST,

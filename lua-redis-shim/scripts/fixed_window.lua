@@ -54,4 +54,15 @@ function M.result(st, charged, admitted)
     return count, remaining > 0 and remaining or 0, reset, st.fits and 0 or reset
 end
 
+--- A lease (main.lua): up to `want` more units of this window, spendable until it ends.
+function M.lease(st, want)
+    local c = st.counter
+    local granted = H.grant(st.limit - c.count, want)
+    if granted > 0 then
+        H.charge(c, granted, st.ttl_ms)
+    end
+    local pttl = H.pttl(st.key, c)
+    return granted, pttl >= 0 and pttl or st.ttl_ms
+end
+
 return M

@@ -32,21 +32,33 @@
 --     commit(st)                           charges it (request admitted, check fits, cost > 0)
 --     result(st, charged, admitted)        count (-1: not reported), remaining, reset_ms,
 --                                          retry_after_ms (H.NEVER: never)
+--     lease(st, want)                      (fixed and sliding windows) after every request of
+--                                          the call: reserves up to `want` more units of the
+--                                          key, never more than 1/LEASE_SHARE of what is left
+--                                          then, and charges them; returns the units granted
+--                                          and for how many ms from now they may be spent
 --
 -- KEYS:  every check's keys, request after request, check after check (as many as its
 --        algorithm takes: sliding_window 2, the others 1)
 -- ARGV:  [1] R, the number of requests; then for each request: n, its number of checks; then
---        one ARGV per check, space-separated: "<alg> <cost> <shadow 0|1> <args...>"
+--        one ARGV per check, space-separated: "<alg> <cost> <shadow 0|1> <lease> <args...>"
 --        (the algorithm's ARGV, as its file says; keys and ids have no spaces)
--- Reply: flat array; for each request: admitted (1|0), then for each of its checks: fits (1|0),
---        count, remaining, reset_ms, retry_after_ms; last, Redis's TIME in ms (-1 when this ACL
---        user may not run TIME): the instant every check of the call used, which the gateway
+-- Reply: flat array; for each request: admitted (1|0), then for each of its checks (REPLY_WIDTH
+--        in tollgate.contract): fits (1|0), count, remaining, reset_ms, retry_after_ms,
+--        lease (units granted), lease_ms (how long they may be spent); last, Redis's TIME in ms
+--        (-1 when this ACL user may not run TIME): the instant every check of the call used, which the gateway
 --        compares with its own clock to measure its skew. Last, so that a reader walking the
 --        requests needs not know about it.
 --
 -- A request is admitted iff every check that is not shadow fits; then every check that fits
 -- (shadow ones included) is charged, and a denied request charges nothing. Requests are
 -- decided in order, so a later one sees the charges of earlier ones.
+--
+-- Leases. A check of an admitted request may ask `lease` units more for its gateway to spend
+-- locally (docs/wire-format.md). Grants come after every request of the call, so the call's
+-- own requests are decided first and a lease never takes what one of them needed; per key and
+-- call only the last check that asked is granted (by its algorithm's lease()); the others
+-- answer 0.
 --
 -- Atomic because Redis runs a script to completion without interleaving other commands: the
 -- reads of a request's checks, then its charges, see no other writer. The only writes of a
@@ -67,6 +79,9 @@ H.reset()
 local reply, out = {}, 0
 local argi = 2 -- next ARGV to read
 local keyi = 0 -- KEYS read so far
+-- Leases asked by checks of admitted requests: per key the last ask { st, want, at } (at: where
+-- its check's answer starts in the reply), and the keys in the order first asked.
+local asks, asked = {}, {}
 
 for _ = 1, tonumber(ARGV[1]) do
     local n = tonumber(ARGV[argi])
@@ -77,8 +92,8 @@ for _ = 1, tonumber(ARGV[1]) do
     local admitted = true
     for j = 1, n do
         -- One match, no table: the algorithms take at most three arguments.
-        local name, cost, shadow, a1, a2, a3 =
-            match(ARGV[argi], "^(%S+) (%d+) ([01]) ?(%S*) ?(%S*) ?(%S*)$")
+        local name, cost, shadow, lease, a1, a2, a3 =
+            match(ARGV[argi], "^(%S+) (%d+) ([01]) (%d+) ?(%S*) ?(%S*) ?(%S*)$")
         argi = argi + 1
         local alg = ALG[name]
         if not alg then
@@ -90,8 +105,8 @@ for _ = 1, tonumber(ARGV[1]) do
         if not st.fits and shadow ~= "1" then
             admitted = false
         end
-        -- The algorithm's own fields, and these two, in one table per check.
-        st.alg, st.charged = alg, st.fits and cost > 0
+        -- The algorithm's own fields, and these three, in one table per check.
+        st.alg, st.charged, st.want = alg, st.fits and cost > 0, tonumber(lease)
         checks[j] = st
     end
 
@@ -115,7 +130,25 @@ for _ = 1, tonumber(ARGV[1]) do
         reply[out + 3] = remaining
         reply[out + 4] = reset
         reply[out + 5] = retry
-        out = out + 5
+        reply[out + 6] = 0
+        reply[out + 7] = 0
+        if admitted and c.want > 0 and c.alg.lease then
+            local k = c.key
+            if not asks[k] then
+                asked[#asked + 1] = k
+            end
+            asks[k] = { st = c, want = c.want, at = out + 6 }
+        end
+        out = out + 7
+    end
+end
+
+-- Leases, once every request of the call is decided.
+for i = 1, #asked do
+    local a = asks[asked[i]]
+    local granted, ms = a.st.alg.lease(a.st, a.want)
+    if granted > 0 then
+        reply[a.at], reply[a.at + 1] = granted, ms
     end
 end
 

@@ -1,7 +1,7 @@
 -- prelude.lua: helpers shared by the algorithm scripts (see main.lua for how the shim composes
 -- prelude, algorithms and main into the one script it loads).
 --
--- Returns a table H: now_ms(), now_us(), try_now_ms(), muldiv(), int(), clamp_ms(), NEVER,
+-- Returns a table H: now_ms(), now_us(), try_now_ms(), muldiv(), int(), clamp_ms(), grant(), NEVER,
 -- and the call's counters: counter(), charge(), pttl(), buckets(), charge_bucket(),
 -- flush_counters().
 --
@@ -28,6 +28,9 @@ local error = error
 local unpack = unpack
 
 local H = {}
+
+-- tollgate.bounds.LEASE_SHARE, which the shim passes when it composes the script.
+local LEASE_SHARE = ...
 
 -- Returned in place of a time when it will never come: a cost above the limit. The shim sends
 -- it as 18446744073709551615 (u64::MAX, as the Rust models in src/algorithms.rs do).
@@ -251,6 +254,16 @@ function H.reset()
     clock_ms, clock_us = nil, nil
     counters = {}
     hashes = {}
+end
+
+--- The units a lease may take when `room` is left after the call's requests: at most `want`,
+-- and at most 1/LEASE_SHARE of the room (none when less than LEASE_SHARE is left).
+function H.grant(room, want)
+    local g = floor(room / LEASE_SHARE)
+    if g > want then
+        g = want
+    end
+    return g > 0 and g or 0
 end
 
 --- A time in ms capped at 2^52 (TTLs and reported times).

@@ -80,4 +80,15 @@ function M.result(st, charged, admitted)
     return cur, remaining > 0 and remaining or 0, reset, retry
 end
 
+--- A lease (main.lua): up to `want` more units of the current window, spendable until it
+-- ends (the gateway names the window in the key, so they can only be spent in it).
+function M.lease(st, want)
+    local c = st.counter
+    local granted = H.grant(st.limit - (st.weighted + c.count), want)
+    if granted > 0 then
+        H.charge(c, granted, st.weight + st.window)
+    end
+    return granted, st.weight
+end
+
 return M

@@ -102,4 +102,17 @@ function M.result(st, charged, admitted)
     return count, remaining > 0 and remaining or 0, reset, retry
 end
 
+--- A lease (main.lua): up to `want` more units, charged to the current sub-window and
+-- spendable only until it ends: a unit spent then counts exactly as if it had been charged
+-- when spent, so the bound holds.
+function M.lease(st, want)
+    local b, j, n = st.b, st.j, st.n
+    local granted = H.grant(st.limit - sum_from(b.counts, j - n), want)
+    if granted > 0 then
+        b.counts[j] = (b.counts[j] or 0) + granted
+        H.charge_bucket(b, j, granted, j - n, (j + n + 1) * st.sub - st.now)
+    end
+    return granted, (j + 1) * st.sub - st.now
+end
+
 return M

@@ -48,6 +48,10 @@ pub struct World {
     pub metric_names: Vec<String>,
     pub metric_values: HashMap<u32, i64>,
     pub shared: HashMap<String, Vec<u8>>,
+    /// Each shared-data key's version (bumped by every write).
+    pub shared_versions: HashMap<String, u32>,
+    /// Make the next this-many compare-and-swaps lose a race.
+    pub cas_conflicts: usize,
     pub queue_items: usize,
     /// Names of the shared queues registered, in order.
     pub queues: Vec<String>,
@@ -274,10 +278,30 @@ impl Host for FakeHost {
     }
 
     fn shared_set(&self, key: &str, value: &[u8]) {
-        self.0
-            .borrow_mut()
-            .shared
-            .insert(key.to_string(), value.to_vec());
+        let mut w = self.0.borrow_mut();
+        w.shared.insert(key.to_string(), value.to_vec());
+        *w.shared_versions.entry(key.to_string()).or_default() += 1;
+    }
+
+    fn shared_get_cas(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        let w = self.0.borrow();
+        match w.shared.get(key) {
+            Some(v) => (Some(v.clone()), w.shared_versions.get(key).copied()),
+            None => (None, None),
+        }
+    }
+
+    fn shared_set_cas(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), HostError> {
+        {
+            let mut w = self.0.borrow_mut();
+            let current = w.shared_versions.get(key).copied();
+            if w.cas_conflicts > 0 || (cas.is_some() && cas != current) {
+                w.cas_conflicts = w.cas_conflicts.saturating_sub(1);
+                return Err(HostError("CasMismatch".into()));
+            }
+        }
+        self.shared_set(key, value);
+        Ok(())
     }
 
     fn set_tick_period_ms(&self, period_ms: u64) {

@@ -199,10 +199,37 @@ impl FakeRedis {
         !r["allowed"].as_bool().unwrap()
     }
 
+    /// A lease for check `c`, as the scripts grant it once the call's requests are decided:
+    /// up to its `lease`, at most 1/LEASE_SHARE of what is left; charged. (units, lease_ms)
+    fn grant(&mut self, c: &Value, now: u64) -> (u64, u64) {
+        let want = u(c, "lease");
+        let mut probe = c.clone();
+        probe["cost"] = json!(0);
+        let (left, _, _) = self.answer(&probe, now);
+        let units = want.min(left.remaining / crate::bounds::LEASE_SHARE);
+        if units > 0 {
+            probe["cost"] = json!(units);
+            let (a, _, commit) = self.answer(&probe, now);
+            assert!(a.allowed, "a grant always fits");
+            self.commit(commit);
+        }
+        let lease_ms = match c["alg"].as_str().unwrap() {
+            "fixed_window" => self
+                .counter(&s(c, "key"), now)
+                .map_or(u(c, "ttl_ms"), |x| x.1 - now),
+            "sliding_window" => u(c, "weight_ms"),
+            _ => {
+                let sub = u(c, "window_ms") / u(c, "subwindows");
+                (now / sub + 1) * sub - now
+            }
+        };
+        (units, lease_ms)
+    }
+
     /// The shim's `/v1/check`: every request run, except `refuse` which is refused alone.
     fn check(&mut self, body: &[u8], now: u64, refuse: Option<usize>, stamp: u64) -> Vec<u8> {
         let body: Value = serde_json::from_slice(body).unwrap();
-        let results: Vec<Value> = body["requests"]
+        let mut results: Vec<Value> = body["requests"]
             .as_array()
             .unwrap()
             .iter()
@@ -215,6 +242,26 @@ impl FakeRedis {
                 }
             })
             .collect();
+        // Leases, after every request: per key the last check of an admitted request asking.
+        let mut asks: Vec<(usize, usize, Value)> = Vec::new();
+        for (i, r) in body["requests"].as_array().unwrap().iter().enumerate() {
+            if results[i]["allowed"] != json!(true) {
+                continue;
+            }
+            for (j, c) in r["checks"].as_array().unwrap().iter().enumerate() {
+                if u(c, "lease") > 0 {
+                    asks.retain(|(_, _, a)| a["key"] != c["key"]);
+                    asks.push((i, j, c.clone()));
+                }
+            }
+        }
+        for (i, j, c) in asks {
+            let (units, lease_ms) = self.grant(&c, now);
+            if units > 0 {
+                results[i]["checks"][j]["lease"] = json!(units);
+                results[i]["checks"][j]["lease_ms"] = json!(lease_ms);
+            }
+        }
         serde_json::to_vec(&json!({"results": results, "now_ms": stamp})).unwrap()
     }
 
@@ -603,8 +650,9 @@ fn a_request_the_shim_refuses_fails_alone_and_does_not_open_the_breaker() {
 
 #[test]
 fn the_breaker_counts_callouts_and_lets_one_probe_through() {
+    // Every request asks Redis here (no leases), so each one shows whether the breaker calls.
     let mut h = Harness::new(&cfg(
-        r#""rules": [{"name": "r", "descriptors": ["header:k"], "limit": 100, "window": "1m"}]"#,
+        r#""leases": {"enabled": false}, "rules": [{"name": "r", "descriptors": ["header:k"], "limit": 100, "window": "1m"}]"#,
     ));
     // A batch of 20 requests failing is one failure, not twenty.
     let (a, _) = h.request(&[("k", "a")]);
@@ -1380,4 +1428,330 @@ fn invariants_hold_under_random_interleavings() {
             panic!("seed {seed}: {e}");
         }
     }
+}
+
+// --- Leases ------------------------------------------------------------------------------------
+
+/// The `RateLimit` header the engine added to `ctx`'s response.
+fn remaining_header(h: &Harness, ctx: u32) -> Option<String> {
+    let w = h.host.0.borrow();
+    w.response_headers
+        .get(&ctx)?
+        .iter()
+        .find(|(n, _)| n == "ratelimit")
+        .map(|(_, v)| v.clone())
+}
+
+#[test]
+fn a_hot_key_is_spent_from_its_lease_and_admits_exactly_its_limit() {
+    let mut h = Harness::new(&cfg(
+        r#""rules": [{"name": "r", "descriptors": ["header:k"], "limit": 100, "window": "1m"}]"#,
+    ));
+    let mut admitted = 0;
+    let mut local = 0;
+    for _ in 0..300 {
+        let (ctx, action) = h.request(&[("k", "a")]);
+        if action == Action::Continue {
+            local += 1;
+        }
+        // The shim answers whatever is out (checks, refills) at once.
+        while !h.check_callouts().is_empty() {
+            h.answer_first(Shim::Ok);
+        }
+        h.tick(1);
+        while !h.check_callouts().is_empty() {
+            h.answer_first(Shim::Ok);
+        }
+        if h.status_of(ctx) == Some(200) {
+            admitted += 1;
+        }
+        h.finish(ctx);
+    }
+    assert_eq!(
+        admitted, 100,
+        "never more than the limit, and leases near it shrink to none"
+    );
+    assert!(
+        local > 50,
+        "most of a hot key's requests need no callout ({local})"
+    );
+    assert_eq!(h.metric(Counter::LeaseAdmitted), local);
+    assert_eq!(h.metric(Counter::Allowed), 100);
+    let counted = h.redis.counters.values().map(|c| c.0).sum::<u64>();
+    assert_eq!(counted, 100, "every unit granted was spent");
+}
+
+#[test]
+fn a_lease_reports_what_redis_said_minus_what_was_spent() {
+    let mut h = Harness::new(&cfg(
+        r#""rules": [{"name": "r", "descriptors": ["header:k"], "limit": 1000, "window": "1m"}]"#,
+    ));
+    for _ in 0..3 {
+        let (ctx, _) = h.request(&[("k", "a")]);
+        h.answer_first(Shim::Ok);
+        h.finish(ctx);
+    }
+    // The third asked a lease: 997 left, so at most 249 granted.
+    let granted = h.metric(Counter::LeaseUnitsGranted);
+    assert!(granted > 0);
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let (ctx, action) = h.request(&[("k", "a")]);
+        assert_eq!(action, Action::Continue);
+        h.in_callback(ctx, |e| e.on_response_headers(ctx));
+        seen.push(remaining_header(&h, ctx).unwrap());
+        h.finish(ctx);
+    }
+    assert!(seen[0].starts_with(r#""r";r=996;"#), "{seen:?}");
+    assert!(
+        seen[1].contains("r=995") && seen[2].contains("r=994"),
+        "{seen:?}"
+    );
+}
+
+#[test]
+fn a_refill_is_asked_from_the_root_before_the_units_run_out_and_a_failed_one_falls_back_to_redis() {
+    let mut h = Harness::new(&cfg(
+        r#""leases": {"max_units": 8}, "rules": [{"name": "r", "descriptors": ["header:k"], "limit": 1000, "window": "1m"}]"#,
+    ));
+    for _ in 0..3 {
+        let (ctx, _) = h.request(&[("k", "a")]);
+        h.answer_first(Shim::Ok);
+        h.finish(ctx);
+    }
+    assert_eq!(h.metric(Counter::LeaseUnitsGranted), 8);
+    // Spending down to half the grant asks a refill, once, from the root.
+    for _ in 0..4 {
+        let (ctx, action) = h.request(&[("k", "a")]);
+        assert_eq!(action, Action::Continue);
+        h.finish(ctx);
+    }
+    h.tick(1);
+    let refills = h.check_callouts();
+    assert_eq!(refills.len(), 1, "one refill");
+    assert_eq!(
+        refills[0].callback_ctx, ROOT,
+        "sent by the root, whose reply outlives requests"
+    );
+    let body: Value = serde_json::from_slice(&refills[0].body).unwrap();
+    assert_eq!(body["requests"][0]["checks"][0]["cost"], 0);
+    assert!(body["requests"][0]["checks"][0]["lease"].as_u64().unwrap() >= 1);
+    // It fails: the units left are still spent, then requests go to Redis again.
+    h.answer_first(Shim::Status(503));
+    assert_eq!(h.metric(Counter::LeaseRefillFailures), 1);
+    for _ in 0..4 {
+        let (ctx, action) = h.request(&[("k", "a")]);
+        assert_eq!(action, Action::Continue);
+        h.finish(ctx);
+    }
+    let (ctx, action) = h.request(&[("k", "a")]);
+    assert_eq!(action, Action::Pause, "no units left: checked in Redis");
+    h.answer_first(Shim::Ok);
+    assert_eq!(h.status_of(ctx), Some(200));
+    h.finish(ctx);
+}
+
+#[test]
+fn a_lease_lost_to_contention_is_given_back_or_left_unspent_never_spent_twice() {
+    let mut h = Harness::new(&cfg(
+        r#""rules": [{"name": "r", "descriptors": ["header:k"], "limit": 40, "window": "1m"}]"#,
+    ));
+    let mut admitted = 0;
+    let mut rng = Rng(7);
+    for _ in 0..200 {
+        // Other workers win some compare-and-swaps.
+        h.host.w().cas_conflicts = rng.below(6) as usize;
+        let (ctx, _) = h.request(&[("k", "a")]);
+        h.host.w().cas_conflicts = 0;
+        while !h.check_callouts().is_empty() {
+            h.answer_first(Shim::Ok);
+        }
+        h.tick(1);
+        while !h.check_callouts().is_empty() {
+            h.answer_first(Shim::Ok);
+        }
+        if h.status_of(ctx) == Some(200) {
+            admitted += 1;
+        }
+        h.finish(ctx);
+    }
+    assert!(admitted <= 40, "{admitted}");
+    assert!(admitted >= 30, "contention wastes little ({admitted})");
+}
+
+#[test]
+fn leases_can_be_switched_off() {
+    let mut h = Harness::new(&cfg(
+        r#""leases": {"enabled": false}, "rules": [{"name": "r", "descriptors": ["header:k"], "limit": 1000, "window": "1m"}]"#,
+    ));
+    for _ in 0..20 {
+        let (ctx, action) = h.request(&[("k", "a")]);
+        assert_eq!(action, Action::Pause);
+        let body: Value = serde_json::from_slice(&h.check_callouts()[0].body).unwrap();
+        assert!(body["requests"][0]["checks"][0].get("lease").is_none());
+        h.answer_first(Shim::Ok);
+        h.finish(ctx);
+    }
+    assert_eq!(h.metric(Counter::LeaseUnitsGranted), 0);
+}
+
+/// Leases under random traffic, answers, failures, ticks and contention: the admitted requests
+/// of a fixed window never pass its limit, and those of a bounded sliding window never pass
+/// its limit in any span of its length (failure mode deny, so every admission came from Redis
+/// or a lease it granted).
+fn run_leases_once(seed: u64) -> Result<i64, String> {
+    let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let coalesce = rng.below(3) != 0;
+    let mut h = Harness::new(&cfg(&format!(
+        r#""coalesce": {coalesce}, "failure_mode": "deny", "leases": {{"max_units": {}}},
+        "rules": [
+          {{"name": "fw", "descriptors": ["header:k"], "limit": 30, "window": "1s", "match": {{"path_prefix": "/fw"}}}},
+          {{"name": "sw", "descriptors": ["header:k"], "algorithm": "sliding_window", "subwindows": 4, "limit": 40, "window": "2s",
+            "match": {{"path_prefix": "/sw"}}}},
+          {{"name": "both", "descriptors": ["header:k"], "limit": 25, "window": "1s", "match": {{"path_prefix": "/sw/both"}}}}
+        ]"#,
+        1 + rng.below(50)
+    )));
+    let answers = [
+        Shim::Ok,
+        Shim::Ok,
+        Shim::Ok,
+        Shim::Ok,
+        Shim::Ok,
+        Shim::TimeoutAfterCommit,
+        Shim::Status(503),
+        Shim::Never,
+    ];
+    // (ctx, gateway ms of the request, its checks)
+    let mut sent: Vec<(u32, u64, Vec<Check>)> = Vec::new();
+    let mut admitted_at: HashMap<u32, u64> = HashMap::new();
+    let mut live: Vec<u32> = Vec::new();
+    for _ in 0..600 {
+        match rng.below(100) {
+            0..=49 => {
+                let path = *rng.pick(&["/fw", "/sw", "/sw/both"]);
+                let key = *rng.pick(&["a", "a", "a", "b"]);
+                h.host.w().cas_conflicts = rng.below(3) as usize;
+                let now = h.now();
+                let (ctx, _) = h.request(&[(":path", path), ("k", key)]);
+                h.host.w().cas_conflicts = 0;
+                h.host.w().effective = ctx;
+                let corrected = h.engine.corrected(now);
+                let checks = checks_for(h.engine.config(), &h.host, corrected, "p");
+                h.host.w().effective = ROOT;
+                sent.push((ctx, now, checks));
+                live.push(ctx);
+            }
+            50..=79 => {
+                let callouts = h.check_callouts();
+                if !callouts.is_empty() {
+                    let c = rng.pick(&callouts).token;
+                    h.answer(c, *rng.pick(&answers));
+                }
+            }
+            80..=89 if !live.is_empty() => {
+                if let Some(i) = live.iter().position(|&c| h.status_of(c).is_some()) {
+                    let ctx = live.swap_remove(i);
+                    h.finish(ctx);
+                }
+            }
+            _ => h.tick(*rng.pick(&[0, 1, 1, 3, 20, 90, 300])),
+        }
+        let now = h.now();
+        for (ctx, _, _) in &sent {
+            if !admitted_at.contains_key(ctx) && h.status_of(*ctx) == Some(200) {
+                admitted_at.insert(*ctx, now);
+            }
+        }
+    }
+    // Fixed windows: per window key, admitted ≤ limit.
+    let mut per_key: HashMap<String, u64> = HashMap::new();
+    for (ctx, _, checks) in &sent {
+        if !admitted_at.contains_key(ctx) {
+            continue;
+        }
+        for c in checks {
+            if let CheckKind::FixedWindow { limit, .. } = c.kind {
+                let n = per_key.entry(cache::identity(c)).or_default();
+                *n += c.cost;
+                if *n > limit {
+                    return Err(format!("{} admitted {n} > {limit}", c.key));
+                }
+            }
+        }
+    }
+    // Bounded sliding windows: in any span of window_ms, admitted ≤ limit (by admission time).
+    let mut times: HashMap<String, Vec<u64>> = HashMap::new();
+    for (ctx, _, checks) in &sent {
+        let Some(&at) = admitted_at.get(ctx) else {
+            continue;
+        };
+        for c in checks {
+            if let CheckKind::SlidingWindowBounded { .. } = c.kind {
+                times.entry(c.key.clone()).or_default().push(at);
+            }
+        }
+    }
+    for (key, mut t) in times {
+        t.sort_unstable();
+        for (i, &start) in t.iter().enumerate() {
+            let n = t[i..].iter().take_while(|&&x| x < start + 2000).count();
+            if n > 40 {
+                return Err(format!("{key}: {n} admitted within 2 s from {start}"));
+            }
+        }
+    }
+    Ok(h.metric(Counter::LeaseAdmitted))
+}
+
+#[test]
+fn leases_never_admit_past_the_limit_under_random_interleavings() {
+    let seeds: Vec<u64> = match std::env::var("TOLLGATE_SEED") {
+        Ok(s) => vec![s.parse().unwrap()],
+        Err(_) => {
+            let n = std::env::var("TOLLGATE_SEEDS").map_or(200, |s| s.parse().unwrap());
+            (1..=n).collect()
+        }
+    };
+    let mut spent = 0;
+    for seed in seeds {
+        match run_leases_once(seed) {
+            Ok(n) => spent += n,
+            Err(e) => panic!("seed {seed}: {e}"),
+        }
+    }
+    assert!(spent > 0, "the runs spend leases");
+}
+
+#[test]
+fn a_bounded_sliding_window_lease_ends_with_its_sub_window() {
+    let mut h = Harness::new(&cfg(
+        r#""rules": [{"name": "r", "descriptors": ["header:k"], "algorithm": "sliding_window",
+            "subwindows": 4, "limit": 400, "window": "2s"}]"#,
+    ));
+    // Start 100 ms into a sub-window of 500 ms.
+    let into = h.redis_now() % 500;
+    h.tick((600 - into) % 500);
+    for _ in 0..3 {
+        let (ctx, _) = h.request(&[("k", "a")]);
+        h.answer_first(Shim::Ok);
+        h.finish(ctx);
+    }
+    assert!(h.metric(Counter::LeaseUnitsGranted) > 0);
+    let (ctx, action) = h.request(&[("k", "a")]);
+    assert_eq!(action, Action::Continue, "spent within its sub-window");
+    h.finish(ctx);
+    h.tick(399);
+    let (ctx, action) = h.request(&[("k", "a")]);
+    assert_eq!(action, Action::Continue, "the sub-window's last ms");
+    h.finish(ctx);
+    h.tick(1);
+    let (ctx, action) = h.request(&[("k", "a")]);
+    assert_eq!(
+        action,
+        Action::Pause,
+        "past its sub-window a unit would count too early: checked in Redis"
+    );
+    h.answer_first(Shim::Ok);
+    h.finish(ctx);
 }

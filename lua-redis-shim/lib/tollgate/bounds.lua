@@ -33,6 +33,13 @@ _M.MIN_SLOT_TTL_MS = 1000
 _M.MAX_COST = 1e9
 -- Sub-windows of a sliding_window_bounded: each check reads up to this many + 2 hash fields.
 _M.MAX_SUBWINDOWS = 100
+-- A lease: units a check may reserve beyond its cost for the gateway to spend locally
+-- (docs/wire-format.md, "Leases").
+_M.MAX_LEASE = 1e6
+-- A grant takes at most 1/LEASE_SHARE of what the key has left after the call, so leases
+-- shrink near the limit (to none when less than LEASE_SHARE is left) and a burst at the limit
+-- is decided request by request.
+_M.LEASE_SHARE = 4
 
 -- Settings both sides share: the key prefix (TOLLGATE_KEY_PREFIX, the filter's key_prefix) and
 -- the shared secret (TOLLGATE_SHIM_SECRET, the filter's shim.secret).

@@ -23,6 +23,7 @@ local ngx_INFO = ngx.INFO
 local thread_spawn = ngx.thread.spawn
 local thread_wait = ngx.thread.wait
 local bit = require "bit"
+local contract = require "tollgate.contract"
 local band, bxor, lshift, rshift = bit.band, bit.bxor, bit.lshift, bit.rshift
 local byte = string.byte
 local find = string.find
@@ -85,8 +86,11 @@ local keyslot = _M.keyslot
 -- Shapes: how a script's KEYS and ARGV split into per-slot groups, and how replies merge
 
 -- The check script (scripts/main.lua): KEYS = every check's keys; ARGV = R, then per request
--- n, then per check "<alg> ..." . Reply: per request its `allowed` then 5 fields per check;
+-- n, then per check "<alg> ..." . Reply: per request its `allowed` then REPLY_WIDTH numbers
+-- (tollgate.contract) per check;
 -- anything after that (fields about the whole call) is taken from the first group's reply.
+local WIDTH = contract.REPLY_WIDTH
+
 local function check_shape(alg_by_name)
     local shape = {}
 
@@ -148,7 +152,7 @@ local function check_shape(alg_by_name)
         for gi = 1, #order do
             local size = 0
             for _, r in ipairs(order[gi].reqs) do
-                size = size + 1 + 5 * #r.checks
+                size = size + 1 + WIDTH * #r.checks
             end
             gsize[gi] = size
         end
@@ -164,7 +168,7 @@ local function check_shape(alg_by_name)
             local n = tonumber(args[apos])
             start[i] = pos
             out[pos] = 1
-            pos = pos + 1 + 5 * n
+            pos = pos + 1 + WIDTH * n
             apos = apos + 1 + n
         end
         for x = 1, tail do
@@ -183,11 +187,11 @@ local function check_shape(alg_by_name)
                 end
                 at = at + 1
                 for _, c in ipairs(r.checks) do
-                    local to = start[r.i] + 5 * c.j - 4
-                    for x = 0, 4 do
+                    local to = start[r.i] + WIDTH * (c.j - 1) + 1
+                    for x = 0, WIDTH - 1 do
                         out[to + x] = reply[at + x]
                     end
-                    at = at + 5
+                    at = at + WIDTH
                 end
             end
         end

@@ -3,7 +3,8 @@
 -- ARGV from it, and a Rust unit test (src/wire.rs) holds the filter's encoder equal to it: the
 -- same algorithms, the same fields, bounds named in tollgate.bounds.
 --
--- Every check also has `alg`, `key`, `cost` and `shadow`. An algorithm's `fields`, in wire order:
+-- Every check also has `alg`, `key`, `cost` and `shadow`, and, on an algorithm with
+-- `lease = true`, an optional `lease` (0..MAX_LEASE). An algorithm's `fields`, in wire order:
 --   { name, "int", lo, hi }  an integer in lo..hi; a bound is a number or the name of one in
 --                            tollgate.bounds; hi may also name an earlier field of the check
 --   { name, "key" }          another key, with the same {hash tag} as `key` (a KEYS entry)
@@ -12,23 +13,28 @@
 -- order (each algorithm's script says so atop its file). `limit` names the field the reply
 -- reports as `limit`; `count`: whether the reply reports `count`.
 --
+-- `lease`: whether a check may ask a lease. Each check's answer in the script's reply is
+-- REPLY_WIDTH numbers (scripts/main.lua).
+--
 -- Keep one field per line and `name = "..."` on the line that opens an algorithm: the Rust
 -- test reads this file line by line.
 
 local _M = { _VERSION = "0.1.0" }
 
+_M.REPLY_WIDTH = 7
+
 _M.ALGS = {
-    { name = "fixed_window", limit = "limit", count = true, fields = {
+    { name = "fixed_window", limit = "limit", count = true, lease = true, fields = {
         { "limit", "int", 1, "MAX_LIMIT" },
         { "ttl_ms", "int", 1, "MAX_MS" },
     } },
-    { name = "sliding_window", limit = "limit", count = true, fields = {
+    { name = "sliding_window", limit = "limit", count = true, lease = true, fields = {
         { "prev_key", "key" },
         { "limit", "int", 1, "MAX_LIMIT" },
         { "window_ms", "int", "MIN_WINDOW_MS", "MAX_MS" },
         { "weight_ms", "int", 1, "window_ms" },
     } },
-    { name = "sliding_window_bounded", limit = "limit", count = true, fields = {
+    { name = "sliding_window_bounded", limit = "limit", count = true, lease = true, fields = {
         { "limit", "int", 1, "MAX_LIMIT" },
         { "window_ms", "int", "MIN_WINDOW_MS", "MAX_MS" },
         { "subwindows", "int", 1, "MAX_SUBWINDOWS" },

@@ -114,7 +114,8 @@ local function compose(dir)
         line = line + count_lines(part)
         return true
     end
-    local ok, err = add("prelude.lua", "local H = (function(...)", "end)()")
+    local ok, err = add("prelude.lua", "local H = (function(...)",
+                        "end)(" .. format("%d", bounds.LEASE_SHARE) .. ")")
     if not ok then
         return nil, err
     end
@@ -236,8 +237,8 @@ local NEVER = "18446744073709551615"
 
 -- KEYS and ARGV of the check script (see scripts/main.lua), as one list, and the number of
 -- KEYS: every check's keys, then R, then per request n and per check one
--- "<alg> <cost> <shadow> <args...>". One ARGV per check keeps the EVALSHA's arguments (passed
--- through unpack) far below LuaJIT's limit of 8000. Refused requests are left out: R =
+-- "<alg> <cost> <shadow> <lease> <args...>". One ARGV per check keeps the EVALSHA's arguments
+-- (passed through unpack) far below LuaJIT's limit of 8000. Refused requests are left out: R =
 -- `accepted`, the number of the others.
 local function script_args(requests, total, accepted)
     local keys, nkeys = new_tab(2 * total, 0), 0
@@ -257,13 +258,14 @@ local function script_args(requests, total, accepted)
                     keys[nkeys] = c[alg.keys[k]]
                 end
                 words[1], words[2], words[3] = c.alg, int(c.cost), c.shadow and "1" or "0"
+                words[4] = int(c.lease or 0)
                 local args = alg.args
                 for k = 1, #args do
                     local v = c[args[k]]
-                    words[3 + k] = type(v) == "number" and int(v) or v
+                    words[4 + k] = type(v) == "number" and int(v) or v
                 end
                 nargv = nargv + 1
-                argv[nargv] = concat(words, " ", 1, 3 + #args)
+                argv[nargv] = concat(words, " ", 1, 4 + #args)
             end
         end
     end
@@ -284,7 +286,10 @@ local function run(s, nkeys, args)
 end
 
 local CHECK_FORMAT = '%s{"allowed":%s,"limit":%s,%s"remaining":%s,"reset_ms":%s,'
-                     .. '"retry_after_ms":%s}'
+                     .. '"retry_after_ms":%s%s}'
+-- Each check's answer in the script's reply: fits, count, remaining, reset_ms, retry_after_ms,
+-- lease, lease_ms.
+local WIDTH = contract.REPLY_WIDTH
 
 -- Appends to `out` the result of one request whose checks' answers start at reply[pos];
 -- returns where the next request's answers start, or nil and a message.
@@ -293,11 +298,13 @@ local function encode_request(out, checks, reply, pos)
     for j = 1, #checks do
         local c = checks[j]
         local alg = ALG_BY_NAME[c.alg]
-        local at = pos + 5 * j - 4
-        local fits, count, remaining, reset, retry =
-            reply[at], reply[at + 1], reply[at + 2], reply[at + 3], reply[at + 4]
+        local at = pos + WIDTH * (j - 1) + 1
+        local fits, count, remaining, reset, retry, lease, lease_ms =
+            reply[at], reply[at + 1], reply[at + 2], reply[at + 3], reply[at + 4],
+            reply[at + 5], reply[at + 6]
         if type(count) ~= "number" or type(remaining) ~= "number"
             or type(reset) ~= "number" or type(retry) ~= "number"
+            or type(lease) ~= "number" or type(lease_ms) ~= "number"
         then
             return nil, "unexpected reply from the " .. script.name
         end
@@ -306,10 +313,11 @@ local function encode_request(out, checks, reply, pos)
             alg.count and '"count":' .. int(count) .. "," or "",
             -- The scripts never answer a negative remaining or reset; a u64 cannot be one.
             int(remaining > 0 and remaining or 0), int(reset > 0 and reset or 0),
-            retry < 0 and NEVER or int(retry))
+            retry < 0 and NEVER or int(retry),
+            lease > 0 and ',"lease":' .. int(lease) .. ',"lease_ms":' .. int(lease_ms) or "")
     end
     out[#out + 1] = "]}"
-    return pos + 1 + 5 * #checks
+    return pos + 1 + WIDTH * #checks
 end
 
 -- The 200 body from the check script's flat reply (see the contract atop scripts/main.lua),
@@ -318,7 +326,7 @@ end
 -- Redis's time in ms, sent as `now_ms` unless it is -1 (no TIME for this ACL user); with no
 -- request accepted there was no script call, so no reply and no `now_ms`.
 local function encode_results(requests, total, accepted, reply)
-    local size = accepted + 5 * total
+    local size = accepted + WIDTH * total
     local now = -1
     if accepted > 0 then
         now = type(reply) == "table" and reply[size + 1]

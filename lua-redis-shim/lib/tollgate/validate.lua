@@ -35,6 +35,7 @@ local MAX_RATE_PER_PERIOD_MS = bounds.MAX_RATE_PER_PERIOD_MS
 local MAX_MS = bounds.MAX_MS
 local MAX_COST = bounds.MAX_COST
 local MAX_DEPTH = bounds.MAX_DEPTH
+local MAX_LEASE = bounds.MAX_LEASE
 
 -- What each `alg` takes besides `key`, `alg`, `cost` and `shadow` (tollgate.contract), with
 -- the bounds named there resolved: { field, "int", lo, hi } (hi may name an earlier field),
@@ -70,6 +71,9 @@ for name, spec in pairs(ALGS) do
     end
     for i = 1, #spec do
         fields[spec[i][1]], ANY_ALG[spec[i][1]] = true, true
+    end
+    if contract.BY_NAME[name].lease then
+        fields.lease, ANY_ALG.lease = true, true
     end
     ALG_FIELDS[name] = fields
 end
@@ -268,6 +272,12 @@ local function check_one(check, where, key_start)
     end
     if alg == "concurrency" and check.cost ~= 1 then
         return fail_at(where, "cost", 'must be 1 for alg "concurrency" (one slot per request)')
+    end
+    if ALG_FIELDS[alg].lease then
+        ok, err = check_integer(check, "lease", where, 0, MAX_LEASE, 0)
+        if not ok then
+            return nil, err
+        end
     end
     if check.shadow == nil then
         check.shadow = false
