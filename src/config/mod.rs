@@ -1903,7 +1903,7 @@ mod tests {
     /// The filter configurations embedded in the shipped Kong declarative config are valid.
     #[test]
     fn shipped_kong_configs_validate() {
-        let yaml = include_str!("../deploy/kong/kong.yaml");
+        let yaml = include_str!("../../deploy/kong/kong.yaml");
         let mut found = 0;
         let mut lines = yaml.lines().peekable();
         while let Some(line) = lines.next() {
