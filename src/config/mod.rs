@@ -11,9 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::bounds;
-pub use crate::rules::{
-    Algorithm, Bypass, Cost, Descriptor, Limit, Matcher, OnMissing, Rule, Tiers,
-};
+use crate::rules::Rule;
 
 mod compile;
 mod parse;

@@ -1,7 +1,10 @@
 //! The configuration's tests: every one loads JSON through `Config::from_json`, so each
 //! covers both phases (parsing and compiling).
 
+use std::time::Duration;
+
 use super::*;
+use crate::rules::{Algorithm, Cost, Descriptor, Limit, OnMissing};
 
 const MINIMAL: &str = r#"{
     "shim": {"upstream": "tollgate_shim"},
