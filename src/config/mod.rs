@@ -61,7 +61,7 @@ impl std::error::Error for ConfigError {}
 /// What to do when the shim cannot give an answer (unreachable, slow, broken reply).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum FailureMode {
+pub(crate) enum FailureMode {
     /// Let the request through: availability over protection.
     #[default]
     Allow,
@@ -74,23 +74,23 @@ pub enum FailureMode {
 
 /// Where the filter sends its checks.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ShimTarget {
+pub(crate) struct ShimTarget {
     /// Envoy cluster name (on Kong: `host:port`).
-    pub upstream: String,
-    pub path: String,
+    pub(crate) upstream: String,
+    pub(crate) path: String,
     /// Where concurrency slots are released: `release` beside `path` (`/v1/check` → `/v1/release`).
-    pub release_path: String,
+    pub(crate) release_path: String,
     /// Where usage is charged after responses: `charge` beside `path`.
-    pub charge_path: String,
-    pub authority: String,
-    pub timeout: Duration,
+    pub(crate) charge_path: String,
+    pub(crate) authority: String,
+    pub(crate) timeout: Duration,
     /// Sent as `x-tollgate-secret` on every callout when the shim requires it. Never logged.
-    pub secret: Option<Secret>,
+    pub(crate) secret: Option<Secret>,
 }
 
 /// A shared secret: usable, but never shown by `Debug`.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Secret(pub String);
+pub(crate) struct Secret(pub String);
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -100,17 +100,17 @@ impl fmt::Debug for Secret {
 
 /// A local reply the filter sends (deny or fail-closed).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LocalResponse {
-    pub status: u32,
+pub(crate) struct LocalResponse {
+    pub(crate) status: u32,
     /// `None`: the built-in `application/problem+json` body.
-    pub body: Option<String>,
-    pub content_type: String,
+    pub(crate) body: Option<String>,
+    pub(crate) content_type: String,
 }
 
 /// Where the client address comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum ClientIpSource {
+pub(crate) enum ClientIpSource {
     /// The downstream connection's peer address.
     #[default]
     Connection,
@@ -120,44 +120,44 @@ pub enum ClientIpSource {
 
 /// How the `client_ip` descriptor and bypass ranges see the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClientIp {
-    pub from: ClientIpSource,
-    pub trusted_hops: u32,
+pub(crate) struct ClientIp {
+    pub(crate) from: ClientIpSource,
+    pub(crate) trusted_hops: u32,
     /// Clients are counted per prefix: /32 (each IPv4 host) and /64 (an IPv6 subnet, since one
     /// host usually owns a whole /64 and could rotate addresses inside it).
-    pub ipv4_prefix: u8,
-    pub ipv6_prefix: u8,
+    pub(crate) ipv4_prefix: u8,
+    pub(crate) ipv6_prefix: u8,
 }
 
 /// The validated plugin configuration, shared by every HTTP context of a plugin.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
-    pub shim: ShimTarget,
-    pub failure_mode: FailureMode,
-    pub key_prefix: String,
-    pub deny: LocalResponse,
-    pub failure_response: LocalResponse,
-    pub headers_on_allow: bool,
+    pub(crate) shim: ShimTarget,
+    pub(crate) failure_mode: FailureMode,
+    pub(crate) key_prefix: String,
+    pub(crate) deny: LocalResponse,
+    pub(crate) failure_response: LocalResponse,
+    pub(crate) headers_on_allow: bool,
     /// Deny locally, without a callout, while Redis has said a key is exhausted.
-    pub over_limit_cache: bool,
+    pub(crate) over_limit_cache: bool,
     /// Put the checks of requests that arrive while a callout is in flight into one callout.
-    pub coalesce: bool,
+    pub(crate) coalesce: bool,
     /// The most verbose lines the filter logs (`log_level`, default `info`).
-    pub log_level: log::LevelFilter,
+    pub(crate) log_level: log::LevelFilter,
     /// With `failure_mode: "local"`: how many workers share each limit during an outage
     /// (gateway replicas × workers per replica for a strict bound).
-    pub local_fallback_replicas: u64,
+    pub(crate) local_fallback_replicas: u64,
     /// Compute window keys on Redis's clock (learned from shim replies), not the gateway's.
-    pub correct_clock_skew: bool,
+    pub(crate) correct_clock_skew: bool,
     /// Moves this gateway's clock, to rehearse skew in tests and drills. 0 in production.
-    pub simulated_skew_ms: i64,
-    pub client_ip: ClientIp,
-    pub rules: Vec<Rule>,
+    pub(crate) simulated_skew_ms: i64,
+    pub(crate) client_ip: ClientIp,
+    pub(crate) rules: Vec<Rule>,
     /// Some rule keeps per-request state (concurrency slots, sliding-log entries), which needs
     /// a unique request id; otherwise none is made.
-    pub needs_request_id: bool,
+    pub(crate) needs_request_id: bool,
     /// Some rule charges usage after the response.
-    pub has_usage_rules: bool,
+    pub(crate) has_usage_rules: bool,
 }
 
 impl Config {
