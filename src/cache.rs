@@ -27,7 +27,7 @@ use crate::check::{Check, CheckKind};
 use crate::wire::CheckResult;
 
 /// Shared-data slots per gateway: ~4096 × (key + 16 bytes) at most.
-pub const BUCKETS: u64 = 4096;
+pub(crate) const BUCKETS: u64 = 4096;
 
 /// The two clocks of a gateway at one moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,7 +40,7 @@ pub struct Clocks {
 
 impl Clocks {
     /// The clock an entry for `check` is kept on.
-    pub fn for_check(&self, check: &Check) -> u64 {
+    pub(crate) fn for_check(&self, check: &Check) -> u64 {
         match check.kind {
             CheckKind::SlidingWindow { .. } => self.corrected_ms,
             _ => self.gateway_ms,
@@ -51,21 +51,21 @@ impl Clocks {
 /// A check exhausted until `until_ms`, fully reset at `reset_at_ms` (on the check's clock, see
 /// [`Clocks::for_check`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
+pub(crate) struct Entry {
     /// The check's [`identity`].
-    pub key: String,
-    pub until_ms: u64,
-    pub reset_at_ms: u64,
+    pub(crate) key: String,
+    pub(crate) until_ms: u64,
+    pub(crate) reset_at_ms: u64,
 }
 
 /// The shared-data slot name for a counter key (FNV-1a: fast, and a crafted collision only
 /// evicts an entry).
-pub fn slot(id: &str) -> String {
+pub(crate) fn slot(id: &str) -> String {
     format!("tollgate.oc.{}", fnv(id) % BUCKETS)
 }
 
 /// FNV-1a of a string (shared-data slots: over-limit cache, leases).
-pub fn fnv(s: &str) -> u64 {
+pub(crate) fn fnv(s: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in s.bytes() {
         h ^= b as u64;
@@ -76,7 +76,7 @@ pub fn fnv(s: &str) -> u64 {
 
 /// What an entry is about: the counter key and every parameter of the limit, so that only a
 /// check against the same limit on the same key can be denied by it.
-pub fn identity(check: &Check) -> String {
+pub(crate) fn identity(check: &Check) -> String {
     use std::fmt::Write;
     let mut id = String::with_capacity(check.key.len() + 32);
     id.push_str(&check.key);
@@ -117,7 +117,7 @@ pub fn identity(check: &Check) -> String {
 /// for cost 1 that is the shim's retry-after; for a fixed window, whatever the cost, the end of
 /// the window (or the key's TTL in Redis, if sooner). Both count from `now_ms`, which is no
 /// later than the moment Redis answered, so an entry never outlives Redis's own denial. Shadow and concurrency checks are never cached (slots free up at any moment).
-pub fn entry_for(check: &Check, result: &CheckResult, built: Clocks) -> Option<Entry> {
+pub(crate) fn entry_for(check: &Check, result: &CheckResult, built: Clocks) -> Option<Entry> {
     if result.allowed || result.remaining > 0 || check.shadow {
         return None;
     }
@@ -143,12 +143,12 @@ pub fn entry_for(check: &Check, result: &CheckResult, built: Clocks) -> Option<E
 /// Whether a cached entry denies this check now: same key and limit, still exhausted, and the
 /// request consumes something (cost 0 only reads and is always let through to the shim).
 /// `id`: the check's [`identity`]; `now_ms`: [`Clocks::for_check`].
-pub fn denies(entry: &Entry, check: &Check, id: &str, now_ms: u64) -> bool {
+pub(crate) fn denies(entry: &Entry, check: &Check, id: &str, now_ms: u64) -> bool {
     entry.key == id && now_ms < entry.until_ms && check.cost > 0 && !check.shadow
 }
 
 /// The answer the shim would give for a check that the cache denies.
-pub fn as_result(entry: &Entry, check: &Check, now_ms: u64) -> CheckResult {
+pub(crate) fn as_result(entry: &Entry, check: &Check, now_ms: u64) -> CheckResult {
     CheckResult {
         lease: 0,
         lease_ms: 0,
@@ -165,16 +165,16 @@ pub fn as_result(entry: &Entry, check: &Check, now_ms: u64) -> CheckResult {
 /// until T", so a copy is as good as the shared one; what this worker has not seen yet it
 /// still finds in shared data.
 #[derive(Debug, Default)]
-pub struct Near {
+pub(crate) struct Near {
     entries: HashMap<String, Entry>,
 }
 
 impl Near {
     /// Entries kept per worker, like the shared slots.
-    pub const CAPACITY: usize = BUCKETS as usize;
+    pub(crate) const CAPACITY: usize = BUCKETS as usize;
 
     /// The entry for `key` if it still denies at `now_ms`; a stale one is dropped.
-    pub fn get(&mut self, key: &str, now_ms: u64) -> Option<&Entry> {
+    pub(crate) fn get(&mut self, key: &str, now_ms: u64) -> Option<&Entry> {
         let live = self.entries.get(key).is_some_and(|e| now_ms < e.until_ms);
         if !live {
             self.entries.remove(key);
@@ -184,7 +184,7 @@ impl Near {
     }
 
     /// Keeps `entry`; when full, stale entries go first, and if none is stale, all of them.
-    pub fn put(&mut self, entry: Entry, now_ms: u64) {
+    pub(crate) fn put(&mut self, entry: Entry, now_ms: u64) {
         if self.entries.len() >= Self::CAPACITY && !self.entries.contains_key(&entry.key) {
             self.entries.retain(|_, e| now_ms < e.until_ms);
             if self.entries.len() >= Self::CAPACITY {
@@ -193,18 +193,10 @@ impl Near {
         }
         self.entries.insert(entry.key.clone(), entry);
     }
-
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
 }
 
 /// `until (8 bytes LE) | reset_at (8 bytes LE) | key`.
-pub fn encode(entry: &Entry) -> Vec<u8> {
+pub(crate) fn encode(entry: &Entry) -> Vec<u8> {
     let mut out = Vec::with_capacity(16 + entry.key.len());
     out.extend_from_slice(&entry.until_ms.to_le_bytes());
     out.extend_from_slice(&entry.reset_at_ms.to_le_bytes());
@@ -212,7 +204,7 @@ pub fn encode(entry: &Entry) -> Vec<u8> {
     out
 }
 
-pub fn decode(bytes: &[u8]) -> Option<Entry> {
+pub(crate) fn decode(bytes: &[u8]) -> Option<Entry> {
     let until = bytes.get(..8)?.try_into().ok()?;
     let reset = bytes.get(8..16)?.try_into().ok()?;
     Some(Entry {
@@ -395,7 +387,10 @@ mod tests {
         near.put(entry("a", 100), 0);
         assert_eq!(near.get("a", 99).map(|e| e.until_ms), Some(100));
         assert!(near.get("a", 100).is_none(), "expired at until_ms");
-        assert!(near.is_empty(), "a stale entry is dropped when read");
+        assert!(
+            near.entries.is_empty(),
+            "a stale entry is dropped when read"
+        );
 
         for i in 0..Near::CAPACITY {
             near.put(
@@ -405,14 +400,14 @@ mod tests {
         }
         near.put(entry("new", 500), 60);
         assert_eq!(
-            near.len(),
+            near.entries.len(),
             Near::CAPACITY / 2 + 1,
             "the stale half went first"
         );
         for i in 0..Near::CAPACITY {
             near.put(entry(&format!("x{i}"), 500), 60);
         }
-        assert!(near.len() <= Near::CAPACITY);
+        assert!(near.entries.len() <= Near::CAPACITY);
         assert!(near.get("x4095", 60).is_some());
     }
 }

@@ -13,7 +13,7 @@ use crate::wire::{self, CheckResult, RequestResult};
 
 /// What the filter does with a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Resume the request; add these headers to its response (empty when disabled).
     /// `shadow_denials`: the rules in shadow mode that would have denied it.
     Allow {
@@ -26,13 +26,13 @@ pub enum Verdict {
 
 /// A local reply: status, headers and body.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LocalReply {
+pub(crate) struct LocalReply {
     pub status: u32,
-    pub headers: Vec<(String, String)>,
+    pub(crate) headers: Vec<(String, String)>,
     pub body: Vec<u8>,
     /// The rules (indexes into `Config::rules`) whose limits denied the request; empty for a
     /// fail-closed reply.
-    pub denied_by: Vec<usize>,
+    pub(crate) denied_by: Vec<usize>,
 }
 
 /// Why the shim gave no usable answer. Logged, then handed to [`on_failure`].
@@ -78,34 +78,18 @@ pub struct CalloutReply<'a> {
     pub body: &'a [u8],
 }
 
-/// Decides one request from a completed callout that carried only its checks. With the verdict
-/// come the over-limit cache entries a denial teaches (empty when allowed or disabled).
-pub fn from_callout(
-    config: &Config,
-    checks: &[Check],
-    reply: CalloutReply<'_>,
-    now_ms: u64,
-) -> Result<(Verdict, Vec<cache::Entry>), Failure> {
-    let clocks = cache::Clocks {
-        gateway_ms: now_ms,
-        corrected_ms: now_ms,
-    };
-    let mut decided = from_batch_callout(config, &[(checks, clocks)], reply)?;
-    decided.verdicts.pop().ok_or(Failure::NoStatus)?
-}
-
 /// One request's verdict with the over-limit cache entries it teaches, or why the shim
 /// refused that request alone.
-pub type RequestVerdict = Result<(Verdict, Vec<cache::Entry>), Failure>;
+pub(crate) type RequestVerdict = Result<(Verdict, Vec<cache::Entry>), Failure>;
 
 /// The verdicts of one callout (one per request), and Redis's time from the reply, for
 /// clock-skew correction.
 #[derive(Debug)]
 pub struct Decided {
-    pub verdicts: Vec<RequestVerdict>,
-    pub server_now_ms: Option<u64>,
+    pub(crate) verdicts: Vec<RequestVerdict>,
+    pub(crate) server_now_ms: Option<u64>,
     /// Leases granted: (request, check, its answer with `lease` > 0).
-    pub grants: Vec<(usize, usize, CheckResult)>,
+    pub(crate) grants: Vec<(usize, usize, CheckResult)>,
 }
 
 /// Decides every request of a completed callout (`requests[i]`: the checks of request `i` and
@@ -166,7 +150,7 @@ pub fn from_batch_callout(
 
 /// The failure mode, applied in this one place. `local` holds the worker's fallback counters
 /// (used only by `failure_mode: "local"`).
-pub fn on_failure(
+pub(crate) fn on_failure(
     config: &Config,
     checks: &[Check],
     local: &mut LocalLimiter,
@@ -226,7 +210,7 @@ pub fn on_failure(
 /// and in `RateLimit` and the problem's `violated-policies` every policy the cache knows to be
 /// exhausted. (The state of the other policies is unknown without a callout, so `RateLimit`
 /// leaves them out rather than guess; the draft lets a server list a subset.)
-pub fn from_cache(
+pub(crate) fn from_cache(
     config: &Config,
     checks: &[Check],
     hits: &[(usize, cache::Entry)],
@@ -266,7 +250,7 @@ struct Outcome<'a> {
 }
 
 /// Decides one request from the shim's answer for it.
-pub fn decide(config: &Config, checks: &[Check], result: &RequestResult) -> Verdict {
+pub(crate) fn decide(config: &Config, checks: &[Check], result: &RequestResult) -> Verdict {
     let known: Vec<Option<CheckResult>> = result.checks.iter().cloned().map(Some).collect();
     decide_known(config, checks, result.allowed, &known)
 }
@@ -527,6 +511,23 @@ fn ceil_seconds(ms: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Decides one request from a completed callout that carried only its checks. With the
+    /// verdict come the over-limit cache entries a denial teaches (empty when allowed or
+    /// disabled). The filter always decides a batch; this is the one-request case tests read.
+    fn from_callout(
+        config: &Config,
+        checks: &[Check],
+        reply: CalloutReply<'_>,
+        now_ms: u64,
+    ) -> Result<(Verdict, Vec<cache::Entry>), Failure> {
+        let clocks = cache::Clocks {
+            gateway_ms: now_ms,
+            corrected_ms: now_ms,
+        };
+        let mut decided = from_batch_callout(config, &[(checks, clocks)], reply)?;
+        decided.verdicts.pop().ok_or(Failure::NoStatus)?
+    }
 
     const CONFIG: &str = r#"{
         "shim": {"upstream": "s"},

@@ -71,7 +71,7 @@ impl RootContext for TollgateRoot {
                 return false;
             }
         };
-        // The level comes from the configuration, never from the host (see `config::LogLevel`).
+        // The level comes from the configuration, never from the host (see `config::parse::LogLevel`).
         log::set_max_level(config.log_level);
         let caps = WasmHost.capabilities(self.context_id);
         info!(

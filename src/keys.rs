@@ -29,7 +29,7 @@ use sha2::{Digest, Sha256};
 use crate::bounds;
 
 /// Longest encoded descriptor value kept verbatim; longer ones are hashed.
-pub const MAX_ENCODED_VALUE: usize = 64;
+pub(crate) const MAX_ENCODED_VALUE: usize = 64;
 
 /// Decimal digits of `n`.
 const fn digits(mut n: u64) -> usize {
@@ -53,7 +53,7 @@ const fn max(a: usize, b: usize) -> usize {
 /// `gcra:<burst>:<rate>:<period_ms>` (38 bytes); `tb:…` is one shorter, a window counter's
 /// `<window_ms>:<index>` at most 29 (an index of 20 digits), `swb:<window_ms>:<subwindows>`,
 /// `log:<window_ms>` and `conc` less.
-pub const MAX_SUFFIX_BYTES: usize = max(
+pub(crate) const MAX_SUFFIX_BYTES: usize = max(
     "gcra:".len()
         + digits(bounds::MAX_LIMIT)
         + 1
@@ -65,34 +65,34 @@ pub const MAX_SUFFIX_BYTES: usize = max(
 
 /// The suffix that names each algorithm's state, built here and nowhere else (the shim's
 /// scripts say the same shapes atop their files; [`MAX_SUFFIX_BYTES`] bounds them all).
-pub mod suffix {
+pub(crate) mod suffix {
     /// A window counter (fixed window, the sliding estimate's two windows).
-    pub fn window(window_ms: u64, index: u64) -> String {
+    pub(crate) fn window(window_ms: u64, index: u64) -> String {
         format!("{window_ms}:{index}")
     }
 
     /// The bounded sliding window's hash of sub-window counters.
-    pub fn sub_windows(window_ms: u64, subwindows: u64) -> String {
+    pub(crate) fn sub_windows(window_ms: u64, subwindows: u64) -> String {
         format!("swb:{window_ms}:{subwindows}")
     }
 
     /// The sliding log's sorted set.
-    pub fn log(window_ms: u64) -> String {
+    pub(crate) fn log(window_ms: u64) -> String {
         format!("log:{window_ms}")
     }
 
     /// A token bucket's state, named by its parameters so a changed limit starts afresh.
-    pub fn token_bucket(burst: u64, rate: u64, period_ms: u64) -> String {
+    pub(crate) fn token_bucket(burst: u64, rate: u64, period_ms: u64) -> String {
         format!("tb:{burst}:{rate}:{period_ms}")
     }
 
     /// GCRA's theoretical arrival time, named by its parameters.
-    pub fn gcra(burst: u64, rate: u64, period_ms: u64) -> String {
+    pub(crate) fn gcra(burst: u64, rate: u64, period_ms: u64) -> String {
         format!("gcra:{burst}:{rate}:{period_ms}")
     }
 
     /// The concurrency slots' sorted set (the shim's release endpoint requires `}:conc`).
-    pub const CONCURRENCY: &str = "conc";
+    pub(crate) const CONCURRENCY: &str = "conc";
 }
 
 /// Bytes of a hashed tuple: `#` + 32 hex digits.
@@ -108,15 +108,15 @@ pub enum Value<'a> {
 
 /// The fixed window that contains `now_ms`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Window {
+pub(crate) struct Window {
     /// `now_ms / window_ms`: the same on every gateway whose clock agrees.
-    pub index: u64,
+    pub(crate) index: u64,
     /// Milliseconds from `now_ms` until the window ends (1..=window_ms).
-    pub remaining_ms: u64,
+    pub(crate) remaining_ms: u64,
 }
 
 /// The fixed window of length `window_ms` (> 0) containing `now_ms`.
-pub fn fixed_window(now_ms: u64, window_ms: u64) -> Window {
+pub(crate) fn fixed_window(now_ms: u64, window_ms: u64) -> Window {
     let index = now_ms / window_ms;
     Window {
         index,
@@ -125,7 +125,7 @@ pub fn fixed_window(now_ms: u64, window_ms: u64) -> Window {
 }
 
 /// Appends the collision-free encoding of one descriptor value to `out`.
-pub fn encode_value(value: Value<'_>, out: &mut String) {
+pub(crate) fn encode_value(value: Value<'_>, out: &mut String) {
     let bytes = match value {
         Value::Anonymous => {
             out.push('-');

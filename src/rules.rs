@@ -1,6 +1,7 @@
 //! The core rule types: what a compiled rule says — which requests it applies to, what forms
 //! the counter's identity, its algorithm and limits, what a request costs. `config` builds them
-//! from the plugin's JSON (and re-exports them); `request`, `decision` and `local` read them.
+//! from the plugin's JSON; `request` builds checks from them, `decision` and `engine` read a
+//! rule's name and usage.
 
 use serde::Deserialize;
 
@@ -142,7 +143,7 @@ pub struct Rule {
     pub descriptors: Vec<Descriptor>,
     pub on_missing: OnMissing,
     pub algorithm: Algorithm,
-    /// Sub-windows per window (`sliding_window` only; [`DEFAULT_SUBWINDOWS`] otherwise).
+    /// Sub-windows per window (`sliding_window` only; [`crate::config::DEFAULT_SUBWINDOWS`] otherwise).
     pub subwindows: u64,
     /// The limits checked (all of them, in one callout); with `tiers`, the default tier's.
     pub limits: Vec<Limit>,
