@@ -117,13 +117,13 @@ return out
 
 class WindowCounters:
     """A thread reading the rule's window counters (`<prefix>:{<rule>|...}:<window_ms>:<index>`)
-    every POLL_S and `lead_ms` before each window's end; keeps the last value of each window."""
+    every POLL_S and `lead_ms` before each window's end; keeps the largest value of each window."""
 
     def __init__(self, host: str, port: int, lead_ms: float, key_prefix: str = "tollgate"):
         self.host, self.port, self.lead_ms = host, port, lead_ms
         self.pattern = f"{key_prefix}:{{{RULE}|*"
         self.shape = re.compile(rf"^{re.escape(key_prefix)}:\{{{RULE}\|[^}}]*\}}:{WINDOW_MS}:(\d+)$".encode())
-        self.last = {}        # window index -> the counter's last value seen
+        self.last = {}        # window index -> the counter's largest value seen
         self.errors = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -149,16 +149,30 @@ class WindowCounters:
                     for key, value in zip(reply[::2], reply[1::2]):
                         m = self.shape.match(key)
                         if m and value is not None:
-                            self.last[int(m.group(1))] = int(value)
+                            # The largest: a counter only grows, and one re-created after its
+                            # window ended (see expired_keys) must not hide the original.
+                            i = int(m.group(1))
+                            self.last[i] = max(self.last.get(i, 0), int(value))
                     # Sleep POLL_S, or less to read once more just before the window ends.
                     now_ms = time.time() * 1000
                     to_last_read = (now_ms // WINDOW_MS + 1) * WINDOW_MS - self.lead_ms - now_ms
                     self._stop.wait((to_last_read if 0 < to_last_read < POLL_S * 1000 else POLL_S * 1000) / 1000)
-        except (OSError, ValueError) as e:   # reported, not raised: the admitted counts still stand
+        except Exception as e:  # noqa: BLE001 - reported, not raised: the admitted counts still stand
             self.errors.append(f"{type(e).__name__}: {e}")
 
 
 # --- Configs and gateways ------------------------------------------------------------------
+
+def expired_keys(addr: tuple) -> int:
+    """Redis's count of keys expired so far (INFO stats): each window counter expires once, so
+    more expirations than windows means counters re-created after their window had ended."""
+    with socket.create_connection(addr, timeout=5) as s:
+        f = s.makefile("rwb")
+        f.write(_resp_command(("INFO", "stats")))
+        f.flush()
+        info = _read_reply(f).decode()
+    return int(re.search(r"^expired_keys:(\d+)", info, re.M).group(1))
+
 
 def plugin_config(limit: int, leases=None, **overrides) -> dict:
     """The one hot-key rule; `leases`: the plugin's `leases` object, sent only when given."""
@@ -215,14 +229,13 @@ NOT_AVAILABLE = "leases: not available in this build (the plugin config refuses 
 
 
 @contextlib.contextmanager
-def gateway(work: Path, name: str, plugin_cfg: dict, shim_port: int, upstream_port: int, wasm: Path,
-            concurrency: int, free_port):
-    """One Envoy (`--concurrency` workers) on free loopback ports; stopped on exit."""
+def gateway(work: Path, config, concurrency: int, free_port):
+    """One Envoy (`--concurrency` workers) on free loopback ports, its bootstrap
+    `config(port, admin_port)`; stopped on exit."""
     work.mkdir(parents=True, exist_ok=True)
     port, admin_port = free_port(), free_port()
     path = work / "envoy.json"
-    path.write_text(json.dumps(gateway_config(name, plugin_cfg, shim_port, upstream_port, wasm, port, admin_port),
-                               indent=1))
+    path.write_text(json.dumps(config(port, admin_port), indent=1))
     log = work / "envoy.log"
     cmd, env = envoy_command(path, ["--concurrency", str(concurrency), "-l", "warn", "--log-path", str(log)])
     with open(work / "envoy.stdout", "wb") as out:
@@ -246,9 +259,12 @@ def measure(work: Path, shim_port: int, redis_addr: tuple, limit: int, windows: 
     (CPU pinning)."""
     rate = OVERLOAD * limit * 1000 / WINDOW_MS / gateways
     with CountingUpstream() as upstream, contextlib.ExitStack() as stack:
-        envoys = [stack.enter_context(gateway(work / f"gw{i}", f"gw{i}", plugin_config(limit, leases), shim_port,
-                                              upstream.port, wasm, concurrency, free_port))
-                  for i in range(gateways)]
+        envoys = [stack.enter_context(gateway(
+            work / f"gw{i}",
+            lambda port, admin, name=f"gw{i}": gateway_config(name, plugin_config(limit, leases), shim_port,
+                                                              upstream.port, wasm, port, admin),
+            concurrency, free_port)) for i in range(gateways)]
+        expired_before = expired_keys(redis_addr)
         counters = stack.enter_context(WindowCounters(*redis_addr, lead_ms))
         # The load starts LEAD_IN_S before a window edge, so `windows` whole windows follow it.
         now = time.time()
@@ -267,8 +283,10 @@ def measure(work: Path, shim_port: int, redis_addr: tuple, limit: int, windows: 
         with open(work / "load.log", "w") as f:
             for out, err in outputs:
                 f.write(out + err + "\n")
-        # Let the last window's final read happen (its counter expires at its end).
-        time.sleep(max(0.0, (first + windows) * WINDOW_MS / 1000 + POLL_S - time.time()))
+        # Let the last window's final read happen and its counter expire (Redis expires keys
+        # lazily or in its 10 Hz cycle: give it time).
+        time.sleep(max(0.0, (first + windows + 1) * WINDOW_MS / 1000 + 0.3 - time.time()))
+        expired = expired_keys(redis_addr) - expired_before
         callouts_failed = sum(e.stat("cluster.tollgate_shim.upstream_rq_5xx") + e.stat("cluster.tollgate_shim.upstream_rq_4xx")
                               for e in envoys)
     statuses = collections.Counter()
@@ -280,7 +298,7 @@ def measure(work: Path, shim_port: int, redis_addr: tuple, limit: int, windows: 
                    int(started * 1e6), int(ended * 1e6))
     result.update(gateways=gateways, workers=concurrency, offered_per_s=rate * gateways,
                   seconds=round(ended - started, 1), statuses=dict(statuses), callouts_failed=callouts_failed,
-                  counter_errors=counters.errors)
+                  counter_errors=counters.errors, counters_expired=expired)
     return result
 
 
@@ -340,6 +358,9 @@ def loud_lines(result: dict, label: str) -> list:
         if r["charged"] is not None and r["charged"] > limit:
             out.append(f"!!! ACCURACY ({label}): window {r['window']} charged {r['charged']} > limit {limit} in "
                        f"Redis !!!")
+    if result["counters_expired"] > len(result["windows"]):
+        out.append(f"!!! ACCURACY ({label}): Redis expired {result['counters_expired']} counters for "
+                   f"{len(result['windows'])} windows: counters re-created after their window ended !!!")
     if result["admitted_total"] > result["charged_total"] and not result["counter_errors"]:
         out.append(f"!!! ACCURACY ({label}): {result['admitted_total']} admitted, only {result['charged_total']} "
                    f"charged in Redis !!!")

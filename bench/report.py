@@ -161,7 +161,7 @@ def accuracy_section(title: str, entries) -> list:
     ]
     for key, leases, acc, error in entries:
         if acc is None:
-            out.append(f"| {key} | {leases or '–'} | failed: {error} |")
+            out.append(f"| {key} | {leases or '–'} | {error} |")
             continue
         flag = lambda v: "" if v is None or v <= 1.0 else " **over**"  # noqa: E731
         statuses = ", ".join(f"{n} × {s}" for s, n in sorted(acc["statuses"].items()))
@@ -193,6 +193,9 @@ def accuracy_section(title: str, entries) -> list:
                        f"{fmt(charged)} | {w['admitted'] / acc['limit']:.3f} | "
                        f"{fmt(None if charged is None else charged - w['admitted'])} | "
                        + "".join(f"{w['by_gateway'].get(g, 0)} | " for g in gateways) + f"{w['straddling']} |")
+        out.append(f"\nRedis expired {acc.get('counters_expired', '?')} window counters for {len(acc['windows'])} "
+                   "windows (more: a counter was re-created after its window ended, by a charge that reached Redis "
+                   "late, and what it admitted is not in *charged*).")
         if acc.get("counter_errors"):
             out.append(f"\nReading the Redis counters failed: {acc['counter_errors'][0]}")
     return out
