@@ -7,7 +7,7 @@ APT_PACKAGES := nginx-light libnginx-mod-http-lua lua-resty-core lua-resty-lruca
 	lua-cjson redis-server redis-tools redis-sentinel lua-check wrk openssl
 PYTEST ?= python3 -m pytest
 
-.PHONY: kong-test help setup setup-fuzz build run test unit-test fuzz fuzz-smoke soak lint validate fmt clean bench bench-setup bench-hostcalls bench-functions
+.PHONY: kong-test help setup setup-fuzz build run test unit-test fuzz fuzz-smoke soak lint validate fmt clean bench bench-setup bench-hostcalls bench-functions bench-far
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -57,11 +57,14 @@ fuzz-smoke: ## A 10-second fuzz run of each target (part of `make test`; skipped
 bench-setup: ## Install oha (open-loop load generator) with cargo if missing; takes a few minutes, once
 	@command -v oha >/dev/null || [ -x "$$HOME/.cargo/bin/oha" ] || cargo install oha --locked
 
-bench: setup build bench-setup ## Benchmark Tollgate against Envoy/nginx baselines (< 10 min): bench/results/latest.md, .svg
+bench: setup build bench-setup ## Benchmark Tollgate against Envoy/nginx baselines, and the accuracy phase (< 15 min): bench/results/latest.md, .svg
 	python3 bench/run.py
 
 bench-hostcalls: setup ## What each proxy-wasm host call costs Envoy (~4 min): bench/results/hostcalls.md
 	python3 bench/hostcalls.py
+
+bench-far: setup build bench-setup ## Redis 20 ms away (netns + veth + delay; root): latency, throughput, accuracy, leases off/on (~2 min): bench/results/far.md
+	python3 bench/far.py
 
 bench-functions: setup ## Redis time per check call, function library (FCALL) against EVALSHA (~1 min)
 	python3 bench/functions.py

@@ -24,6 +24,7 @@ def ratio(row: Row, rows: dict, connections: int):
 
 def markdown(rows: dict, plan: Plan, meta: dict) -> str:
     conns = plan.connections
+    every_row, rows = rows, {k: r for k, r in rows.items() if r.phase == "load"}
     out = [
         "# Tollgate benchmark",
         "",
@@ -129,10 +130,75 @@ def markdown(rows: dict, plan: Plan, meta: dict) -> str:
             f"{mem['keys']} counters: INFO `used_memory` grew by **{fmt(mem['bytes_per_key'])} bytes per key** "
             f"(`MEMORY USAGE` of one, `{mem['sample_key']}`: {mem['memory_usage_sample']} bytes).",
         ]
-    problems = [f"- **{r.key}**: {r.error or r.warning}" for r in rows.values() if r.error or r.warning]
+    accuracy = [(r.key, r.leases, r.accuracy, r.error) for r in every_row.values() if r.phase == "accuracy"]
+    if accuracy:
+        out += ["", *accuracy_section(ACCURACY_TITLE, accuracy)]
+    problems = [f"- **{r.key}**: {r.error or r.warning}" for r in every_row.values() if r.error or r.warning]
     if problems:
         out += ["", "## Problems in this run", "", *problems]
     return "\n".join(out) + "\n"
+
+
+ACCURACY_TITLE = "Accuracy: 2 gateways × 2 workers"
+
+
+def accuracy_section(title: str, entries) -> list:
+    """The accuracy phase (bench/accuracy.py): a summary line per run, then its windows.
+    `entries`: (key, leases label, tally or None, error or None)."""
+    out = [
+        f"## {title}",
+        "",
+        "Two Envoys (`--concurrency 2` each) share one shim and one Redis; one hot key under a `fixed_window` "
+        "rule (1 s), offered 4× its limit (open loop, one oha per gateway); `failure_mode: deny`. *Admitted*: "
+        "requests that reached the upstream, in the window in which Envoy started them (*certain*: those that also "
+        "reached the upstream in it); *charged*: the window's counter in Redis (admitted + leased and unspent). "
+        "The guarantee: admitted ÷ limit never above 1.000.",
+        "",
+        "| | leases | limit | whole windows | admitted ÷ limit, max | certain ÷ limit, max | mean (whole windows) "
+        "| charged ÷ limit, max | charged − admitted (whole windows) | admitted / charged (run) | responses "
+        "| failed callouts |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for key, leases, acc, error in entries:
+        if acc is None:
+            out.append(f"| {key} | {leases or '–'} | {error} |")
+            continue
+        flag = lambda v: "" if v is None or v <= 1.0 else " **over**"  # noqa: E731
+        statuses = ", ".join(f"{n} × {s}" for s, n in sorted(acc["statuses"].items()))
+        out.append(f"| {key} | {leases or '–'} | {acc['limit']} | {acc['full_windows']} | "
+                   f"{fmt(acc['max_ratio'], '.3f')}{flag(acc['max_ratio'])} | "
+                   f"{fmt(acc['max_certain_ratio'], '.3f')}{flag(acc['max_certain_ratio'])} | "
+                   f"{fmt(acc['mean_ratio_full'], '.3f')} | "
+                   f"{fmt(acc['max_charged_ratio'], '.3f')}{flag(acc['max_charged_ratio'])} | "
+                   f"{fmt(acc['unspent_full'])} | {acc['admitted_total']} / {acc['charged_total']} | {statuses} | "
+                   f"{acc['callouts_failed']} |")
+    for key, leases, acc, _ in entries:
+        if acc is None:
+            continue
+        gateways = sorted({g for w in acc["windows"] for g in w["by_gateway"]})
+        out += [
+            "",
+            f"{key} (leases: {leases or '–'}), per window (*partial*: the load covered only part of it; "
+            f"*straddling*: started in it, reached the upstream in the next, so its window is not certain; "
+            f"bench/accuracy.py):",
+            "",
+            "| window | admitted | charged | admitted ÷ limit | charged − admitted | "
+            + " | ".join(gateways) + (" | " if gateways else "") + "straddling |",
+            "|---|---:|---:|---:|---:|" + "---:|" * len(gateways) + "---:|",
+        ]
+        first = min((w["window"] for w in acc["windows"] if w["full"]), default=0)
+        for w in acc["windows"]:
+            charged = w["charged"]
+            out.append(f"| {w['window'] - first + 1}{'' if w['full'] else ' (partial)'} | {w['admitted']} | "
+                       f"{fmt(charged)} | {w['admitted'] / acc['limit']:.3f} | "
+                       f"{fmt(None if charged is None else charged - w['admitted'])} | "
+                       + "".join(f"{w['by_gateway'].get(g, 0)} | " for g in gateways) + f"{w['straddling']} |")
+        out.append(f"\nRedis expired {acc.get('counters_expired', '?')} window counters for {len(acc['windows'])} "
+                   "windows (more: a counter was re-created after its window ended, by a charge that reached Redis "
+                   "late, and what it admitted is not in *charged*).")
+        if acc.get("counter_errors"):
+            out.append(f"\nReading the Redis counters failed: {acc['counter_errors'][0]}")
+    return out
 
 
 README_START = "<!-- bench-results:start (written by make bench) -->"
@@ -141,7 +207,8 @@ README_END = "<!-- bench-results:end -->"
 
 def update_readme(md: str, meta: dict):
     """Copies the tables of a full run into README.md, between the bench-results markers:
-    throughput, CPU per request, latency at 10 % and 50 % of A's saturation, and one client."""
+    throughput, CPU per request, latency at 10 % and 50 % of A's saturation, one client, and the
+    accuracy phase's summary."""
     readme = ROOT / "README.md"
     text = readme.read_text()
     if README_START not in text or README_END not in text:
@@ -150,7 +217,11 @@ def update_readme(md: str, meta: dict):
     tables = {}
     for section in md.split("\n## ")[1:]:
         title, _, body = section.partition("\n")
-        tables[title.split(" (")[0]] = [line for line in body.splitlines() if line.startswith("|")]
+        # A section's first table (the accuracy section's per-window tables stay in latest.md).
+        lines = body.splitlines()
+        start = next((i for i, line in enumerate(lines) if line.startswith("|")), len(lines))
+        end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+        tables[title.split(" (")[0]] = lines[start:end]
     latency = tables["Latency at fixed offered rates"]
     latency = latency[:2] + [line for line in latency[2:] if line.split(" | ")[2] in ("10%", "50%")]
     block = "\n".join([
@@ -169,6 +240,8 @@ def update_readme(md: str, meta: dict):
         *latency,
         *(["", "One client, sequential requests on one keep-alive connection, before any load (ms):", "",
             *tables["One client"]] if "One client" in tables else []),
+        *(["", "Accuracy: 2 gateways × 2 workers on one hot key, offered 4× its limit (per window: "
+           "`bench/results/latest.md`):", "", *tables[ACCURACY_TITLE]] if ACCURACY_TITLE in tables else []),
         README_END,
     ])
     start, end = text.index(README_START), text.index(README_END) + len(README_END)
@@ -262,7 +335,7 @@ def latency_panel(rows: dict, shown: list, fraction: float, y0: int) -> list:
 def svg_chart(rows: dict, plan: Plan, meta: dict) -> str:
     """Throughput vs the baseline at each connection count; added p50/p99 latency at 50 % load
     and at the lowest rate."""
-    shown = [r for r in rows.values() if not r.error and r.key != r.base]
+    shown = [r for r in rows.values() if not r.error and r.key != r.base and r.phase == "load"]
     conns = plan.connections
     blues = ["#4e79a7", "#a0cbe8", "#2b4c6f"]
     throughput = BarPanel(50, "Throughput at saturation vs the baseline (A; for D: D0), closed loop",
@@ -277,7 +350,7 @@ def svg_chart(rows: dict, plan: Plan, meta: dict) -> str:
         parts += latency_panel(rows, shown, fraction, 350 + 300 * i)
 
     y = 350 + 300 * len(fractions) - 30
-    for r in rows.values():
+    for r in (r for r in rows.values() if r.phase == "load"):
         parts.append(f'<text x="{BarPanel.LEFT}" y="{y}" font-size="11" fill="#333"><tspan font-weight="bold">'
                      f'{esc(r.key)}</tspan>  {esc(r.name)}</text>')
         y += 15

@@ -23,12 +23,14 @@ class Plan:
     load_fractions: tuple   # offered rates, as fractions of A's throughput at 32 connections
     memory_keys: int        # distinct keys for E's Redis memory phase
     single_requests: int = 2000   # the one-client phase's sequential requests
+    accuracy_windows: int = 10    # the accuracy phase's whole windows (1 s each)
+    accuracy_limit: int = 300     # its rule's limit per window (offered: 4 times as much)
 
 
 FULL = Plan(warmup_s=1, saturation_s=5, rate_s=5, connections=(32, 128), load_fractions=(0.1, 0.25, 0.5, 0.75),
             memory_keys=10_000)
 QUICK = Plan(warmup_s=1, saturation_s=1, rate_s=1, connections=(32, 128), load_fractions=(0.5,), memory_keys=1_000,
-             single_requests=300)
+             single_requests=300, accuracy_windows=4)
 
 
 # --- Results ---------------------------------------------------------------------------------
@@ -64,6 +66,11 @@ class Row:
     counters: dict = dataclasses.field(default_factory=dict)  # see counters(): deltas over the phases
     memory_per_key: dict = None
     single: Latency = None                                  # one client, sequential (setup.single)
+    # "load": the throughput/latency/cost tables; "accuracy": the accuracy phase (accuracy.py),
+    # whose numbers are in `accuracy` (its tally) and whose plugin's leases option is `leases`.
+    phase: str = "load"
+    accuracy: dict = None
+    leases: str = None
     error: str = None
     warning: str = None
 

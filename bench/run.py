@@ -15,6 +15,9 @@ number next to the baseline measured in the same run (bench/README.md says how t
   E1  the same with coalescing off: one callout per request, like C
   F   Tollgate under abuse: every request over its limit (1 per minute)
   G   Tollgate with the shim down (failure_mode allow, the cluster on a closed port)
+  X   accuracy: 2 Envoys x 2 workers, one shim, one Redis, one hot key offered 4x its limit;
+      admitted / limit per window (bench/accuracy.py). `--leases on|off|both` sets its plugin's
+      `leases` option (default: not sent, the build's default)
 
 Per setup: saturation throughput (closed loop, wrk, 32 and 128 connections), latency
 percentiles at fixed offered rates (open loop, oha; 25/50/75 % of A's throughput at 32
@@ -74,7 +77,8 @@ OHA = shutil.which("oha") or str(Path.home() / ".cargo" / "bin" / "oha")
 
 
 from rows import FULL, LATENCY_CONNECTIONS, QUICK, WRK_THREADS, Latency, Plan, Row  # noqa: E402
-from report import markdown, svg_chart, update_readme  # noqa: E402
+from report import fmt, markdown, svg_chart, update_readme  # noqa: E402
+import accuracy  # noqa: E402  (after the harness is on sys.path)
 
 
 # --- Processes -------------------------------------------------------------------------------
@@ -322,6 +326,8 @@ class Setup:
     latency: bool = True
     # The one-client phase: sequential requests on one keep-alive connection.
     single: bool = False
+    # A phase of its own instead of `measure` (the accuracy phase): (setup, plan, work) -> Row.
+    run: object = None
 
 
 SETUPS = [
@@ -354,6 +360,33 @@ SETUPS = [
     Setup("G", "Tollgate, shim down (failure_mode allow)", "A",
           lambda w: envoy_target(w, "tollgate"), single=True),
 ]
+ACCURACY_NAME = "Accuracy: 2 gateways × 2 workers, one hot key offered 4× its limit"
+
+
+def accuracy_setups(mode: str) -> list:
+    """Setup X, once per leases mode asked for (`--leases both`: X-off and X-on)."""
+    modes = {None: [None], "on": ["on"], "off": ["off"], "both": ["off", "on"]}[mode]
+    return [Setup("X" if len(modes) == 1 else f"X-{m}", ACCURACY_NAME, "X", None,
+                  run=lambda setup, plan, work, m=m: accuracy_row(setup, plan, work, m)) for m in modes]
+
+
+def accuracy_row(setup: Setup, plan: Plan, work: Path, mode) -> Row:
+    """The accuracy phase on a fresh Redis and shim (pinned with the load generators; the two
+    Envoys share the cores): see bench/accuracy.py."""
+    row = Row(setup.key, setup.name, setup.base, phase="accuracy")
+    plan_leases = accuracy.lease_plan(mode, mode is None or accuracy.leases_supported(WASM_COPY, work / "probe"))
+    if plan_leases is None:
+        row.leases, row.error = mode, accuracy.NOT_AVAILABLE
+        return row
+    leases, row.leases = plan_leases
+    with contextlib.ExitStack() as stack:
+        redis, shim = redis_and_shim(work, stack)
+        row.accuracy = accuracy.measure(work, shim.port, ("127.0.0.1", redis.port), plan.accuracy_limit,
+                                        plan.accuracy_windows, WASM_COPY, OHA, free_port, leases=leases,
+                                        load_cmd=lambda cmd: pinned("rest", cmd))
+    if row.accuracy["counter_errors"]:
+        row.warning = f"reading the Redis counters failed: {row.accuracy['counter_errors'][0]}"
+    return row
 
 
 # --- Load ------------------------------------------------------------------------------------
@@ -598,30 +631,44 @@ def drift_check(plan: Plan) -> dict:
     return rps
 
 
-def run_setups(plan: Plan, only, perf: bool) -> dict:
+def run_setups(plan: Plan, only, perf: bool, leases: str = None) -> dict:
     """Each setup in turn, on fresh processes; A first, as its throughput sets the rates."""
     rows, rates, started = {}, None, time.monotonic()
-    for setup in SETUPS:
-        if only and setup.key not in only:
+    for setup in SETUPS + accuracy_setups(leases):
+        if only and setup.key.split("-")[0] not in only:
             continue
         work = WORK / setup.key
         work.mkdir(parents=True)
         print(f"[{time.monotonic() - started:5.0f}s] {setup.key}: {setup.name}", flush=True)
         try:
-            with setup.start(work) as target:
-                row = measure(setup, target, plan, rates, work, perf)
-                if setup.key == "E":
-                    row.memory_per_key = memory_per_key(target, plan.memory_keys)
+            if setup.run:
+                row = setup.run(setup, plan, work)
+            else:
+                with setup.start(work) as target:
+                    row = measure(setup, target, plan, rates, work, perf)
+                    if setup.key == "E":
+                        row.memory_per_key = memory_per_key(target, plan.memory_keys)
         except Exception as e:  # noqa: BLE001 - one failed setup must not lose the others
             if setup.key == "A":
                 raise
             first_line = str(e).splitlines()[0] if str(e) else ""
-            row = Row(setup.key, setup.name, setup.base, error=f"{type(e).__name__}: {first_line}"[:200])
+            row = Row(setup.key, setup.name, setup.base, error=f"{type(e).__name__}: {first_line}"[:200],
+                      phase="accuracy" if setup.run else "load")
             print(f"  FAILED: {e}\n  (logs: {work})", flush=True)
         rows[setup.key] = row
         if setup.key == "A":
             rates = {f: lat.offered for f, lat in row.latency.items()}
-        if not row.error:
+        if row.accuracy:
+            acc = row.accuracy
+            print(f"  leases: {row.leases}; admitted ÷ limit ({acc['limit']}) per window: max "
+                  f"{fmt(acc['max_ratio'], '.3f')}, mean {fmt(acc['mean_ratio_full'], '.3f')} over "
+                  f"{acc['full_windows']} whole windows; charged ÷ limit max {fmt(acc['max_charged_ratio'], '.3f')}",
+                  flush=True)
+            for line in accuracy.loud_lines(acc, setup.key):
+                print(line, flush=True)
+        elif row.error and row.phase == "accuracy":
+            print(f"  {row.error}", flush=True)
+        elif not row.error:
             print("  " + ", ".join(f"{c} conns: {row.rps[c]:.0f} req/s" for c in plan.connections)
                   + "; " + ", ".join(f"{f:.0%}: p50 {lat.p50:.2f} ms p99 {lat.p99:.2f} ms"
                                     for f, lat in row.latency.items()), flush=True)
@@ -645,6 +692,8 @@ def main():
     parser.add_argument("--wasm", type=Path, default=WASM, help="the .wasm to benchmark (default: the release build)")
     parser.add_argument("--shim-dir", type=Path, default=SHIM_DIR,
                         help="the lua-redis-shim to run (default: the work tree's)")
+    parser.add_argument("--leases", choices=("on", "off", "both"), default=None,
+                        help="the accuracy phase's plugin option `leases` (default: not sent); `both` runs it twice")
     parser.add_argument("--no-pin", action="store_true",
                         help="share the cores (default with 2+ CPUs: the gateway alone on CPU 0, the rest on CPU 1)")
     args = parser.parse_args()
@@ -667,7 +716,7 @@ def main():
                        "wrk and oha on CPU 1 (`taskset`)." if PIN["gateway"] is not None else
                        "Envoy `--concurrency 1`, one nginx worker (shim and D), Redis, wrk and oha all on the same "
                        "cores (--no-pin).")
-    rows = run_setups(plan, only, args.perf)
+    rows = run_setups(plan, only, args.perf, args.leases)
     print(f"[{time.monotonic() - started:5.0f}s] A again: has the machine changed during the run?", flush=True)
     again = drift_check(plan)
     meta["drift"] = ", ".join(f"{again[c]:.0f} req/s @{c} ({again[c] / rows['A'].rps[c]:.2f}× the first run)"
@@ -694,7 +743,8 @@ def main():
     print()
     print(md)
     print(f"wrote {out / 'latest.md'} and latest.svg in {meta['took']}; logs in {WORK}")
-    return 1 if any(r.error or r.warning for r in rows.values()) else 0
+    # A leases mode this build cannot run is reported, not a failure of the run.
+    return 1 if any((r.error and r.error != accuracy.NOT_AVAILABLE) or r.warning for r in rows.values()) else 0
 
 
 if __name__ == "__main__":
