@@ -319,7 +319,7 @@ impl<H: Host> Engine<H> {
         };
         // Leases first: units Redis granted this gateway are spent even when another gateway
         // has since exhausted the key (which the over-limit cache may have learned).
-        if self.config.leases.enabled && lease::leasable(&checks) {
+        if self.config.leases.enabled && lease::leasable(&checks) && !self.metered(&checks) {
             if let Some(results) = self.spend_leases(&mut checks, since_ms) {
                 let verdict =
                     decision::decide(&self.config, &checks, &RequestResult::local(true, results));
@@ -966,13 +966,7 @@ impl<H: Host> Engine<H> {
             Verdict::Allow {
                 response_headers, ..
             } => {
-                let metered = self.config.has_usage_rules
-                    && checks.iter().any(|c| {
-                        self.config
-                            .rules
-                            .get(c.rule)
-                            .is_some_and(|r| r.usage.is_some())
-                    });
+                let metered = self.metered(checks);
                 if !response_headers.is_empty() || metered {
                     self.track(ctx, Phase::Allowed(response_headers));
                 }
@@ -1180,6 +1174,18 @@ impl<H: Host> Engine<H> {
             }
         }
         None
+    }
+
+    /// Whether a usage rule applies: its counter charges what the response consumed, so its
+    /// checks take no leases (units reserved ahead would count as consumed).
+    fn metered(&self, checks: &[Check]) -> bool {
+        self.config.has_usage_rules
+            && checks.iter().any(|c| {
+                self.config
+                    .rules
+                    .get(c.rule)
+                    .is_some_and(|r| r.usage.is_some())
+            })
     }
 
     /// Takes `cost` units of `id`'s lease: what to report, and the refill to ask (0: none).

@@ -191,11 +191,13 @@ pub fn merge(old: Option<Record>, id: &str, g: Grant, now: u64) -> (Record, u64)
         }
         None => (g.units, expires),
     };
+    // Units still held were charged before Redis answered: they are left too.
+    let joined = units - g.units;
     let rec = Record {
         id: id.to_string(),
         units,
         expires_ms,
-        base_remaining: g.remaining,
+        base_remaining: g.remaining + joined,
         spent: 0,
         reset_at_ms: g.since_ms.saturating_add(g.reset_ms),
         granted_ms: now,
@@ -308,6 +310,8 @@ mod tests {
         assert_eq!((r.units, r.expires_ms, r.grant, wasted), (10, 2_000, 10, 0));
         let (r2, wasted) = merge(Some(r.clone()), "k", g(6, 1_100, 920), 1_101);
         assert_eq!((r2.units, r2.expires_ms, wasted), (16, 2_000, 0));
+        // Redis's remaining leaves out the units held (charged earlier): they are left too.
+        assert_eq!(r2.base_remaining, 40 + 10);
         let (r3, wasted) = merge(Some(r2.clone()), "k", g(6, 1_100, 890), 1_101);
         assert_eq!((r3.units, r3.expires_ms, wasted), (22, 1_990, 0));
         // A grant for a later sub-window: the held units expire first and are dropped.
