@@ -1,12 +1,17 @@
 //! Pure models of the rate-limit algorithms the Redis scripts run.
 //!
 //! Each model is the same arithmetic as its script under `lua-redis-shim/scripts/`, with time
-//! passed in, so table-driven tests pin the semantics (window edges, refill, retry-after) that
-//! the scripts implement. The filter itself uses [`sliding_weight_ms`] to build sliding-window
-//! checks; the rest is the documented spec the shim answers by, run by tests only (its own
-//! tables, and the engine's model of Redis in `engine::tests`). Models are named by their wire
-//! `alg`: [`sliding_window`] is the config's `sliding_window_estimate`, and
-//! [`sliding_window_bounded`] the config's `sliding_window` (docs/wire-format.md says why).
+//! passed in. Their behaviour is pinned by the shared vectors, `tests/vectors/<wire alg>.json`,
+//! which the tests below run against the models and `tests/shim/test_vectors.py` runs against
+//! the scripts in a real Redis: one table per algorithm, two implementations held equal.
+//!
+//! At runtime the filter uses only [`sliding_weight_ms`] (`request`, to build the two-window
+//! estimate's checks); the local fallback (`local`) counts its own fixed windows and uses no
+//! model. Every other item is the documented spec, run by tests only: the vectors here, and
+//! the engine's model of Redis (`FakeRedis` in `engine/tests.rs`: all but [`concurrency`],
+//! which it models inline). Models are named by their wire `alg`: [`sliding_window`] is the
+//! config's `sliding_window_estimate`, and [`sliding_window_bounded`] the config's
+//! `sliding_window` (docs/wire-format.md says why).
 
 /// What one check answers, whatever the algorithm: enough for exact headers.
 #[cfg_attr(not(test), allow(dead_code))]

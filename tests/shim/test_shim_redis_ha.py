@@ -222,7 +222,7 @@ def test_check_over_tls_as_the_acl_user(tls_backend, tmp_path):
         assert [c["allowed"] for c in results[0]["checks"]] == [True] * 6
         assert check_ok(shim, one(fw("tls-a", 5)))[0]["checks"][0]["count"] == 2
         r = call(shim.port, {"releases": [{"key": "tollgate:{tls-a}:conc", "id": "r1"}]},
-                             path="/v1/release")
+                 path="/v1/release")
         status, reply = r.status, r.json
         assert (status, reply) == (200, {"released": 1}), shim.log_tails()
         with urllib.request.urlopen(f"http://127.0.0.1:{shim.port}/healthz", timeout=5) as r:
