@@ -14,6 +14,9 @@ from http_client import request, wait_for_window_room
 from shim_harness import redis_cli
 
 
+API_KEY = {"x-api-key": "k"}
+
+
 def max_in_any_window(times, window_s):
     """The most timestamps inside any interval of length `window_s`."""
     times = sorted(times)
@@ -66,10 +69,10 @@ def test_sliding_log_is_exact_under_sustained_load(clean, tmp_path):
 def test_token_bucket_bursts_then_refills(clean, tmp_path):
     config = plugin([rule("tb", algorithm="token_bucket", burst=5, rate=5, period="1s")])
     with run_envoy(tmp_path, config, clean["shim"]) as envoy:
-        first = statuses(envoy, 6, headers={"x-api-key": "k"})
+        first = statuses(envoy, 6, headers=API_KEY)
         denied = request(envoy.port, "/v1/search", {"x-api-key": "k"})
         time.sleep(0.45)  # two tokens at one per 200 ms
-        refilled = statuses(envoy, 3, headers={"x-api-key": "k"})
+        refilled = statuses(envoy, 3, headers=API_KEY)
     assert first == [200] * 5 + [429]
     assert denied.status == 429 and denied.headers["retry-after"] == "1"
     assert denied.headers["x-ratelimit-limit"] == "5"
@@ -79,9 +82,9 @@ def test_token_bucket_bursts_then_refills(clean, tmp_path):
 def test_gcra_spaces_requests_after_the_burst(clean, tmp_path):
     config = plugin([rule("gcra", algorithm="gcra", burst=3, rate=10, period="1s")])
     with run_envoy(tmp_path, config, clean["shim"]) as envoy:
-        burst = statuses(envoy, 4)
+        burst = statuses(envoy, 4, headers=API_KEY)
         time.sleep(0.12)  # one emission interval (100 ms)
-        spaced = statuses(envoy, 2)
+        spaced = statuses(envoy, 2, headers=API_KEY)
     assert burst == [200, 200, 200, 429]
     assert spaced == [200, 429]
 
@@ -92,9 +95,9 @@ def test_several_limits_on_one_rule(clean, tmp_path):
     with run_envoy(tmp_path, config, clean["shim"]) as envoy:
         wait_for_window_room(10, 3)
         wait_for_window_room(1, 0.8)
-        first = statuses(envoy, 4)
+        first = statuses(envoy, 4, headers=API_KEY)
         time.sleep(1 - time.time() % 1 + 0.05)
-        second = statuses(envoy, 3, headers={"x-api-key": "k"})
+        second = statuses(envoy, 3, headers=API_KEY)
         denied = request(envoy.port, "/v1/search", {"x-api-key": "k"})
     assert first == [200, 200, 200, 429], "per second"
     assert second == [200, 200, 429], "per 10 s: 5 in all"
@@ -264,7 +267,7 @@ def test_every_key_has_a_ttl(clean, tmp_path):
         rule("conc", descriptors=[], algorithm="concurrency", limit=5),
     ]
     with run_envoy(tmp_path, plugin(rules), clean["shim"]) as envoy:
-        statuses(envoy, 3, path="/")
+        statuses(envoy, 3, path="/", headers=API_KEY)
         keys = redis_cli(clean["redis"], "KEYS", "tollgate:*")
         ttls = {k.decode(): redis_cli(clean["redis"], "PTTL", k) for k in keys}
         memory = {k.decode(): redis_cli(clean["redis"], "MEMORY", "USAGE", k) for k in keys}
