@@ -39,7 +39,7 @@ test: setup build unit-test validate fuzz-smoke ## Everything: unit, fuzz smoke,
 	$(PYTEST) -q tests/
 
 kong-test: build ## The end-to-end tests on Kong's Wasm engine; needs NGX_WASM_NGINX and NGX_WASM_MODULE (README, "On Kong Gateway")
-	$(PYTEST) -q -rs tests/test_ngx_wasm.py tests/test_portability.py
+	$(PYTEST) -q -rs tests/e2e/test_ngx_wasm.py tests/e2e/test_portability.py
 
 FUZZ_TARGETS := config keys shim_reply
 FUZZ_SECONDS ?= 60

@@ -1,12 +1,17 @@
 //! Pure models of the rate-limit algorithms the Redis scripts run.
 //!
 //! Each model is the same arithmetic as its script under `lua-redis-shim/scripts/`, with time
-//! passed in, so table-driven tests pin the semantics (window edges, refill, retry-after) that
-//! the scripts implement. The filter itself uses [`sliding_weight_ms`] to build sliding-window
-//! checks; the rest is the documented spec the shim answers by, run by tests only (its own
-//! tables, and the engine's model of Redis in `engine::tests`). Models are named by their wire
-//! `alg`: [`sliding_window`] is the config's `sliding_window_estimate`, and
-//! [`sliding_window_bounded`] the config's `sliding_window` (docs/wire-format.md says why).
+//! passed in. Their behaviour is pinned by the shared vectors, `tests/vectors/<wire alg>.json`,
+//! which the tests below run against the models and `tests/shim/test_vectors.py` runs against
+//! the scripts in a real Redis: one table per algorithm, two implementations held equal.
+//!
+//! At runtime the filter uses only [`sliding_weight_ms`] (`request`, to build the two-window
+//! estimate's checks); the local fallback (`local`) counts its own fixed windows and uses no
+//! model. Every other item is the documented spec, run by tests only: the vectors here, and
+//! the engine's model of Redis (`FakeRedis` in `engine/tests.rs`: all but [`concurrency`],
+//! which it models inline). Models are named by their wire `alg`: [`sliding_window`] is the
+//! config's `sliding_window_estimate`, and [`sliding_window_bounded`] the config's
+//! `sliding_window` (docs/wire-format.md says why).
 
 /// What one check answers, whatever the algorithm: enough for exact headers.
 #[cfg_attr(not(test), allow(dead_code))]
@@ -308,29 +313,53 @@ pub fn sliding_log(
     (answer, after)
 }
 
+// --- Concurrency --------------------------------------------------------------------------------
+
+/// The slots of a concurrency limit: slot id → its expiry (Redis time in ms), a sorted set.
+#[cfg_attr(not(test), allow(dead_code))]
+pub type Slots = std::collections::BTreeMap<String, u64>;
+
+/// Concurrency: at most `limit` slots held; a request holds slot `id` until it is released or
+/// `ttl_ms` passes. Slots expiring at or before `now_ms` are dropped first. An id already held
+/// counts once and has its expiry refreshed. The reply is read after the charge: `reset_ms`
+/// until the earliest slot expires (0 when none), and a denial's retry-after is that, capped at
+/// 1000 ms (a slot frees when its request ends, usually well before it expires).
+#[cfg_attr(not(test), allow(dead_code))]
+pub fn concurrency(
+    slots: &Slots,
+    now_ms: u64,
+    id: &str,
+    limit: u64,
+    ttl_ms: u64,
+) -> (Answer, Slots) {
+    let mut after: Slots = slots
+        .iter()
+        .filter(|&(_, &e)| e > now_ms)
+        .map(|(i, &e)| (i.clone(), e))
+        .collect();
+    let held = after.len() as u64 + u64::from(!after.contains_key(id));
+    let allowed = held <= limit;
+    if allowed {
+        after.insert(id.to_string(), now_ms + ttl_ms);
+    }
+    let reset_ms = after.values().min().map_or(0, |&e| e - now_ms);
+    let answer = Answer {
+        allowed,
+        remaining: limit.saturating_sub(after.len() as u64),
+        reset_ms,
+        retry_after_ms: match (allowed, reset_ms) {
+            (true, _) => 0,
+            (false, r) if r > 0 && r < 1000 => r,
+            (false, _) => 1000,
+        },
+    };
+    (answer, after)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn fixed_window_table() {
-        // (count, cost, limit, left) → (allowed, remaining, retry_after, count after)
-        let table = [
-            (0, 1, 3, 500, true, 2, 0, 1),
-            (2, 1, 3, 500, true, 0, 0, 3),
-            (3, 1, 3, 500, false, 0, 500, 3),
-            (1, 2, 3, 500, true, 0, 0, 3),
-            (2, 2, 3, 500, false, 1, 500, 2),
-            (3, 0, 3, 500, true, 0, 0, 3),
-        ];
-        for (count, cost, limit, left, allowed, remaining, retry, after) in table {
-            let (a, n) = fixed_window(count, cost, limit, left);
-            assert_eq!(
-                (a.allowed, a.remaining, a.retry_after_ms, n),
-                (allowed, remaining, retry, after)
-            );
-        }
-    }
+    use serde_json::{json, Value};
 
     #[test]
     fn sliding_weight_at_window_edges() {
@@ -341,29 +370,6 @@ mod tests {
         );
         assert_eq!(sliding_weight_ms(90_000, 60_000), 30_000);
         assert_eq!(sliding_weight_ms(119_999, 60_000), 1);
-    }
-
-    #[test]
-    fn sliding_window_table() {
-        // limit 10, window 1000 ms.
-        // (prev, cur, weight_ms) → (allowed, remaining, retry_after)
-        let table = [
-            (0, 0, 1000, true, 9, 0),
-            (10, 0, 1000, false, 0, 100), // prev fully weighted: wait until 9/10 of it remain
-            (10, 0, 500, true, 4, 0),     // ceil(10 × 0.5) + 1 = 6 ≤ 10
-            (10, 4, 500, true, 0, 0),     // 5 + 4 + 1 = 10
-            (10, 5, 500, false, 0, 100),  // need ceil(10w/1000) ≤ 4 → w ≤ 400 → wait 100 ms
-            (0, 10, 300, false, 0, 400),  // current full: next window, cur → prev, need w ≤ 900
-            (4, 3, 1, true, 5, 0),
-        ];
-        for (prev, cur, weight, allowed, remaining, retry) in table {
-            let (a, _) = sliding_window(prev, cur, 1, 10, weight, 1000);
-            assert_eq!(
-                (a.allowed, a.remaining, a.retry_after_ms),
-                (allowed, remaining, retry),
-                "prev={prev} cur={cur} w={weight}"
-            );
-        }
     }
 
     #[test]
@@ -402,44 +408,244 @@ mod tests {
         }
     }
 
-    /// The shared vectors (`tests/vectors/sliding_window_bounded.json`), which the Python model
-    /// the shim is compared with runs too.
-    #[test]
-    fn sliding_window_bounded_vectors() {
-        let doc: serde_json::Value =
-            serde_json::from_str(include_str!("../tests/vectors/sliding_window_bounded.json"))
-                .unwrap();
-        for case in doc["cases"].as_array().unwrap() {
-            let p = |f: &str| case[f].as_u64().unwrap();
-            let mut state = SubWindows::new();
-            for step in case["steps"].as_array().unwrap() {
-                let f = |name: &str| step[name].as_u64().unwrap();
-                let (a, after) = sliding_window_bounded(
-                    &state,
-                    f("now_ms"),
-                    f("cost"),
-                    p("limit"),
-                    p("window_ms"),
-                    p("subwindows"),
-                );
-                let n = p("subwindows");
-                let first = (f("now_ms") / (p("window_ms") / n)).saturating_sub(n);
-                let count: u64 = after.range(first..).map(|(_, c)| c).sum();
-                assert_eq!(
-                    (a.allowed, count, a.remaining, a.reset_ms, a.retry_after_ms),
-                    (
-                        step["allowed"].as_bool().unwrap(),
-                        f("count"),
-                        f("remaining"),
-                        f("reset_ms"),
-                        f("retry_after_ms")
-                    ),
-                    "{}: {step}",
+    // --- The shared vectors: tests/vectors/<wire alg>.json ---------------------------------
+    //
+    // Every file is a list of cases: the algorithm's parameters (named as on the wire), an
+    // optional starting `state`, and steps, each one check (its `cost`, and `now_ms`, `ttl_ms`
+    // or `weight_ms` as the algorithm takes time) with the answer it must get, `count` for the
+    // window algorithms, and, where the step charged, the `state` Redis holds after it.
+    // tests/shim/test_vectors.py runs the same files against the scripts in a real Redis.
+
+    fn u(v: &Value, field: &str) -> u64 {
+        v[field]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{field} in {v}"))
+    }
+
+    /// Runs each case of a vector file through `step(case, state, step)`, which answers one
+    /// step from the state before it and returns the answer, the count it reports (window
+    /// algorithms) and the state after, in the file's notation. A case whose `known_defect`
+    /// names `rust` must fail: once the model is fixed, the marker goes.
+    fn run_vectors(file: &str, text: &str, step: impl Fn(&Value, &Value, &Value) -> Step) {
+        let doc: Value = serde_json::from_str(text).unwrap();
+        let cases = doc["cases"].as_array().unwrap();
+        assert!(!cases.is_empty(), "{file}: no cases");
+        for case in cases {
+            let outcome = run_case(file, case, &step);
+            match case["known_defect"]["rust"].as_str() {
+                None => outcome.unwrap_or_else(|e| panic!("{e}")),
+                Some(why) => assert!(
+                    outcome.is_err(),
+                    "{file}: {}: passes now; remove its known defect ({why})",
                     case["name"]
-                );
-                state = after;
+                ),
             }
         }
+    }
+
+    fn run_case(
+        file: &str,
+        case: &Value,
+        step: &impl Fn(&Value, &Value, &Value) -> Step,
+    ) -> Result<(), String> {
+        let mut state = case["state"].clone();
+        for s in case["steps"].as_array().unwrap() {
+            let (a, count, after) = step(case, &state, s);
+            let at = format!("{file}: {}: {s}", case["name"]);
+            let want = (
+                s["allowed"].as_bool().unwrap(),
+                u(s, "remaining"),
+                u(s, "reset_ms"),
+                u(s, "retry_after_ms"),
+            );
+            let got = (a.allowed, a.remaining, a.reset_ms, a.retry_after_ms);
+            if got != want {
+                return Err(format!("{at}: answered {got:?}"));
+            }
+            if count != s["count"].as_u64() {
+                return Err(format!("{at}: count {count:?}"));
+            }
+            if !s["state"].is_null() && after != s["state"] {
+                return Err(format!("{at}: state after {after}"));
+            }
+            state = after;
+        }
+        Ok(())
+    }
+
+    type Step = (Answer, Option<u64>, Value);
+
+    fn cost(step: &Value) -> u64 {
+        step["cost"].as_u64().unwrap_or(1)
+    }
+
+    #[test]
+    fn fixed_window_vectors() {
+        // State: the counter. The window's time left is the step's ttl_ms (the key's PTTL).
+        run_vectors(
+            "fixed_window.json",
+            include_str!("../tests/vectors/fixed_window.json"),
+            |case, state, step| {
+                let count = state.as_u64().unwrap_or(0);
+                let (a, after) =
+                    fixed_window(count, cost(step), u(case, "limit"), u(step, "ttl_ms"));
+                (a, Some(after), json!(after))
+            },
+        );
+    }
+
+    #[test]
+    fn sliding_window_vectors() {
+        // State: the previous and the current window's counters; the weight is the step's.
+        run_vectors(
+            "sliding_window.json",
+            include_str!("../tests/vectors/sliding_window.json"),
+            |case, state, step| {
+                let (prev, cur) = (
+                    state["prev"].as_u64().unwrap_or(0),
+                    state["cur"].as_u64().unwrap_or(0),
+                );
+                let (a, after) = sliding_window(
+                    prev,
+                    cur,
+                    cost(step),
+                    u(case, "limit"),
+                    u(step, "weight_ms"),
+                    u(case, "window_ms"),
+                );
+                (a, Some(after), json!({"prev": prev, "cur": after}))
+            },
+        );
+    }
+
+    #[test]
+    fn sliding_window_bounded_vectors() {
+        // State: sub-window index (a string) → count.
+        run_vectors(
+            "sliding_window_bounded.json",
+            include_str!("../tests/vectors/sliding_window_bounded.json"),
+            |case, state, step| {
+                let mut sub = SubWindows::new();
+                for (i, c) in state.as_object().into_iter().flatten() {
+                    sub.insert(i.parse().unwrap(), c.as_u64().unwrap());
+                }
+                let (now, n) = (u(step, "now_ms"), u(case, "subwindows"));
+                let (a, after) = sliding_window_bounded(
+                    &sub,
+                    now,
+                    cost(step),
+                    u(case, "limit"),
+                    u(case, "window_ms"),
+                    n,
+                );
+                let first = (now / (u(case, "window_ms") / n)).saturating_sub(n);
+                let count = after.range(first..).map(|(_, c)| c).sum();
+                let map: serde_json::Map<String, Value> = after
+                    .iter()
+                    .map(|(i, c)| (i.to_string(), json!(c)))
+                    .collect();
+                (a, Some(count), Value::Object(map))
+            },
+        );
+    }
+
+    #[test]
+    fn token_bucket_vectors() {
+        // State: {milli_tokens, ts_ms}; none is a full bucket.
+        run_vectors(
+            "token_bucket.json",
+            include_str!("../tests/vectors/token_bucket.json"),
+            |case, state, step| {
+                let bucket = (!state.is_null()).then(|| Bucket {
+                    milli_tokens: u(state, "milli_tokens"),
+                    ts_ms: u(state, "ts_ms"),
+                });
+                let (a, b) = token_bucket(
+                    bucket,
+                    u(step, "now_ms"),
+                    cost(step),
+                    u(case, "burst"),
+                    u(case, "rate"),
+                    u(case, "period_ms"),
+                );
+                (
+                    a,
+                    None,
+                    json!({"milli_tokens": b.milli_tokens, "ts_ms": b.ts_ms}),
+                )
+            },
+        );
+    }
+
+    #[test]
+    fn gcra_vectors() {
+        // State: {tat_us}; none is idle.
+        run_vectors(
+            "gcra.json",
+            include_str!("../tests/vectors/gcra.json"),
+            |case, state, step| {
+                let (a, tat) = gcra(
+                    state["tat_us"].as_u64(),
+                    u(step, "now_ms"),
+                    cost(step),
+                    u(case, "burst"),
+                    u(case, "rate"),
+                    u(case, "period_ms"),
+                );
+                (a, None, json!({ "tat_us": tat }))
+            },
+        );
+    }
+
+    #[test]
+    fn sliding_log_vectors() {
+        // State: the admitted times, oldest first.
+        run_vectors(
+            "sliding_log.json",
+            include_str!("../tests/vectors/sliding_log.json"),
+            |case, state, step| {
+                let log: Vec<u64> = state
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|t| t.as_u64().unwrap())
+                    .collect();
+                let (a, after) = sliding_log(
+                    &log,
+                    u(step, "now_ms"),
+                    cost(step),
+                    u(case, "limit"),
+                    u(case, "window_ms"),
+                );
+                (a, None, json!(after))
+            },
+        );
+    }
+
+    #[test]
+    fn concurrency_vectors() {
+        // State: slot id → expiry (ms); each step is one request holding slot `id`.
+        run_vectors(
+            "concurrency.json",
+            include_str!("../tests/vectors/concurrency.json"),
+            |case, state, step| {
+                let slots: Slots = state
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(i, e)| (i.clone(), e.as_u64().unwrap()))
+                    .collect();
+                let id = step["id"].as_str().unwrap();
+                let (a, after) = concurrency(
+                    &slots,
+                    u(step, "now_ms"),
+                    id,
+                    u(case, "limit"),
+                    u(case, "ttl_ms"),
+                );
+                (a, None, json!(after))
+            },
+        );
     }
 
     /// The bound of docs/algorithms.md, checked on random traffic: no span of `window_ms` ever
@@ -501,86 +707,5 @@ mod tests {
         state.insert(0, limit);
         let (a, _) = sliding_window_bounded(&state, n * sub + e, 1, limit, window, n);
         assert!(!a.allowed);
-    }
-
-    #[test]
-    fn token_bucket_refills_and_caps() {
-        // capacity 5, 1 token per 200 ms.
-        let tb = |s, now, cost| token_bucket(s, now, cost, 5, 1, 200);
-        let (a, s) = tb(None, 0, 1);
-        assert_eq!((a.allowed, a.remaining, a.reset_ms), (true, 4, 200));
-        let (a, s) = tb(Some(s), 0, 4);
-        assert_eq!((a.allowed, a.remaining, a.reset_ms), (true, 0, 1000));
-        let (a, s) = tb(Some(s), 100, 1);
-        assert_eq!(
-            (a.allowed, a.remaining, a.retry_after_ms),
-            (false, 0, 100),
-            "half a token after 100 ms"
-        );
-        let (a, s) = tb(Some(s), 200, 1);
-        assert!(a.allowed, "one token after 200 ms");
-        let (a, _) = tb(Some(s), 1_000_000, 0);
-        assert_eq!(
-            (a.allowed, a.remaining, a.reset_ms),
-            (true, 5, 0),
-            "refill caps at capacity"
-        );
-        assert_eq!(
-            tb(None, 0, 6).0.retry_after_ms,
-            u64::MAX,
-            "cost above capacity never fits"
-        );
-    }
-
-    #[test]
-    fn gcra_matches_burst_then_rate() {
-        // burst 3, 10 per second: T = 100 ms.
-        let mut tat = None;
-        let mut admitted = Vec::new();
-        for now in [0, 0, 0, 0, 50, 100, 150, 200, 200] {
-            let (a, t) = gcra(tat, now, 1, 3, 10, 1000);
-            tat = Some(t);
-            admitted.push((now, a.allowed, a.remaining, a.retry_after_ms));
-        }
-        assert_eq!(
-            admitted,
-            [
-                (0, true, 2, 0),
-                (0, true, 1, 0),
-                (0, true, 0, 0),
-                (0, false, 0, 100),
-                (50, false, 0, 50),
-                (100, true, 0, 0),
-                (150, false, 0, 50),
-                (200, true, 0, 0),
-                (200, false, 0, 100),
-            ]
-        );
-        let (a, _) = gcra(tat, 10_000, 1, 3, 10, 1000);
-        assert_eq!(
-            (a.allowed, a.remaining, a.reset_ms),
-            (true, 2, 100),
-            "idle long enough: full burst again"
-        );
-    }
-
-    #[test]
-    fn sliding_log_is_exact() {
-        // limit 3 per 1000 ms.
-        let log = vec![100, 400, 900];
-        let (a, _) = sliding_log(&log, 1000, 1, 3, 1000);
-        assert_eq!(
-            (a.allowed, a.retry_after_ms),
-            (false, 100),
-            "the entry at 100 leaves at 1100"
-        );
-        let (a, after) = sliding_log(&log, 1100, 1, 3, 1000);
-        assert_eq!((a.allowed, a.remaining, a.reset_ms), (true, 0, 1000));
-        assert_eq!(after, [400, 900, 1100]);
-        let (a, _) = sliding_log(&after, 1100, 2, 3, 1000);
-        assert_eq!(
-            a.retry_after_ms, 800,
-            "two must leave: the second oldest at 900 → 1900"
-        );
     }
 }

@@ -2,7 +2,7 @@
 //! makes goes through [`WasmHost`], which maps the SDK's `Status` to [`HostError`] here.
 //!
 //! Only host functions that both Envoy and ngx_wasm_module implement, with the same types, may
-//! be called here: the list is `tests/portable_imports.txt`, and `tests/test_portability.py`
+//! be called here: the list is `tests/portable_imports.txt`, and `tests/e2e/test_portability.py`
 //! fails when the built `.wasm` imports anything else. Where the hosts behave differently, the
 //! difference is a field of [`HostCaps`], probed once at configure.
 

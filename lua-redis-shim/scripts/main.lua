@@ -42,13 +42,15 @@
 --        algorithm takes: sliding_window 2, the others 1)
 -- ARGV:  [1] R, the number of requests; then for each request: n, its number of checks; then
 --        one ARGV per check, space-separated: "<alg> <cost> <shadow 0|1> <lease> <args...>"
---        (the algorithm's ARGV, as its file says; keys and ids have no spaces)
+--        (the algorithm's ARGV, as its file says; keys and ids have no spaces); with the
+--        shim's test clock only (TOLLGATE_TEST_CLOCK, never in production), a last ARGV
+--        "clock <ms>": the instant to use instead of Redis's TIME
 -- Reply: flat array; for each request: admitted (1|0), then for each of its checks (REPLY_WIDTH
 --        in tollgate.contract): fits (1|0), count, remaining, reset_ms, retry_after_ms,
 --        lease (units granted), lease_ms (how long they may be spent); last, Redis's TIME in ms
---        (-1 when this ACL user may not run TIME): the instant every check of the call used, which the gateway
---        compares with its own clock to measure its skew. Last, so that a reader walking the
---        requests needs not know about it.
+--        (-1 when this ACL user may not run TIME): the instant every check of the call used,
+--        which the gateway compares with its own clock to measure its skew. Last, so that a
+--        reader walking the requests needs not know about it.
 --
 -- A request is admitted iff every check that is not shadow fits; then every check that fits
 -- (shadow ones included) is charged, and a denied request charges nothing. Requests are
@@ -75,7 +77,8 @@ local tostring = tostring
 local error = error
 local match = string.match
 
-H.reset()
+-- No check's ARGV starts with "clock": an alg name comes first.
+H.reset(match(ARGV[#ARGV], "^clock (%d+)$"))
 local reply, out = {}, 0
 local argi = 2 -- next ARGV to read
 local keyi = 0 -- KEYS read so far

@@ -6,7 +6,8 @@
 -- flush_counters().
 --
 -- Time: one Redis `TIME` per script run, read on first use and then shared by every check of
--- every request of the call, so all of them see the same instant. main.lua reports it to the
+-- every request of the call, so all of them see the same instant (or the instant the shim's
+-- test clock names, see H.reset). main.lua reports it to the
 -- gateway (try_now_ms), reading it last when no check did (fixed and sliding windows never
 -- use it).
 --
@@ -249,9 +250,15 @@ end
 
 --- Forgets the previous call's state (clock reading, counters). A script's body runs afresh on
 -- every EVALSHA, but a function library (FCALL) is loaded once and its state lives on: main.lua
--- calls this first, so both run the same.
-function H.reset()
+-- calls this first, so both run the same. `test_now_ms` (a string of digits, or nil): the
+-- instant this call uses instead of TIME; only the shim's test clock (TOLLGATE_TEST_CLOCK)
+-- sends one.
+function H.reset(test_now_ms)
     clock_ms, clock_us = nil, nil
+    if test_now_ms then
+        clock_ms = tonumber(test_now_ms)
+        clock_us = clock_ms * 1000
+    end
     counters = {}
     hashes = {}
 end

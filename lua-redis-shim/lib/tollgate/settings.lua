@@ -179,17 +179,26 @@ local function read_secret()
     return value
 end
 
---- Reads every setting: { key_prefix, secret (or nil), redis = <redis_pool options> }.
+--- Reads every setting: { key_prefix, secret (or nil), redis = <redis_pool options>, test_clock }.
 function _M.read()
     local prefix = env("TOLLGATE_KEY_PREFIX", "tollgate")
     if #prefix > bounds.MAX_PREFIX_BYTES or not match(prefix, "^[%w_.-]+$") then
         error("TOLLGATE_KEY_PREFIX=" .. prefix .. ": must match [A-Za-z0-9_.-]{1,"
               .. bounds.MAX_PREFIX_BYTES .. "}", 0)
     end
+    local redis = redis_options()
+    -- Tests only (tests/shim/test_vectors.py): lets a check call name Redis's instant in
+    -- x-tollgate-test-now-ms, so time-reading algorithms answer exactly. Off unless set; the
+    -- shim warns at start-up when it is on. Never in production: any client could set the time.
+    local test_clock = env_bool("TOLLGATE_TEST_CLOCK", false)
+    if test_clock and redis.cluster_nodes then
+        error("TOLLGATE_TEST_CLOCK is not supported with REDIS_CLUSTER_NODES", 0)
+    end
     return {
         key_prefix = prefix,
         secret = read_secret(),
-        redis = redis_options(),
+        redis = redis,
+        test_clock = test_clock,
     }
 end
 

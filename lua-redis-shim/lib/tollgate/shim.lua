@@ -25,6 +25,7 @@ local ngx_header = ngx.header
 local ngx_sha1_bin = ngx.sha1_bin
 local ngx_ERR = ngx.ERR
 local ngx_NOTICE = ngx.NOTICE
+local ngx_WARN = ngx.WARN
 local ngx_INFO = ngx.INFO
 local req_get_method = ngx.req.get_method
 local req_read_body = ngx.req.read_body
@@ -203,6 +204,10 @@ function _M.init_worker()
             ", redis ", r.host, ":", r.port, " db ", r.db, ", pool ", r.pool_size,
             " per worker, check script ", script.sha, " (", script.layout, "), release.lua ",
             release_script.sha)
+    if conf.test_clock then
+        ngx_log(ngx_WARN, "TOLLGATE_TEST_CLOCK is on: any client may set the time of its checks"
+                .. " (x-tollgate-test-now-ms); for tests only, never in production")
+    end
 end
 
 --------------------------------------------------------------------------------------------
@@ -239,10 +244,11 @@ local NEVER = "18446744073709551615"
 -- KEYS: every check's keys, then R, then per request n and per check one
 -- "<alg> <cost> <shadow> <lease> <args...>". One ARGV per check keeps the EVALSHA's arguments
 -- (passed through unpack) far below LuaJIT's limit of 8000. Refused requests are left out: R =
--- `accepted`, the number of the others.
-local function script_args(requests, total, accepted)
+-- `accepted`, the number of the others. `test_now_ms` (the test clock only): a last ARGV
+-- "clock <ms>".
+local function script_args(requests, total, accepted, test_now_ms)
     local keys, nkeys = new_tab(2 * total, 0), 0
-    local argv, nargv = new_tab(total + accepted + 1, 0), 1
+    local argv, nargv = new_tab(total + accepted + 2, 0), 1
     argv[1] = int(accepted)
     local words = {}
     for i = 1, #requests do
@@ -268,6 +274,10 @@ local function script_args(requests, total, accepted)
                 argv[nargv] = concat(words, " ", 1, 4 + #args)
             end
         end
+    end
+    if test_now_ms then
+        nargv = nargv + 1
+        argv[nargv] = "clock " .. test_now_ms
     end
     for k = 1, nargv do
         keys[nkeys + k] = argv[k]
@@ -434,10 +444,19 @@ function _M.check()
         return send_error(400, "bad_request", total)
     end
 
+    -- The test clock (TOLLGATE_TEST_CLOCK; off in production): the instant to decide at.
+    local test_now_ms
+    if conf.test_clock then
+        test_now_ms = ngx.var.http_x_tollgate_test_now_ms
+        if test_now_ms and (#test_now_ms > 15 or not match(test_now_ms, "^%d+$")) then
+            return send_error(400, "bad_request", "x-tollgate-test-now-ms: must be 1..15 digits")
+        end
+    end
+
     local accepted = #requests - refused
     local reply, err
     if accepted > 0 then
-        local args, nkeys = script_args(requests, total, accepted)
+        local args, nkeys = script_args(requests, total, accepted, test_now_ms)
         local started = metrics_now()
         reply, err = run(script, nkeys, args)
         metrics.observe_redis(metrics_now() - started)

@@ -7,7 +7,6 @@ Needs redis-server, redis-cli and redis-sentinel (Debian: redis-server, redis-to
 redis-sentinel) and openssl.
 """
 
-import json
 import re
 import shutil
 import signal
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from client import call
 from shim_harness import (
     SHIM_DIR, Proc, RedisError, _wait_until, free_port, redis_cli, redis_info, shim_process,
     start_redis, stop, tail,
@@ -41,17 +41,6 @@ pytestmark = pytest.mark.skipif(
 
 # --- HTTP helpers ---------------------------------------------------------------------------
 
-def post(port, body, path="/v1/check", timeout=10):
-    """POSTs JSON; returns (status, parsed body)."""
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"}, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
-
-
 def fw(name, limit, cost=1, prefix="tollgate"):
     """A fixed_window check on tollgate:{name}:w."""
     return {"key": f"{prefix}:{{{name}}}:w", "limit": limit, "ttl_ms": 60000, "cost": cost}
@@ -62,7 +51,8 @@ def one(*checks):
 
 
 def check_ok(shim: Proc, body):
-    status, reply = post(shim.port, body)
+    r = call(shim.port, body)
+    status, reply = r.status, r.json
     assert status == 200, f"{status} {reply}\n{shim.log_tails()}"
     return reply["results"]
 
@@ -231,8 +221,9 @@ def test_check_over_tls_as_the_acl_user(tls_backend, tmp_path):
         assert results[0]["allowed"] is True, results
         assert [c["allowed"] for c in results[0]["checks"]] == [True] * 6
         assert check_ok(shim, one(fw("tls-a", 5)))[0]["checks"][0]["count"] == 2
-        status, reply = post(shim.port, {"releases": [{"key": "tollgate:{tls-a}:conc", "id": "r1"}]},
-                             path="/v1/release")
+        r = call(shim.port, {"releases": [{"key": "tollgate:{tls-a}:conc", "id": "r1"}]},
+                 path="/v1/release")
+        status, reply = r.status, r.json
         assert (status, reply) == (200, {"released": 1}), shim.log_tails()
         with urllib.request.urlopen(f"http://127.0.0.1:{shim.port}/healthz", timeout=5) as r:
             assert r.status == 200
@@ -252,7 +243,8 @@ def test_the_acl_refuses_keys_outside_the_prefix(tls_backend, tmp_path):
     # Through the shim: a shim configured with another prefix gets its keys refused by Redis,
     # inside the script (the EVALSHA's KEYS are checked first).
     with shim_process(tmp_path / "shim", redis.port, **tls_env(certs), TOLLGATE_KEY_PREFIX="other") as shim:
-        status, reply = post(shim.port, one(fw("x", 5, prefix="other")))
+        r = call(shim.port, one(fw("x", 5, prefix="other")))
+        status, reply = r.status, r.json
         assert status == 503 and reply["error"] == "backend_unavailable", reply
         assert "NOPERM" in reply["message"] or "permission" in reply["message"], reply
     assert tls_cli(redis.port, certs, "admin", ADMIN_PASSWORD, "EXISTS", "other:{x}:w") == "0"
@@ -270,7 +262,8 @@ def test_backend_unavailable(tls_backend, tmp_path, what, env, expect):
     with shim_process(tmp_path / "shim", redis.port, **tls_env(certs, **env)) as shim:
         messages = []
         for _ in range(6):
-            status, reply = post(shim.port, one(fw("bad", 5)))
+            r = call(shim.port, one(fw("bad", 5)))
+            status, reply = r.status, r.json
             assert status == 503 and reply["error"] == "backend_unavailable", (what, reply)
             messages.append(reply["message"])
         assert all(expect in m or "AUTH: closed" in m for m in messages), (what, messages)
@@ -283,7 +276,8 @@ def test_tls_verification_fails_with_another_ca(tls_backend, tmp_path):
     with shim_process(tmp_path / "shim", redis.port, **tls_env(certs, REDIS_TLS_CA_FILE=str(other["ca"]))) as shim:
         messages = []
         for _ in range(6):
-            status, reply = post(shim.port, one(fw("bad", 5)))
+            r = call(shim.port, one(fw("bad", 5)))
+            status, reply = r.status, r.json
             assert status == 503, reply
             messages.append(reply["message"])
         assert all("TLS handshake" in m or "AUTH: closed" in m for m in messages), messages
@@ -387,7 +381,8 @@ def test_sentinel_failover_after_the_primary_is_killed(sentinel_setup):
         start = time.monotonic()
         failures = 0
         while True:
-            status, reply = post(shim.port, one(fw("ha", 1000)), timeout=5)
+            r = call(shim.port, one(fw("ha", 1000)), timeout=5)
+            status, reply = r.status, r.json
             if status == 200:
                 break
             assert status == 503 and reply["error"] == "backend_unavailable", reply
@@ -423,8 +418,7 @@ def test_sentinel_switchover_with_the_old_primary_alive(sentinel_setup):
         start = time.monotonic()
         results = []
         while len(results) < 5 and time.monotonic() - start < FAILOVER_BOUND_S:
-            status, reply = post(shim.port, one(fw("sw", 1000)))
-            results.append(status)
+            results.append(call(shim.port, one(fw("sw", 1000))).status)
         took = time.monotonic() - start
         print(f"\nSentinel switchover: statuses after it {results} ({took:.2f}s)")
         assert results == [200] * 5, shim.log_tails()
@@ -552,7 +546,8 @@ def test_cluster_groups_checks_by_slot_without_redirections(cluster, tmp_path):
             {"key": k, "limit": 3, "ttl_ms": 60000} for k in keys[i:i + 8]]}
             for i in range(0, len(keys), 8)]}
         for round_ in range(4):
-            status, reply = post(shim.port, body)
+            r = call(shim.port, body)
+            status, reply = r.status, r.json
             assert status == 200, (reply, shim.log_tails())
             for req in reply["results"]:
                 assert req["allowed"] is (round_ < 3), req
@@ -560,8 +555,9 @@ def test_cluster_groups_checks_by_slot_without_redirections(cluster, tmp_path):
         for k in keys:
             assert cluster_get(cluster, k) == 3, k
         assert redirections(shim) == 0, shim.log_tails()
-        status, reply = post(shim.port, {"releases": [
+        r = call(shim.port, {"releases": [
             {"key": f"tollgate:{{c{i}}}:conc", "id": "x"} for i in range(20)]}, path="/v1/release")
+        status, reply = r.status, r.json
         assert (status, reply) == (200, {"released": 0})
 
 
@@ -589,7 +585,8 @@ def hammer(port, make_body, n=None, concurrency=20, stop_event=None):
                 if (n is not None and sent[0] >= n) or (stop_event is not None and stop_event.is_set()):
                     return
                 sent[0] += 1
-            status, reply = post(port, make_body())
+            r = call(port, make_body())
+            status, reply = r.status, r.json
             with lock:
                 out.append((status, reply["results"][0]["allowed"] if status == 200 else reply))
 
@@ -685,7 +682,8 @@ def test_tls_client_certificate(tls_backend, tmp_path):
                 REDIS_TLS_CLIENT_KEY=str(certs["client_key"]))) as shim:
             assert check_ok(shim, one(fw("mtls", 5)))[0]["allowed"] is True
         with shim_process(tmp_path / "shim2", redis.port, **tls_env(certs)) as shim:
-            status, reply = post(shim.port, one(fw("mtls", 5)))
+            r = call(shim.port, one(fw("mtls", 5)))
+            status, reply = r.status, r.json
             assert status == 503 and reply["error"] == "backend_unavailable", reply
     finally:
         stop(redis)
@@ -770,7 +768,8 @@ def test_cluster_primary_failover(tmp_path):
             victim.popen.wait(5)
             start, failures = time.monotonic(), 0
             while True:
-                status, reply = post(shim.port, one(fw("fo", 1000)), timeout=5)
+                r = call(shim.port, one(fw("fo", 1000)), timeout=5)
+                status, reply = r.status, r.json
                 if status == 200:
                     break
                 assert status == 503, reply

@@ -17,7 +17,8 @@ import threading
 import time
 
 from envoy_harness import envoy_command, envoy_config, plugin, rule, run_envoy
-from http_client import request, wait_for_window_room
+from helpers import statuses
+from http_client import wait_for_window_room
 from shim_harness import SHIM_DIR, free_port, redis_cli
 
 # The wire bounds (lua-redis-shim/lib/tollgate/bounds.lua, which the shim and, through a
@@ -43,11 +44,6 @@ HOUR = 3600
 # (values above 64 bytes are hashed), together far over the shim's key bound.
 LONG_DESCRIPTORS = [f"header:x-d{i}" for i in range(8)]
 LONG_HEADERS = {f"x-d{i}": chr(ord("a") + i) * 64 for i in range(8)}
-
-
-def statuses(envoy, n, path="/v1/search", headers=None):
-    """`n` sequential requests; their statuses."""
-    return [request(envoy.port, path, headers).status for _ in range(n)]
 
 
 def log_tail(envoy, lines=20):

@@ -2,21 +2,19 @@
 per rule, costs, tiers, concurrency, shadow mode, bypass and the client IP.
 """
 
-import http.server
 import json
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from envoy_harness import DEFAULT_ROUTES, plugin, rule, run_envoy, static_cluster, upstream_route
+from helpers import SlowUpstream, statuses
 from http_client import request, wait_for_window_room
 from shim_harness import redis_cli
 
 
-def statuses(envoy, n, path="/v1/search", headers=None):
-    return [request(envoy.port, path, headers or {"x-api-key": "k"}).status for _ in range(n)]
+API_KEY = {"x-api-key": "k"}
 
 
 def max_in_any_window(times, window_s):
@@ -71,10 +69,10 @@ def test_sliding_log_is_exact_under_sustained_load(clean, tmp_path):
 def test_token_bucket_bursts_then_refills(clean, tmp_path):
     config = plugin([rule("tb", algorithm="token_bucket", burst=5, rate=5, period="1s")])
     with run_envoy(tmp_path, config, clean["shim"]) as envoy:
-        first = statuses(envoy, 6)
+        first = statuses(envoy, 6, headers=API_KEY)
         denied = request(envoy.port, "/v1/search", {"x-api-key": "k"})
         time.sleep(0.45)  # two tokens at one per 200 ms
-        refilled = statuses(envoy, 3)
+        refilled = statuses(envoy, 3, headers=API_KEY)
     assert first == [200] * 5 + [429]
     assert denied.status == 429 and denied.headers["retry-after"] == "1"
     assert denied.headers["x-ratelimit-limit"] == "5"
@@ -84,9 +82,9 @@ def test_token_bucket_bursts_then_refills(clean, tmp_path):
 def test_gcra_spaces_requests_after_the_burst(clean, tmp_path):
     config = plugin([rule("gcra", algorithm="gcra", burst=3, rate=10, period="1s")])
     with run_envoy(tmp_path, config, clean["shim"]) as envoy:
-        burst = statuses(envoy, 4)
+        burst = statuses(envoy, 4, headers=API_KEY)
         time.sleep(0.12)  # one emission interval (100 ms)
-        spaced = statuses(envoy, 2)
+        spaced = statuses(envoy, 2, headers=API_KEY)
     assert burst == [200, 200, 200, 429]
     assert spaced == [200, 429]
 
@@ -97,9 +95,9 @@ def test_several_limits_on_one_rule(clean, tmp_path):
     with run_envoy(tmp_path, config, clean["shim"]) as envoy:
         wait_for_window_room(10, 3)
         wait_for_window_room(1, 0.8)
-        first = statuses(envoy, 4)
+        first = statuses(envoy, 4, headers=API_KEY)
         time.sleep(1 - time.time() % 1 + 0.05)
-        second = statuses(envoy, 3)
+        second = statuses(envoy, 3, headers=API_KEY)
         denied = request(envoy.port, "/v1/search", {"x-api-key": "k"})
     assert first == [200, 200, 200, 429], "per second"
     assert second == [200, 200, 429], "per 10 s: 5 in all"
@@ -146,32 +144,6 @@ def test_tiers_by_plan_header(clean, tmp_path):
 
         counts = {plan: admitted(f"user-{plan}", plan) for plan in ["free", "pro", "platinum", None]}
     assert counts == {"free": 2, "pro": 4, "platinum": 1, None: 1}
-
-
-class SlowUpstream:
-    """An HTTP upstream that holds each request for `delay_s`, to keep requests in flight."""
-
-    def __init__(self, delay_s):
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self):
-                time.sleep(delay_s)
-                self.send_response(200)
-                self.send_header("content-length", "2")
-                self.end_headers()
-                self.wfile.write(b"ok")
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def test_concurrency_limit_holds_and_releases_slots(clean, tmp_path):
@@ -295,7 +267,7 @@ def test_every_key_has_a_ttl(clean, tmp_path):
         rule("conc", descriptors=[], algorithm="concurrency", limit=5),
     ]
     with run_envoy(tmp_path, plugin(rules), clean["shim"]) as envoy:
-        statuses(envoy, 3, path="/")
+        statuses(envoy, 3, path="/", headers=API_KEY)
         keys = redis_cli(clean["redis"], "KEYS", "tollgate:*")
         ttls = {k.decode(): redis_cli(clean["redis"], "PTTL", k) for k in keys}
         memory = {k.decode(): redis_cli(clean["redis"], "MEMORY", "USAGE", k) for k in keys}

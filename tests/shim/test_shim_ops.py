@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from client import call, redis_now_ms
 from shim_harness import (
     ROOT, SHIM_DIR, free_port, redis_cli, run_redis, shim_process, start_redis, stop,
 )
@@ -26,32 +27,9 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "tollgate.json"
 
 # --- Helpers --------------------------------------------------------------------------------
 
-class Reply:
-    def __init__(self, status, headers, raw):
-        self.status, self.headers, self.raw = status, headers, raw
-
-    @property
-    def json(self):
-        return json.loads(self.raw)
-
-    def __repr__(self):
-        return f"<{self.status} {self.raw[:300]!r}>"
-
-
-def call(port, payload=None, path="/v1/check", method="POST", headers=None):
-    """One HTTP request; a dict payload is sent as JSON."""
-    if isinstance(payload, dict):
-        payload = json.dumps(payload).encode()
-    headers = dict(headers or {})
-    if payload is not None:
-        headers.setdefault("Content-Type", "application/json")
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request(method, path, body=payload, headers=headers)
-        r = conn.getresponse()
-        return Reply(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read())
-    finally:
-        conn.close()
+def secret_header(value, name="x-tollgate-secret"):
+    """Headers of a JSON POST carrying a shared secret."""
+    return {"Content-Type": "application/json", name: value}
 
 
 def fixed(name, limit, ttl_ms=60000):
@@ -65,11 +43,6 @@ def body(*requests):
 
 def release_body(*ids):
     return {"releases": [{"key": "tollgate:{c}:conc", "id": i} for i in ids]}
-
-
-def redis_time_ms(port):
-    sec, usec = redis_cli(port, "TIME")
-    return int(sec) * 1000 + int(usec) // 1000
 
 
 # Prometheus text format 0.0.4: `name{label="value",...} value`.
@@ -140,9 +113,9 @@ def redis(tmp_path):
 
 def test_now_ms_is_the_redis_time_of_the_call(tmp_path, redis):
     with shim_process(tmp_path / "shim", redis) as shim:
-        before = redis_time_ms(redis)
+        before = redis_now_ms(redis)
         r = call(shim.port, body([fixed("a", 5)], [fixed("a", 5)]))
-        after = redis_time_ms(redis)
+        after = redis_now_ms(redis)
         assert r.status == 200, r
         assert r.raw.startswith(b'{"results":[') and re.search(rb'\],"now_ms":\d+\}$', r.raw), r.raw
         now_ms = r.json["now_ms"]
@@ -311,12 +284,12 @@ def test_secret_is_required_on_check_and_release(tmp_path, redis):
         wrong = [None, "", "nope", SECRET[:-1], SECRET + "x", SECRET[:-1] + "Y", SECRET.upper()]
         for path, payload in (("/v1/check", body([fixed("a", 5)])), ("/v1/release", release_body("x"))):
             for value in wrong:
-                headers = {} if value is None else {"x-tollgate-secret": value}
+                headers = {"Content-Type": "application/json"} if value is None else secret_header(value)
                 r = call(shim.port, payload, path=path, headers=headers)
                 assert r.status == 401, (path, value, r)
                 assert r.headers["content-type"] == "application/json"
                 assert r.json == {"error": "unauthorized", "message": "missing or wrong x-tollgate-secret"}
-            assert call(shim.port, payload, path=path, headers={"X-Tollgate-Secret": SECRET}).status == 200
+            assert call(shim.port, payload, path=path, headers=secret_header(SECRET, "X-Tollgate-Secret")).status == 200
         # Before any other check: a wrong method or body is still a 401.
         assert call(shim.port, method="GET").status == 401
         assert call(shim.port, b"not json").status == 401
@@ -339,21 +312,21 @@ def test_secret_from_a_file(tmp_path, redis):
     path.chmod(0o600)
     with shim_process(tmp_path / "shim", redis, TOLLGATE_SHIM_SECRET_FILE=path) as shim:
         assert call(shim.port, body([fixed("a", 5)])).status == 401
-        r = call(shim.port, body([fixed("a", 5)]), headers={"x-tollgate-secret": SECRET})
+        r = call(shim.port, body([fixed("a", 5)]), headers=secret_header(SECRET))
         assert r.status == 200, r
 
 
 def test_longest_secret(tmp_path, redis):
     secret = "~" + "x" * 254 + "!"
     with shim_process(tmp_path / "shim", redis, TOLLGATE_SHIM_SECRET=secret) as shim:
-        assert call(shim.port, body([fixed("a", 5)]), headers={"x-tollgate-secret": secret[:-1]}).status == 401
-        assert call(shim.port, body([fixed("a", 5)]), headers={"x-tollgate-secret": secret}).status == 200
+        assert call(shim.port, body([fixed("a", 5)]), headers=secret_header(secret[:-1])).status == 401
+        assert call(shim.port, body([fixed("a", 5)]), headers=secret_header(secret)).status == 200
 
 
 def test_no_secret_configured_means_no_header_needed(tmp_path, redis):
     with shim_process(tmp_path / "shim", redis) as shim:
         assert call(shim.port, body([fixed("a", 5)])).status == 200
-        assert call(shim.port, body([fixed("a", 5)]), headers={"x-tollgate-secret": "anything"}).status == 200
+        assert call(shim.port, body([fixed("a", 5)]), headers=secret_header("anything")).status == 200
 
 
 @pytest.mark.parametrize("env,message", [

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from client import Backend, call
 from shim_harness import (
     SHIM_DIR, free_port, redis_cli, redis_info, run_redis, shim_process, start_redis, stop, tail,
 )
@@ -23,62 +24,7 @@ from shim_harness import (
 TTL = 60000
 
 
-# --- Fixtures and helpers -------------------------------------------------------------------
-
-class Backend:
-    """A Redis port and a running shim (Proc: port, dir, log_tails())."""
-
-    def __init__(self, redis_port, shim):
-        self.redis = redis_port
-        self.shim = shim
-
-
-@pytest.fixture(scope="module")
-def backend(tmp_path_factory):
-    """One Redis and one shim (1 worker, log level notice), shared by this module's tests."""
-    base = tmp_path_factory.mktemp("shim")
-    with run_redis(base / "redis") as redis_port, \
-            shim_process(base / "shim", redis_port, SHIM_LOG_LEVEL="notice") as shim:
-        yield Backend(redis_port, shim)
-
-
-@pytest.fixture
-def clean(backend):
-    """The shared backend with an empty Redis."""
-    redis_cli(backend.redis, "FLUSHALL")
-    return backend
-
-
-class Reply:
-    def __init__(self, status, headers, raw, elapsed_s):
-        self.status, self.headers, self.raw, self.elapsed_s = status, headers, raw, elapsed_s
-
-    @property
-    def json(self):
-        return json.loads(self.raw)
-
-    def __repr__(self):
-        return f"<{self.status} {self.raw[:300]!r}>"
-
-
-def call(port, body=None, path="/v1/check", method="POST", headers=None, conn=None):
-    """One HTTP request to the shim; a dict or list body is sent as JSON."""
-    if isinstance(body, (dict, list)):
-        body = json.dumps(body).encode()
-    if headers is None:
-        headers = {"Content-Type": "application/json"} if body is not None else {}
-    own = conn is None
-    conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    start = time.monotonic()
-    try:
-        conn.request(method, path, body=body, headers=headers)
-        r = conn.getresponse()
-        raw = r.read()
-        return Reply(r.status, {k.lower(): v for k, v in r.getheaders()}, raw, time.monotonic() - start)
-    finally:
-        if own:
-            conn.close()
-
+# --- Helpers (fixtures: conftest.py; Backend, call: client.py) -----------------------------
 
 def key(name, window="60000:1"):
     return f"tollgate:{{{name}}}:{window}"

@@ -16,10 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from envoy_harness import rule
+from helpers import SlowUpstream
 from http_client import hammer, request, wait_for_window_room
 from ngx_wasm_harness import SKIP_REASON, crashes, plugin, provided, run_nginx
 from shim_harness import free_port, redis_cli
-from test_policies import SlowUpstream
 
 pytestmark = pytest.mark.skipif(not provided(), reason=SKIP_REASON)
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from envoy_harness import wasm_path
 
-ROOT = Path(__file__).resolve().parent.parent
-ALLOWLIST = Path(__file__).with_name("portable_imports.txt")
+ROOT = Path(__file__).resolve().parents[2]
+ALLOWLIST = ROOT / "tests" / "portable_imports.txt"
 VALTYPES = {0x7F: "i32", 0x7E: "i64", 0x7D: "f32", 0x7C: "f64"}
 
 
