@@ -210,9 +210,10 @@ pub fn token_bucket(
     let need = cost * 1000;
     let allowed = tokens >= need;
     let after = if allowed { tokens - need } else { tokens };
-    // ms until `missing` milli-tokens have been refilled.
-    let time_for =
-        |missing: u64| (missing as u128 * period_ms as u128).div_ceil(rate as u128 * 1000) as u64;
+    // ms until `missing` milli-tokens have been refilled (capped as the script reports it).
+    let time_for = |missing: u64| {
+        capped_ms((missing as u128 * period_ms as u128).div_ceil(rate as u128 * 1000))
+    };
     let answer = Answer {
         allowed,
         remaining: after / 1000,
@@ -240,24 +241,25 @@ pub fn token_bucket(
 /// emission interval keeps precision for rates like 3 per second). With emission interval
 /// `T = period / rate` (whole µs), a request of `cost` is admitted when
 /// `max(TAT, now) + cost × T − now <= burst × T`, i.e. up to `burst` back to back from idle,
-/// then one per `T`. Returns the answer and the TAT to store (unchanged when denied).
+/// then one per `T`. Returns the answer and the TAT to store (unchanged when denied); a TAT
+/// may pass u64::MAX µs for absurd but valid limits (10^9 per day), as the script's may.
 #[cfg_attr(not(test), allow(dead_code))]
 pub fn gcra(
-    tat_us: Option<u64>,
+    tat_us: Option<u128>,
     now_ms: u64,
     cost: u64,
     burst: u64,
     rate: u64,
     period_ms: u64,
-) -> (Answer, u64) {
+) -> (Answer, u128) {
     let t_us = period_ms as u128 * 1000 / rate as u128;
     let now_us = now_ms as u128 * 1000;
-    let tat_us = (tat_us.unwrap_or(0) as u128).max(now_us);
+    let tat_us = tat_us.unwrap_or(0).max(now_us);
     let tolerance = t_us * burst as u128;
     let new_tat = tat_us + t_us * cost as u128;
     let allowed = new_tat - now_us <= tolerance;
     let kept = if allowed { new_tat } else { tat_us };
-    let ms = |us: u128| us.div_ceil(1000) as u64;
+    let ms = |us: u128| capped_ms(us.div_ceil(1000));
     let answer = Answer {
         allowed,
         remaining: ((tolerance - (kept - now_us).min(tolerance)) / t_us.max(1)) as u64,
@@ -268,7 +270,14 @@ pub fn gcra(
             ms(new_tat - now_us - tolerance)
         },
     };
-    (answer, kept as u64)
+    (answer, kept)
+}
+
+/// The longest time the scripts report: 2^52 ms (~142,000 years; prelude.lua's `clamp_ms`).
+pub const MAX_REPORTED_MS: u64 = 1 << 52;
+
+fn capped_ms(ms: u128) -> u64 {
+    ms.min(MAX_REPORTED_MS as u128) as u64
 }
 
 // --- Sliding log ------------------------------------------------------------------------------
@@ -584,14 +593,20 @@ mod tests {
             "gcra.json",
             include_str!("../tests/vectors/gcra.json"),
             |case, state, step| {
+                // A TAT past u64::MAX µs is written as a string.
+                let tat_us = state["tat_us"]
+                    .as_u64()
+                    .map(u128::from)
+                    .or_else(|| state["tat_us"].as_str().and_then(|s| s.parse().ok()));
                 let (a, tat) = gcra(
-                    state["tat_us"].as_u64(),
+                    tat_us,
                     u(step, "now_ms"),
                     cost(step),
                     u(case, "burst"),
                     u(case, "rate"),
                     u(case, "period_ms"),
                 );
+                let tat = u64::try_from(tat).map_or_else(|_| json!(tat.to_string()), |t| json!(t));
                 (a, None, json!({ "tat_us": tat }))
             },
         );

@@ -14,7 +14,7 @@
 -- Precision: Lua numbers are doubles, exact for integers below 2^53 (9.007e15). Products that
 -- can pass that (a counter times a window in ms, elapsed ms times a rate times 1000) go through
 -- muldiv(), exact whenever its result is below 2^53. Values passed to redis.call() go through
--- int() ("%d"), since Redis formats a Lua number argument with "%.17g" (1e+17 is not an integer
+-- int() ("%.0f"), since Redis formats a Lua number argument with "%.17g" (1e+17 is not an integer
 -- to INCRBY or PEXPIRE). Times that could pass 2^52 ms (only absurd configurations, e.g. a
 -- bucket of 10^12 tokens refilled one per day) are capped by clamp_ms().
 
@@ -121,9 +121,11 @@ function H.muldiv(a, b, c, up)
     return qa * b + q
 end
 
---- A Redis command argument from an integer-valued number.
+--- A Redis command argument from an integer-valued number. "%.0f", not "%d": Lua 5.1 turns a
+-- number past 2^63 into INT64_MIN with "%d" (a GCRA TAT of an absurd but valid limit then read
+-- back as long past, admitting the whole burst again), where "%.0f" writes its digits.
 function H.int(n)
-    return format("%d", n)
+    return format("%.0f", n)
 end
 
 -- Counters (the string counters of fixed and sliding windows). A hot key is usually checked

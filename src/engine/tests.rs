@@ -21,7 +21,7 @@ struct FakeRedis {
     /// Window counters: count and expiry.
     counters: HashMap<String, (u64, u64)>,
     buckets: HashMap<String, Bucket>,
-    tats: HashMap<String, u64>,
+    tats: HashMap<String, u128>,
     logs: HashMap<String, Vec<u64>>,
     /// Bounded sliding windows: the hash of sub-window counts (stale ones only ever dropped;
     /// they no longer count, as when the key expires).
@@ -34,7 +34,7 @@ struct FakeRedis {
 enum Commit {
     Counter(String, u64, u64),
     Bucket(String, Bucket),
-    Tat(String, u64),
+    Tat(String, u128),
     Log(String, Vec<u64>),
     SubWindows(String, SubWindows),
     Slot(String, String, u64),
