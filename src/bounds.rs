@@ -56,6 +56,9 @@ pub const MAX_LEASE: u64 = 1_000_000;
 /// A grant takes at most 1/`LEASE_SHARE` of what the key has left after the call, so leases
 /// shrink near the limit (to none when less than this is left).
 pub const LEASE_SHARE: u64 = 4;
+/// A fixed window's counter lives this long past its window's end, so that a check reaching
+/// Redis late still counts in its window (reported times leave it out).
+pub const COUNTER_GRACE_MS: u64 = 1000;
 
 // Settings both sides share.
 
@@ -90,6 +93,7 @@ pub(crate) mod tests {
         ("MAX_SUBWINDOWS", MAX_SUBWINDOWS),
         ("MAX_LEASE", MAX_LEASE),
         ("LEASE_SHARE", LEASE_SHARE),
+        ("COUNTER_GRACE_MS", COUNTER_GRACE_MS),
         ("MAX_PREFIX_BYTES", MAX_PREFIX_BYTES as u64),
         ("MAX_SECRET_BYTES", MAX_SECRET_BYTES as u64),
     ];

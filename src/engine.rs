@@ -701,7 +701,8 @@ impl<H: Host> Engine<H> {
                 continue;
             };
             let ttl_ms = match c.kind {
-                CheckKind::FixedWindow { ttl_ms, .. } => ttl_ms,
+                // As the check script: the counter outlives its window by the grace.
+                CheckKind::FixedWindow { ttl_ms, .. } => ttl_ms + bounds::COUNTER_GRACE_MS,
                 CheckKind::SlidingWindow {
                     weight_ms,
                     window_ms,

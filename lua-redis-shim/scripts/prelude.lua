@@ -30,8 +30,10 @@ local unpack = unpack
 
 local H = {}
 
--- tollgate.bounds.LEASE_SHARE, which the shim passes when it composes the script.
-local LEASE_SHARE = ...
+-- tollgate.bounds.LEASE_SHARE and COUNTER_GRACE_MS, which the shim passes when it composes
+-- the script.
+local LEASE_SHARE, COUNTER_GRACE_MS = ...
+H.COUNTER_GRACE_MS = COUNTER_GRACE_MS
 
 -- Returned in place of a time when it will never come: a cost above the limit. The shim sends
 -- it as 18446744073709551615 (u64::MAX, as the Rust models in src/algorithms.rs do).

@@ -62,8 +62,14 @@ impl FakeRedis {
         let cost = c["cost"].as_u64().unwrap_or(1);
         match c["alg"].as_str().unwrap_or("fixed_window") {
             "fixed_window" => {
-                let (count, exp) = self.counter(&key, now).unwrap_or((0, now + u(c, "ttl_ms")));
-                let (a, after) = algorithms::fixed_window(count, cost, u(c, "limit"), exp - now);
+                // As the script: a new counter lives its window and COUNTER_GRACE_MS more, which
+                // the times it reports leave out.
+                let grace = crate::bounds::COUNTER_GRACE_MS;
+                let (count, exp) = self
+                    .counter(&key, now)
+                    .unwrap_or((0, now + u(c, "ttl_ms") + grace));
+                let left = (exp - now).saturating_sub(grace);
+                let (a, after) = algorithms::fixed_window(count, cost, u(c, "limit"), left);
                 (a, u(c, "limit"), Commit::Counter(key, after, exp))
             }
             "sliding_window" => {
@@ -214,9 +220,9 @@ impl FakeRedis {
             self.commit(commit);
         }
         let lease_ms = match c["alg"].as_str().unwrap() {
-            "fixed_window" => self
-                .counter(&s(c, "key"), now)
-                .map_or(u(c, "ttl_ms"), |x| x.1 - now),
+            "fixed_window" => self.counter(&s(c, "key"), now).map_or(u(c, "ttl_ms"), |x| {
+                (x.1 - now).saturating_sub(crate::bounds::COUNTER_GRACE_MS)
+            }),
             "sliding_window" => u(c, "weight_ms"),
             _ => {
                 let sub = u(c, "window_ms") / u(c, "subwindows");

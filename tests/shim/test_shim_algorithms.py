@@ -119,6 +119,19 @@ def test_fixed_window_burst_then_denied(clean):
     assert 9000 < denied["reset_ms"] <= 10_000 and denied["retry_after_ms"] == denied["reset_ms"]
 
 
+def test_a_fixed_window_check_that_reaches_redis_after_its_window_ended_counts_in_it(clean):
+    """A request built just before its window ended (ttl_ms: what was left then) may reach
+    Redis after: its key must still hold the window's count, not start afresh (the bench's
+    accuracy phase saw windows admit more than their limit that way, with Redis 20 ms away)."""
+    first = one(clean, fw("late", 2, ttl_ms=200))["checks"][0]
+    assert first["allowed"] and first["reset_ms"] == 200
+    assert one(clean, fw("late", 2, ttl_ms=150))["checks"][0]["allowed"]
+    time.sleep(0.35)
+    late = one(clean, fw("late", 2, ttl_ms=1))["checks"][0]
+    assert not late["allowed"], "the window this key names is full"
+    assert late["count"] == 2 and late["reset_ms"] == 0 and late["retry_after_ms"] == 0
+
+
 def commandstats(b):
     """Calls per command since the last CONFIG RESETSTAT, e.g. {"get": 1, "incrby": 1}."""
     stats = {}

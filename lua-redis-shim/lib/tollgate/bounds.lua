@@ -40,6 +40,10 @@ _M.MAX_LEASE = 1e6
 -- shrink near the limit (to none when less than LEASE_SHARE is left) and a burst at the limit
 -- is decided request by request.
 _M.LEASE_SHARE = 4
+-- A fixed window's counter lives this long past its window's end, so that a check built in the
+-- window and reaching Redis late still counts in it instead of creating the counter afresh.
+-- Reported times (reset, retry-after, a lease's end) leave it out.
+_M.COUNTER_GRACE_MS = 1000
 
 -- Settings both sides share: the key prefix (TOLLGATE_KEY_PREFIX, the filter's key_prefix) and
 -- the shared secret (TOLLGATE_SHIM_SECRET, the filter's shim.secret).

@@ -115,8 +115,9 @@ local function compose(dir)
         line = line + count_lines(part)
         return true
     end
-    local ok, err = add("prelude.lua", "local H = (function(...)",
-                        "end)(" .. format("%d", bounds.LEASE_SHARE) .. ")")
+    -- The prelude's arguments: the bounds the scripts act on.
+    local args = format("%d, %d", bounds.LEASE_SHARE, bounds.COUNTER_GRACE_MS)
+    local ok, err = add("prelude.lua", "local H = (function(...)", "end)(" .. args .. ")")
     if not ok then
         return nil, err
     end
