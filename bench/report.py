@@ -43,8 +43,8 @@ def markdown(rows: dict, plan: Plan, meta: dict) -> str:
         f"{plan.warmup_s} s warm-up)",
         "",
         "| | setup | " + " | ".join(f"req/s @{c} | vs base @{c}" for c in conns)
-        + " | shim calls/req | Redis cmds/req | responses |",
-        "|---|---|" + "---:|---:|" * len(conns) + "---:|---:|---|",
+        + " | shim calls/req | Redis cmds/req | no callout | responses |",
+        "|---|---|" + "---:|---:|" * len(conns) + "---:|---:|---:|---|",
     ]
     for r in rows.values():
         if r.error:
@@ -57,8 +57,10 @@ def markdown(rows: dict, plan: Plan, meta: dict) -> str:
             responses += f", {st['socket errors']} socket errors"
         if r.counters.get("callouts_failed"):
             responses += f"; {r.counters['callouts_failed']} shim calls failed"
+        checked = r.counters.get("checked")
+        local = f"{r.counters.get('local', 0) / checked:.1%}" if checked else "–"
         out.append(f"| {r.key} | {r.name} | " + " | ".join(cells) + f" | {fmt(r.per_request('callouts'), '.3f')} | "
-                   f"{fmt(r.per_request('redis_commands'), '.3f')} | {responses} |")
+                   f"{fmt(r.per_request('redis_commands'), '.3f')} | {local} | {responses} |")
     out += [
         "",
         f"## Latency at fixed offered rates (open loop: oha -q RATE --latency-correction, "

@@ -463,6 +463,11 @@ def counters(target: Target) -> dict:
         stat = lambda name: target.envoy.stat(f"cluster.tollgate_shim.{name}")  # noqa: E731
         c["callouts"] = stat("upstream_rq_completed")
         c["callouts_failed"] = stat("upstream_rq_4xx") + stat("upstream_rq_5xx")
+        # Requests Tollgate checked, and those it decided without a callout (a lease, the
+        # over-limit cache): the share of requests that needed none.
+        own = lambda name: target.envoy.stat(f"wasmcustom.tollgate_{name}")  # noqa: E731
+        c["checked"] = own("requests_checked_total")
+        c["local"] = own("lease_admitted_total") + own("cache_hits_total")
     if target.redis_port:
         c["redis_commands"] = int(redis_info(target.redis_port, "stats")["total_commands_processed"])
     return c

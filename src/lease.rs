@@ -144,6 +144,45 @@ pub fn take(rec: &mut Record, id: &str, cost: u64, now: u64, stale_ms: u64) -> O
     })
 }
 
+/// [`take`] on an encoded record, in place: no copy of the identity, no allocation. `None`
+/// when the record is not this identity's, has expired or lacks the units; otherwise the
+/// record in `bytes` is updated and what the spend tells the request is returned, with the
+/// record's values a refill needs (spent, granted_ms).
+pub fn take_encoded(
+    bytes: &mut [u8],
+    id: &str,
+    cost: u64,
+    now: u64,
+    stale_ms: u64,
+) -> Result<(Taken, u64, u64), bool> {
+    if bytes.len() < FIELDS * 8 || &bytes[FIELDS * 8..] != id.as_bytes() {
+        return Err(false);
+    }
+    let get = |b: &[u8], i: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&b[i * 8..i * 8 + 8]);
+        u64::from_le_bytes(w)
+    };
+    let mut rec = Record {
+        id: String::new(),
+        units: get(bytes, 0),
+        expires_ms: get(bytes, 1),
+        base_remaining: get(bytes, 2),
+        spent: get(bytes, 3),
+        reset_at_ms: get(bytes, 4),
+        granted_ms: get(bytes, 5),
+        grant: get(bytes, 6),
+        refill_since_ms: get(bytes, 7),
+    };
+    let Some(taken) = take(&mut rec, "", cost, now, stale_ms) else {
+        return Err(refilling(&rec, "", now, stale_ms));
+    };
+    for (i, v) in [(0, rec.units), (3, rec.spent), (7, rec.refill_since_ms)] {
+        bytes[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
+    }
+    Ok((taken, rec.spent, rec.granted_ms))
+}
+
 /// Gives back units taken for a request that could not be decided locally after all.
 pub fn give_back(rec: &mut Record, id: &str, cost: u64) -> bool {
     if rec.id != id {
@@ -214,28 +253,30 @@ pub fn merge(old: Option<Record>, id: &str, g: Grant, now: u64) -> (Record, u64)
 /// Grants expiring within this many ms of the units held join them.
 const JOIN_MS: u64 = 50;
 
-/// The next lease to ask after spending from `rec`: enough for `horizon_ms` at the rate the
-/// last grant was spent, within 1..=max.
-pub fn refill_size(rec: &Record, now: u64, horizon_ms: u64, max: u64) -> u64 {
-    let elapsed = now.saturating_sub(rec.granted_ms).max(1);
-    let spent = rec.spent.max(1);
+/// The next lease to ask: enough for `horizon_ms` at the rate the last grant (at `granted_ms`)
+/// was spent (`spent` so far), within 1..=max.
+pub fn refill_size(spent: u64, granted_ms: u64, now: u64, horizon_ms: u64, max: u64) -> u64 {
+    let elapsed = now.saturating_sub(granted_ms).max(1);
+    let spent = spent.max(1);
     (spent.saturating_mul(horizon_ms) / elapsed).clamp(1, max)
 }
 
-/// A worker's view of which keys are hot: hits per identity within a sliding second.
+/// A worker's view of which keys are hot: hits per identity (by its FNV hash: a collision only
+/// makes a key look hotter) within a sliding second.
 #[derive(Debug, Default)]
 pub struct Heat {
-    seen: HashMap<String, (u64, u32)>,
+    seen: HashMap<u64, (u64, u32)>,
 }
 
 impl Heat {
     /// Counts a request for `id` at `now`; when the key is hot, the lease to ask: enough for
     /// `horizon_ms` at the rate seen so far, within 1..=max.
     pub fn hit(&mut self, id: &str, now: u64, horizon_ms: u64, max: u64) -> Option<u64> {
-        if self.seen.len() >= HEAT_CAPACITY && !self.seen.contains_key(id) {
+        let h = crate::cache::fnv(id);
+        if self.seen.len() >= HEAT_CAPACITY && !self.seen.contains_key(&h) {
             self.seen.clear();
         }
-        let entry = self.seen.entry(id.to_string()).or_insert((now, 0));
+        let entry = self.seen.entry(h).or_insert((now, 0));
         if now.saturating_sub(entry.0) > HEAT_WINDOW_MS {
             *entry = (now, 0);
         }
@@ -298,6 +339,26 @@ mod tests {
     }
 
     #[test]
+    fn taking_in_place_is_taking_from_the_decoded_record() {
+        let id = "k|fw/10/1000";
+        for (units, cost, now) in [(4, 1, 1_500), (4, 5, 1_500), (4, 1, 2_000), (2, 1, 1_500)] {
+            let mut r = rec(units);
+            let mut bytes = encode(&r);
+            let in_place = take_encoded(&mut bytes, id, cost, now, 100);
+            let decoded = take(&mut r, id, cost, now, 100);
+            assert_eq!(in_place.as_ref().ok().map(|t| t.0), decoded);
+            assert_eq!(
+                decode(&bytes).unwrap(),
+                if decoded.is_some() { r } else { rec(units) }
+            );
+        }
+        assert_eq!(
+            take_encoded(&mut encode(&rec(4)), "other", 1, 1_500, 100).map(|t| t.0),
+            Err(false)
+        );
+    }
+
+    #[test]
     fn grants_in_the_same_window_join_and_keep_the_earlier_expiry() {
         let g = |units, since_ms, lease_ms| Grant {
             units,
@@ -344,8 +405,8 @@ mod tests {
         let mut r = rec(10);
         r.spent = 30;
         r.granted_ms = 1_000;
-        assert_eq!(refill_size(&r, 1_010, 100, 1000), 300);
-        assert_eq!(refill_size(&r, 1_010, 100, 50), 50);
-        assert_eq!(refill_size(&r, 901_000, 100, 50), 1);
+        assert_eq!(refill_size(r.spent, r.granted_ms, 1_010, 100, 1000), 300);
+        assert_eq!(refill_size(r.spent, r.granted_ms, 1_010, 100, 50), 50);
+        assert_eq!(refill_size(r.spent, r.granted_ms, 901_000, 100, 50), 1);
     }
 }

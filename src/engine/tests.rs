@@ -856,6 +856,11 @@ fn a_reload_reuses_the_workers_kick_queue() {
     let queues = host.0.borrow().queues.clone();
     assert_eq!(queues.len(), 2);
     assert_eq!(
+        host.0.borrow().tick_ms,
+        KICKED_TICK_MS,
+        "with a kick queue the tick is only the fallback"
+    );
+    assert_eq!(
         queues[0], queues[1],
         "one name per VM, not per configuration"
     );
@@ -1760,4 +1765,56 @@ fn a_bounded_sliding_window_lease_ends_with_its_sub_window() {
     );
     h.answer_first(Shim::Ok);
     h.finish(ctx);
+}
+
+/// What the engine's own code costs per request on each path, natively with the fake host
+/// (`cargo test --release -- --ignored --nocapture engine_paths`): a guide to what the Wasm
+/// spends beyond its host calls, not a measurement of Envoy.
+#[test]
+#[ignore]
+fn engine_paths_cost() {
+    let n = 50_000u32;
+    let time = |name: &str, json: &str, warm: &dyn Fn(&mut Harness), headers: &[(&str, &str)]| {
+        let mut h = Harness::new(&cfg(json));
+        warm(&mut h);
+        let start = std::time::Instant::now();
+        for _ in 0..n {
+            let (ctx, _) = h.request(headers);
+            h.finish(ctx);
+        }
+        let per = start.elapsed().as_nanos() / u128::from(n);
+        eprintln!("{name}: {per} ns per request");
+    };
+    let rule = r#""rules": [{"name": "r", "descriptors": ["header:k"], "limit": 1000000000, "window": "1m"}]"#;
+    time(
+        "no rule applies",
+        r#""rules": [{"name": "r", "descriptors": ["header:k"], "limit": 10, "window": "1m", "match": {"path_prefix": "/never"}}]"#,
+        &|_| {},
+        &[("k", "a")],
+    );
+    time(
+        "leased",
+        rule,
+        &|h| {
+            for _ in 0..3 {
+                let (ctx, _) = h.request(&[("k", "a")]);
+                h.answer_first(Shim::Ok);
+                h.finish(ctx);
+            }
+            h.host.w().callouts.clear();
+        },
+        &[("k", "a")],
+    );
+    time(
+        "failure mode (breaker open)",
+        &format!(r#""leases": {{"enabled": false}}, {rule}"#),
+        &|h| {
+            for _ in 0..5 {
+                let (ctx, _) = h.request(&[("k", "b")]);
+                h.answer_first(Shim::Status(503));
+                h.finish(ctx);
+            }
+        },
+        &[("k", "b")],
+    );
 }
