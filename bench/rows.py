@@ -27,7 +27,7 @@ class Plan:
     accuracy_limit: int = 300     # its rule's limit per window (offered: 4 times as much)
 
 
-FULL = Plan(warmup_s=1, saturation_s=5, rate_s=5, connections=(32, 128), load_fractions=(0.1, 0.25, 0.5, 0.75),
+FULL = Plan(warmup_s=1, saturation_s=5, rate_s=5, connections=(32, 128), load_fractions=(0.1, 0.25, 0.35, 0.5, 0.75),
             memory_keys=10_000)
 QUICK = Plan(warmup_s=1, saturation_s=1, rate_s=1, connections=(32, 128), load_fractions=(0.5,), memory_keys=1_000,
              single_requests=300, accuracy_windows=4)
