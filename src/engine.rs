@@ -1193,6 +1193,25 @@ impl<H: Host> Engine<H> {
             })
     }
 
+    /// One compare-and-swap of a lease record, tried again when another worker wrote first:
+    /// `f` gets the record's bytes (`None`: no record) and returns what to write and a result,
+    /// or `Err` to write nothing. `Err(lost)` when every try lost its race.
+    fn update_lease<T, E>(
+        &self,
+        slot: &str,
+        lost: E,
+        mut f: impl FnMut(Option<Vec<u8>>) -> Result<(Vec<u8>, T), E>,
+    ) -> Result<T, E> {
+        for _ in 0..lease::CAS_TRIES {
+            let (bytes, cas) = self.host.shared_get_cas(slot);
+            let (write, out) = f(bytes)?;
+            if self.host.shared_set_cas(slot, &write, cas).is_ok() {
+                return Ok(out);
+            }
+        }
+        Err(lost)
+    }
+
     /// Takes `cost` units of `id`'s lease: what to report, and the refill to ask (0: none).
     /// `Err(true)`: no units, but a refill is in flight.
     fn take_lease(
@@ -1202,53 +1221,36 @@ impl<H: Host> Engine<H> {
         now: u64,
         stale_ms: u64,
     ) -> Result<(lease::Taken, u64), bool> {
-        let slot = lease::slot(id);
-        for _ in 0..lease::CAS_TRIES {
-            let (Some(mut bytes), cas) = self.host.shared_get_cas(&slot) else {
-                return Err(false);
-            };
+        let cfg = self.config.leases;
+        self.update_lease(&lease::slot(id), false, |bytes| {
+            let mut bytes = bytes.ok_or(false)?;
             let (taken, spent, granted_ms) =
                 lease::take_encoded(&mut bytes, id, cost, now, stale_ms)?;
             let refill = if taken.refill {
-                let cfg = self.config.leases;
                 lease::refill_size(spent, granted_ms, now, cfg.horizon_ms, cfg.max_units)
             } else {
                 0
             };
-            if self.host.shared_set_cas(&slot, &bytes, cas).is_ok() {
-                return Ok((taken, refill));
-            }
-        }
-        Err(false)
+            Ok((bytes, (taken, refill)))
+        })
     }
 
-    /// Returns units taken for a request that went to Redis after all.
+    /// Returns units taken for a request that went to Redis after all. Lost to contention,
+    /// they go unspent (counted in Redis, never admitted).
     fn give_back_lease(&self, id: &str, cost: u64) {
-        let slot = lease::slot(id);
-        for _ in 0..lease::CAS_TRIES {
-            let (bytes, cas) = self.host.shared_get_cas(&slot);
-            let Some(mut rec) = bytes.as_deref().and_then(lease::decode) else {
-                return;
-            };
+        let _ = self.update_lease(&lease::slot(id), (), |bytes| {
+            let mut rec = bytes.as_deref().and_then(lease::decode).ok_or(())?;
             if !lease::give_back(&mut rec, id, cost) {
-                return;
+                return Err(());
             }
-            if self
-                .host
-                .shared_set_cas(&slot, &lease::encode(&rec), cas)
-                .is_ok()
-            {
-                return;
-            }
-        }
-        // Lost to contention: the units go unspent (counted in Redis, never admitted).
+            Ok((lease::encode(&rec), ()))
+        });
     }
 
     /// Adds what Redis granted for `check` (built, or sent, at gateway ms `since_ms`) to its
     /// record; a grant of 0 ends the refill that asked it.
     fn store_grant(&mut self, check: &Check, answer: &CheckResult, since_ms: u64) {
         let id = cache::identity(check);
-        let slot = lease::slot(&id);
         let now = self.gateway_ms();
         let grant = lease::Grant {
             units: answer.lease,
@@ -1257,25 +1259,22 @@ impl<H: Host> Engine<H> {
             remaining: answer.remaining,
             reset_ms: answer.reset_ms,
         };
-        for _ in 0..lease::CAS_TRIES {
-            let (bytes, cas) = self.host.shared_get_cas(&slot);
+        // Err(true): lost to contention, so the units are dropped; Err(false): nothing to write.
+        let written = self.update_lease(&lease::slot(&id), true, |bytes| {
             let old = bytes.as_deref().and_then(lease::decode);
             if old.is_none() && grant.units == 0 {
-                return;
+                return Err(false);
             }
             let (rec, dropped) = lease::merge(old, &id, grant, now);
-            if self
-                .host
-                .shared_set_cas(&slot, &lease::encode(&rec), cas)
-                .is_ok()
-            {
-                self.bump_by(Counter::LeaseUnitsGranted, grant.units as i64);
-                self.bump_by(Counter::LeaseUnitsDropped, dropped as i64);
-                return;
-            }
-        }
+            Ok((lease::encode(&rec), dropped))
+        });
+        let dropped = match written {
+            Ok(dropped) => dropped,
+            Err(true) => grant.units,
+            Err(false) => return,
+        };
         self.bump_by(Counter::LeaseUnitsGranted, grant.units as i64);
-        self.bump_by(Counter::LeaseUnitsDropped, grant.units as i64);
+        self.bump_by(Counter::LeaseUnitsDropped, dropped as i64);
     }
 
     /// A refill's answer: each check's grant (or none) goes to its record.

@@ -540,6 +540,19 @@ impl Harness {
     }
 
     /// Answers the oldest check callout.
+    /// The shim answers whatever is out (checks, refills), and what the root sends at its next
+    /// tick.
+    fn answer_everything(&mut self) {
+        let answer_all = |h: &mut Harness| {
+            while !h.check_callouts().is_empty() {
+                h.answer_first(Shim::Ok);
+            }
+        };
+        answer_all(self);
+        self.tick(1);
+        answer_all(self);
+    }
+
     fn answer_first(&mut self, how: Shim) {
         let token = self.check_callouts()[0].token;
         self.answer(token, how);
@@ -1465,14 +1478,7 @@ fn a_hot_key_is_spent_from_its_lease_and_admits_exactly_its_limit() {
         if action == Action::Continue {
             local += 1;
         }
-        // The shim answers whatever is out (checks, refills) at once.
-        while !h.check_callouts().is_empty() {
-            h.answer_first(Shim::Ok);
-        }
-        h.tick(1);
-        while !h.check_callouts().is_empty() {
-            h.answer_first(Shim::Ok);
-        }
+        h.answer_everything();
         if h.status_of(ctx) == Some(200) {
             admitted += 1;
         }
@@ -1574,13 +1580,7 @@ fn a_lease_lost_to_contention_is_given_back_or_left_unspent_never_spent_twice() 
         h.host.w().cas_conflicts = rng.below(6) as usize;
         let (ctx, _) = h.request(&[("k", "a")]);
         h.host.w().cas_conflicts = 0;
-        while !h.check_callouts().is_empty() {
-            h.answer_first(Shim::Ok);
-        }
-        h.tick(1);
-        while !h.check_callouts().is_empty() {
-            h.answer_first(Shim::Ok);
-        }
+        h.answer_everything();
         if h.status_of(ctx) == Some(200) {
             admitted += 1;
         }
