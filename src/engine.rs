@@ -145,6 +145,16 @@ enum Source {
     FailureMode,
 }
 
+/// What leases did for a request ([`Engine::spend_leases`]).
+enum Leased {
+    /// Every check had units: the answers to report.
+    Spent(Vec<CheckResult>),
+    /// A key is hot here, but a check lacked units: it asks a lease from Redis.
+    Missed,
+    /// No key is hot on this worker: no record was read.
+    Cold,
+}
+
 /// A lease refill in flight: its token, when it was sent, its deadline, and the checks (cost
 /// 0, each asking a lease) it carries, one per request.
 #[derive(Debug)]
@@ -250,6 +260,9 @@ impl<H: Host> Engine<H> {
         // zone (Kong: `nginx_wasm_shm_kv`), and failing to load there names the missing zone,
         // where a trap on the first request would fail every request.
         let _ = host.shared_get(CLOCK_OFFSET_KEY);
+        if config.leases.enabled {
+            lease::create_slots(&host);
+        }
         let coalesce = config.coalesce && caps.deliver_from_root;
         let kick_queue = if coalesce && caps.shared_queues {
             host.register_queue(&format!("tollgate.kick.{vm_id:016x}"))
@@ -323,8 +336,11 @@ impl<H: Host> Engine<H> {
         };
         // Leases first: units Redis granted this gateway are spent even when another gateway
         // has since exhausted the key (which the over-limit cache may have learned).
-        if self.config.leases.enabled && lease::leasable(&checks) && !self.metered(&checks) {
-            if let Some(results) = self.spend_leases(&mut checks, since_ms) {
+        let leasing = self.lease_eligible(&checks);
+        let mut leased = Leased::Cold;
+        if leasing {
+            leased = self.spend_leases(&mut checks, since_ms);
+            if let Leased::Spent(results) = leased {
                 let verdict =
                     decision::decide(&self.config, &checks, &RequestResult::local(true, results));
                 return self.decide_now(ctx, &checks, verdict, Source::Lease);
@@ -333,6 +349,16 @@ impl<H: Host> Engine<H> {
         if self.config.over_limit_cache {
             let hits = self.cached_denials(&checks, clocks);
             if !hits.is_empty() {
+                if leasing && matches!(leased, Leased::Cold) {
+                    if let Some(results) = self.spend_held(&checks, since_ms) {
+                        let verdict = decision::decide(
+                            &self.config,
+                            &checks,
+                            &RequestResult::local(true, results),
+                        );
+                        return self.decide_now(ctx, &checks, verdict, Source::Lease);
+                    }
+                }
                 let verdict = decision::from_cache(&self.config, &checks, &hits, clocks);
                 return self.decide_now(ctx, &checks, verdict, Source::Cache);
             }
@@ -828,7 +854,24 @@ impl<H: Host> Engine<H> {
                     match verdict {
                         Ok((verdict, exhausted)) => {
                             self.remember_exhausted(&exhausted, pending.since_ms);
-                            self.settle(pending, verdict, Source::Shim, true);
+                            let held = match verdict {
+                                Verdict::Deny(_) if self.lease_eligible(&pending.checks) => {
+                                    self.spend_held(&pending.checks, received_ms)
+                                }
+                                _ => None,
+                            };
+                            match held {
+                                Some(results) => {
+                                    // Redis charged nothing for it: the units it spends were.
+                                    let verdict = decision::decide(
+                                        &self.config,
+                                        &pending.checks,
+                                        &RequestResult::local(true, results),
+                                    );
+                                    self.settle(pending, verdict, Source::Lease, true);
+                                }
+                                None => self.settle(pending, verdict, Source::Shim, true),
+                            }
                         }
                         Err(refused) => {
                             // Nothing was charged for it: its slots were never taken.
@@ -1122,11 +1165,16 @@ impl<H: Host> Engine<H> {
 
     // --- Leases ----------------------------------------------------------------------------------
 
-    /// Decides a request from leases when every check has units: takes them (each check's
-    /// record by compare-and-swap) and returns the answers to report. Otherwise gives back
-    /// what it took, marks the checks of hot keys to ask a lease (unless a refill is already
-    /// in flight) and returns `None`: the request goes to Redis.
-    fn spend_leases(&mut self, checks: &mut [Check], now: u64) -> Option<Vec<CheckResult>> {
+    /// Whether leases may decide a request of these checks: on, every check leasable
+    /// ([`lease::leasable`]) and no usage rule (units reserved ahead would count as consumed).
+    fn lease_eligible(&self, checks: &[Check]) -> bool {
+        self.config.leases.enabled && lease::leasable(checks) && !self.metered(checks)
+    }
+
+    /// Decides a request of keys hot on this worker from leases when every check has units:
+    /// takes them and returns the answers to report. Otherwise marks the checks of hot keys to
+    /// ask a lease (unless a refill is already in flight): the request goes to Redis.
+    fn spend_leases(&mut self, checks: &mut [Check], now: u64) -> Leased {
         let cfg = self.config.leases;
         let ids: Vec<String> = checks.iter().map(cache::identity).collect();
         let wants: Vec<Option<u64>> = ids
@@ -1135,8 +1183,38 @@ impl<H: Host> Engine<H> {
             .collect();
         if wants.iter().all(Option::is_none) {
             // No key is hot on this worker: none has units worth a shared-data read.
-            return None;
+            return Leased::Cold;
         }
+        match self.take_units(checks, &ids, now) {
+            Ok(results) => Leased::Spent(results),
+            Err(refilling) => {
+                for (i, c) in checks.iter_mut().enumerate() {
+                    if let (Some(want), false) = (wants[i], refilling[i]) {
+                        c.lease = want;
+                    }
+                }
+                Leased::Missed
+            }
+        }
+    }
+
+    /// Before a denial: the units this gateway holds for every check, if it holds them, are
+    /// spent instead (another worker asked them, or this one saw the key as hot a while ago),
+    /// so no request is denied while units Redis granted for it sit unspent.
+    fn spend_held(&mut self, checks: &[Check], now: u64) -> Option<Vec<CheckResult>> {
+        let ids: Vec<String> = checks.iter().map(cache::identity).collect();
+        self.take_units(checks, &ids, now).ok()
+    }
+
+    /// Takes `cost` units of every check's lease (each record by compare-and-swap), or none:
+    /// what was taken is given back when one check lacks them. `Err`: per check, whether a
+    /// refill of it is in flight (for the checks tried).
+    fn take_units(
+        &mut self,
+        checks: &[Check],
+        ids: &[String],
+        now: u64,
+    ) -> Result<Vec<CheckResult>, Vec<bool>> {
         let stale_ms = self.timeout_ms() + WATCHDOG_GRACE_MS;
         let mut results = Vec::with_capacity(checks.len());
         let mut refilling = vec![false; checks.len()];
@@ -1168,17 +1246,12 @@ impl<H: Host> Engine<H> {
             }
         }
         if results.len() == checks.len() {
-            return Some(results);
+            return Ok(results);
         }
         for (i, c) in checks.iter().enumerate().take(results.len()) {
             self.give_back_lease(&ids[i], c.cost);
         }
-        for (i, c) in checks.iter_mut().enumerate() {
-            if let (Some(want), false) = (wants[i], refilling[i]) {
-                c.lease = want;
-            }
-        }
-        None
+        Err(refilling)
     }
 
     /// Whether a usage rule applies: its counter charges what the response consumed, so its
@@ -1236,15 +1309,18 @@ impl<H: Host> Engine<H> {
     }
 
     /// Returns units taken for a request that went to Redis after all. Lost to contention,
-    /// they go unspent (counted in Redis, never admitted).
+    /// they go unspent (charged in Redis, never admitted): counted as dropped.
     fn give_back_lease(&self, id: &str, cost: u64) {
-        let _ = self.update_lease(&lease::slot(id), (), |bytes| {
-            let mut rec = bytes.as_deref().and_then(lease::decode).ok_or(())?;
+        let given = self.update_lease(&lease::slot(id), true, |bytes| {
+            let mut rec = bytes.as_deref().and_then(lease::decode).ok_or(false)?;
             if !lease::give_back(&mut rec, id, cost) {
-                return Err(());
+                return Err(false);
             }
             Ok((lease::encode(&rec), ()))
         });
+        if given.is_err() {
+            self.bump_by(Counter::LeaseUnitsDropped, cost as i64);
+        }
     }
 
     /// Adds what Redis granted for `check` (built, or sent, at gateway ms `since_ms`) to its
@@ -1259,10 +1335,19 @@ impl<H: Host> Engine<H> {
             remaining: answer.remaining,
             reset_ms: answer.reset_ms,
         };
+        let slot = lease::slot(&id);
+        if grant.units > 0 {
+            lease::create_slot(&self.host, &slot);
+        }
         // Err(true): lost to contention, so the units are dropped; Err(false): nothing to write.
-        let written = self.update_lease(&lease::slot(&id), true, |bytes| {
-            let old = bytes.as_deref().and_then(lease::decode);
-            if old.is_none() && grant.units == 0 {
+        let written = self.update_lease(&slot, true, |bytes| {
+            let Some(bytes) = bytes else {
+                // No slot: only when it could not be made.
+                return Err(grant.units > 0);
+            };
+            let old = lease::decode(&bytes);
+            if grant.units == 0 && old.as_ref().is_none_or(|r| r.id != id) {
+                // Nothing granted, and no record of this key's to end the refill of.
                 return Err(false);
             }
             let (rec, dropped) = lease::merge(old, &id, grant, now);

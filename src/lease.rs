@@ -9,7 +9,10 @@
 //!
 //! The units live in proxy-wasm shared data, one [`Record`] per key and limit ([`identity`],
 //! the over-limit cache's), in one of [`SLOTS`] slots (`tollgate.lease.<n>`), so every worker of
-//! a gateway spends them and memory stays bounded. A spend is a compare-and-swap of the record.
+//! a gateway spends them and memory stays bounded. The slots are made at configure
+//! ([`create_slots`]), so every write of a record (spend, give back, grant) is a
+//! compare-and-swap. Units of one key's grants join in one record; before a request is denied
+//! (by Redis or the over-limit cache), units its gateway holds are spent instead.
 //! A record is valid until `expires_ms` on the gateway's own clock, counted from when the
 //! granting check was built (no later than when Redis ran it), so it never outlives what Redis
 //! said: the end of the window (fixed window, two-window estimate, whose keys also name their
@@ -28,7 +31,8 @@ use crate::check::Check;
 
 /// Shared-data slots for lease records per gateway.
 pub const SLOTS: u64 = 4096;
-/// A key is hot when one worker saw it this many times within [`HEAT_WINDOW_MS`].
+/// A key is hot when one worker saw it this many times within this second and the last
+/// ([`HEAT_WINDOW_MS`] each).
 pub const HOT_HITS: u32 = 3;
 pub const HEAT_WINDOW_MS: u64 = 1000;
 /// A worker's heat map is forgotten when it tracks more keys than this.
@@ -38,7 +42,32 @@ pub const CAS_TRIES: usize = 4;
 
 /// The shared-data slot of an identity.
 pub fn slot(id: &str) -> String {
-    format!("tollgate.lease.{}", crate::cache::fnv(id) % SLOTS)
+    slot_name(crate::cache::fnv(id) % SLOTS)
+}
+
+fn slot_name(n: u64) -> String {
+    format!("tollgate.lease.{n}")
+}
+
+/// What an empty slot holds: no record.
+const EMPTY: &[u8] = &[0];
+
+/// Makes every slot that does not exist yet, holding no record; the engine calls it when it is
+/// configured (on Envoy, the main thread does so before any worker serves). A compare-and-swap
+/// needs a version, and a key that does not exist has none: two workers storing a key's first
+/// grant at once into a slot that does not exist would both write, and the units of one
+/// (charged in Redis) would be lost. Once it exists, every write is a compare-and-swap.
+pub fn create_slots(host: &impl crate::host::Host) {
+    for n in 0..SLOTS {
+        create_slot(host, &slot_name(n));
+    }
+}
+
+/// Makes `slot` if it does not exist (a host that evicts shared data may have dropped it).
+pub fn create_slot(host: &impl crate::host::Host, slot: &str) {
+    if host.shared_get_cas(slot).0.is_none() {
+        let _ = host.shared_set_cas(slot, EMPTY, None);
+    }
 }
 
 /// Whether a request can be decided from leases: every check takes leases, consumes something
@@ -209,25 +238,26 @@ pub struct Grant {
     pub reset_ms: u64,
 }
 
-/// The record after a grant (`units` may be 0: a refill that got nothing ends the refill).
-/// Units still held keep their own expiry: when the new ones expire at about the same time
-/// (the same window), they join and the earlier expiry stands for all; otherwise the held
-/// ones, which expire first, are dropped and counted as `wasted`.
+/// The record after a grant (`units` may be 0: a refill that got nothing ends the refill), and
+/// the units it leaves unspent (`wasted`). Units still held of the same identity join the new
+/// ones, and all expire at the earlier of the two expiries: both are of one window (or
+/// sub-window), whatever the time their checks waited before Redis ran them, because a grant
+/// of a later one is run after the earlier one ended, when its units have expired here. Held
+/// units of another identity (the slot is shared) or expired ones are replaced: wasted.
 pub fn merge(old: Option<Record>, id: &str, g: Grant, now: u64) -> (Record, u64) {
     let expires = g.since_ms.saturating_add(g.lease_ms);
-    let mut wasted = 0;
-    let held = old
-        .filter(|r| r.id == id && now < r.expires_ms && r.units > 0)
+    let live = old.filter(|r| r.units > 0);
+    let held = live
+        .as_ref()
+        .filter(|r| r.id == id && now < r.expires_ms)
         .map(|r| (r.units, r.expires_ms, r.grant));
+    let wasted = match (&live, held) {
+        (Some(r), None) => r.units,
+        _ => 0,
+    };
     let (units, expires_ms) = match held {
         Some((units, until, _)) if g.units == 0 => (units, until),
-        Some((units, until, _)) if expires <= until.saturating_add(JOIN_MS) => {
-            (units + g.units, until.min(expires))
-        }
-        Some((units, _, _)) => {
-            wasted = units;
-            (g.units, expires)
-        }
+        Some((units, until, _)) => (units + g.units, until.min(expires)),
         None => (g.units, expires),
     };
     // Units still held were charged before Redis answered: they are left too.
@@ -250,9 +280,6 @@ pub fn merge(old: Option<Record>, id: &str, g: Grant, now: u64) -> (Record, u64)
     (rec, wasted)
 }
 
-/// Grants expiring within this many ms of the units held join them.
-const JOIN_MS: u64 = 50;
-
 /// The next lease to ask: enough for `horizon_ms` at the rate the last grant (at `granted_ms`)
 /// was spent (`spent` so far), within 1..=max.
 pub fn refill_size(spent: u64, granted_ms: u64, now: u64, horizon_ms: u64, max: u64) -> u64 {
@@ -262,30 +289,42 @@ pub fn refill_size(spent: u64, granted_ms: u64, now: u64, horizon_ms: u64, max: 
 }
 
 /// A worker's view of which keys are hot: hits per identity (by its FNV hash: a collision only
-/// makes a key look hotter) within a sliding second.
+/// makes a key look hotter) in the current second and the one before, so a key kept hot stays
+/// hot when a second ends.
 #[derive(Debug, Default)]
 pub struct Heat {
-    seen: HashMap<u64, (u64, u32)>,
+    /// Hash → (start of the current second, hits in it, hits in the second before).
+    seen: HashMap<u64, (u64, u32, u32)>,
 }
 
 impl Heat {
-    /// Counts a request for `id` at `now`; when the key is hot, the lease to ask: enough for
-    /// `horizon_ms` at the rate seen so far, within 1..=max.
+    /// Counts a request for `id` at `now`; when the key is hot (at least [`HOT_HITS`] within
+    /// this second and the last), the lease to ask: enough for `horizon_ms` at the rate seen
+    /// over both, within 1..=max.
     pub fn hit(&mut self, id: &str, now: u64, horizon_ms: u64, max: u64) -> Option<u64> {
         let h = crate::cache::fnv(id);
         if self.seen.len() >= HEAT_CAPACITY && !self.seen.contains_key(&h) {
             self.seen.clear();
         }
-        let entry = self.seen.entry(h).or_insert((now, 0));
-        if now.saturating_sub(entry.0) > HEAT_WINDOW_MS {
-            *entry = (now, 0);
+        let entry = self.seen.entry(h).or_insert((now, 0, 0));
+        let age = now.saturating_sub(entry.0);
+        if age >= 2 * HEAT_WINDOW_MS {
+            *entry = (now, 0, 0);
+        } else if age >= HEAT_WINDOW_MS {
+            *entry = (entry.0 + HEAT_WINDOW_MS, 0, entry.1);
         }
         entry.1 += 1;
-        if entry.1 < HOT_HITS {
+        let hits = entry.1 + entry.2;
+        if hits < HOT_HITS {
             return None;
         }
-        let elapsed = now.saturating_sub(entry.0).max(1);
-        Some((u64::from(entry.1).saturating_mul(horizon_ms) / elapsed).clamp(1, max))
+        let since = if entry.2 > 0 {
+            entry.0 - HEAT_WINDOW_MS
+        } else {
+            entry.0
+        };
+        let elapsed = now.saturating_sub(since).max(1);
+        Some((u64::from(hits).saturating_mul(horizon_ms) / elapsed).clamp(1, max))
     }
 }
 
@@ -367,9 +406,12 @@ mod tests {
         assert_eq!(r2.base_remaining, 40 + 10);
         let (r3, wasted) = merge(Some(r2.clone()), "k", g(6, 1_100, 890), 1_101);
         assert_eq!((r3.units, r3.expires_ms, wasted), (22, 1_990, 0));
-        // A grant for a later sub-window: the held units expire first and are dropped.
-        let (r4, wasted) = merge(Some(r.clone()), "k", g(5, 1_900, 500), 1_901);
-        assert_eq!((r4.units, r4.expires_ms, wasted), (5, 2_400, 10));
+        // The held units' check waited long before Redis ran it (a loaded gateway queues it),
+        // so they expire well before the new ones of the same window: they still join, and
+        // all are spent before the earlier expiry. (A grant of a later window or sub-window
+        // cannot find units of the earlier one: Redis ran it after they expired.)
+        let (r4, wasted) = merge(Some(r.clone()), "k", g(5, 1_100, 1_200), 1_101);
+        assert_eq!((r4.units, r4.expires_ms, wasted), (15, 2_000, 0));
         // Nothing granted: the held units stay, the refill is over.
         let mut asked = r.clone();
         asked.refill_since_ms = 1_500;
@@ -378,9 +420,12 @@ mod tests {
             (r5.units, r5.expires_ms, r5.refill_since_ms),
             (10, 2_000, 0)
         );
-        // Expired or another identity's: replaced.
-        let (r6, wasted) = merge(Some(r), "other", g(3, 1_000, 100), 1_001);
-        assert_eq!((r6.units, r6.id.as_str(), wasted), (3, "other", 0));
+        // Another identity's (the slot is shared): replaced, and its units counted as wasted.
+        let (r6, wasted) = merge(Some(r.clone()), "other", g(3, 1_000, 100), 1_001);
+        assert_eq!((r6.units, r6.id.as_str(), wasted), (3, "other", 10));
+        // Expired: replaced, its units unspent are wasted too.
+        let (r7, wasted) = merge(Some(r), "k", g(3, 2_000, 100), 2_001);
+        assert_eq!((r7.units, r7.expires_ms, wasted), (3, 2_100, 10));
     }
 
     #[test]
@@ -392,8 +437,13 @@ mod tests {
         assert_eq!(heat.hit("k", 1_002, 100, 1000), Some(150));
         assert_eq!(heat.hit("k", 1_003, 100, 1000), Some(133));
         assert_eq!(heat.hit("k", 1_004, 100, 10), Some(10));
-        // A second later it starts over.
-        assert_eq!(heat.hit("k", 2_100, 100, 1000), None);
+        // Still hot in the next second, at the rate of both: 6 hits in 1.1 s, 1 per 100 ms.
+        assert_eq!(heat.hit("k", 2_100, 100, 1000), Some(1));
+        assert_eq!(heat.hit("k", 2_200, 100, 1000), Some(1));
+        // A key not seen for a whole second starts over.
+        assert_eq!(heat.hit("k", 4_000, 100, 1000), None);
+        assert_eq!(heat.hit("k", 4_001, 100, 1000), None);
+        assert_eq!(heat.hit("k", 4_002, 100, 1000), Some(150));
         let mut r = rec(10);
         r.spent = 30;
         r.granted_ms = 1_000;

@@ -52,6 +52,13 @@ pub struct World {
     pub shared_versions: HashMap<String, u32>,
     /// Make the next this-many compare-and-swaps lose a race.
     pub cas_conflicts: usize,
+    /// Another worker stores the units of this lease record (its grant) in this slot just
+    /// after our next read of it: added to the record there when it is the same key's, written
+    /// over an empty or missing slot (when the slot did not exist it had no version to compare,
+    /// as on Envoy), not at all when another key's units are there.
+    pub racing_grant: Option<(String, Vec<u8>)>,
+    /// Units the racing grants stored.
+    pub racing_landed: u64,
     pub queue_items: usize,
     /// Names of the shared queues registered, in order.
     pub queues: Vec<String>,
@@ -284,11 +291,37 @@ impl Host for FakeHost {
     }
 
     fn shared_get_cas(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
-        let w = self.0.borrow();
-        match w.shared.get(key) {
-            Some(v) => (Some(v.clone()), w.shared_versions.get(key).copied()),
-            None => (None, None),
+        let read = {
+            let w = self.0.borrow();
+            match w.shared.get(key) {
+                Some(v) => (Some(v.clone()), w.shared_versions.get(key).copied()),
+                None => (None, None),
+            }
+        };
+        let racing = {
+            let mut w = self.0.borrow_mut();
+            match &w.racing_grant {
+                Some((k, _)) if k == key => w.racing_grant.take(),
+                _ => None,
+            }
+        };
+        if let Some((k, theirs)) = racing {
+            let grant = crate::lease::decode(&theirs).expect("a lease record");
+            let there = read.0.as_deref().and_then(crate::lease::decode);
+            let write = match there {
+                Some(mut r) if r.units > 0 && r.id == grant.id => {
+                    r.units += grant.units;
+                    Some(crate::lease::encode(&r))
+                }
+                Some(r) if r.units > 0 => None,
+                _ => Some(theirs),
+            };
+            if let Some(bytes) = write {
+                self.shared_set(&k, &bytes);
+                self.0.borrow_mut().racing_landed += grant.units;
+            }
         }
+        read
     }
 
     fn shared_set_cas(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), HostError> {

@@ -1590,6 +1590,146 @@ fn a_lease_lost_to_contention_is_given_back_or_left_unspent_never_spent_twice() 
     assert!(admitted >= 30, "contention wastes little ({admitted})");
 }
 
+/// A limit of 40 a minute whose key `a` this worker made hot: its third request asked a lease
+/// of 8 (so Redis has charged 11). Returns the harness and the check's identity.
+fn hot_key_holding_a_lease() -> (Harness, String) {
+    let mut h = Harness::new(&cfg(
+        r#""leases": {"max_units": 8}, "rules": [{"name": "r", "descriptors": ["header:k"], "limit": 40, "window": "1m"}]"#,
+    ));
+    // Well inside a window: the test's few seconds never reach its end.
+    let into = h.redis_now() % 60_000;
+    h.tick((65_000 - into) % 60_000);
+    for _ in 0..3 {
+        let (ctx, _) = h.request(&[("k", "a")]);
+        h.answer_first(Shim::Ok);
+        h.finish(ctx);
+    }
+    assert_eq!(h.metric(Counter::LeaseUnitsGranted), 8);
+    let id = key_identity(&mut h, &[("k", "a")]);
+    (h, id)
+}
+
+/// The identity (key and limit) of the one check a request with these headers makes.
+fn key_identity(h: &mut Harness, headers: &[(&str, &str)]) -> String {
+    let ctx = h.next_ctx;
+    h.next_ctx += 1;
+    h.host.w().request_headers.insert(
+        ctx,
+        headers
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .chain([(":path".to_string(), "/".to_string())])
+            .collect(),
+    );
+    h.host.w().effective = ctx;
+    let corrected = h.engine.corrected(h.engine.gateway_ms());
+    let checks = checks_for(h.engine.config(), &h.host, corrected, "probe");
+    h.host.w().effective = ROOT;
+    cache::identity(&checks[0])
+}
+
+/// Another gateway spends the rest of the key in Redis.
+fn exhaust_in_redis(h: &mut Harness) {
+    for c in h.redis.counters.values_mut() {
+        c.0 = 40;
+    }
+}
+
+fn units_held(h: &Harness, id: &str) -> u64 {
+    let w = h.host.w();
+    w.shared
+        .get(&lease::slot(id))
+        .and_then(|b| lease::decode(b))
+        .filter(|r| r.id == id)
+        .map_or(0, |r| r.units)
+}
+
+#[test]
+fn two_workers_storing_their_first_grants_of_a_key_at_once_keep_both() {
+    let mut h = Harness::new(&cfg(
+        r#""leases": {"max_units": 8}, "rules": [{"name": "r", "descriptors": ["header:k"], "limit": 1000, "window": "1m"}]"#,
+    ));
+    let id = key_identity(&mut h, &[("k", "a")]);
+    for _ in 0..2 {
+        let (ctx, _) = h.request(&[("k", "a")]);
+        h.answer_first(Shim::Ok);
+        h.finish(ctx);
+    }
+    // The third asks a lease. While its answer is stored, another worker of this gateway
+    // stores the 50 units Redis granted it: it too found no record of the key.
+    let (ctx, _) = h.request(&[("k", "a")]);
+    let now = h.now();
+    let (theirs, _) = lease::merge(
+        None,
+        &id,
+        lease::Grant {
+            units: 50,
+            since_ms: now,
+            lease_ms: 1_000,
+            remaining: 900,
+            reset_ms: 1_000,
+        },
+        now,
+    );
+    h.host.w().racing_grant = Some((lease::slot(&id), lease::encode(&theirs)));
+    h.answer_first(Shim::Ok);
+    h.finish(ctx);
+    assert_eq!(h.host.w().racing_landed, 50, "the race was run");
+    assert_eq!(h.metric(Counter::LeaseUnitsGranted), 8);
+    assert_eq!(
+        units_held(&h, &id),
+        58,
+        "both grants were charged in Redis: neither may be written over"
+    );
+}
+
+#[test]
+fn a_key_kept_hot_stays_hot_from_one_second_to_the_next() {
+    let (mut h, id) = hot_key_holding_a_lease();
+    exhaust_in_redis(&mut h);
+    // 2.5 requests a second: hot in every second, but never 3 times within one of them.
+    for i in 0..8 {
+        h.tick(400);
+        let (ctx, action) = h.request(&[("k", "a")]);
+        assert_eq!(
+            action,
+            Action::Continue,
+            "request {i}: spent from the lease"
+        );
+        h.finish(ctx);
+    }
+    assert_eq!(units_held(&h, &id), 0);
+}
+
+#[test]
+fn units_held_are_spent_before_a_denial_even_by_a_worker_that_has_not_seen_the_key_lately() {
+    let (mut h, id) = hot_key_holding_a_lease();
+    exhaust_in_redis(&mut h);
+    // This worker has not seen the key for seconds; the gateway still holds its 8 units.
+    h.tick(2_500);
+    let (ctx, action) = h.request(&[("k", "a")]);
+    assert_eq!(action, Action::Pause, "not hot here: checked in Redis");
+    h.answer_first(Shim::Ok);
+    assert_eq!(
+        h.status_of(ctx),
+        Some(200),
+        "Redis denies, but the gateway holds units Redis granted"
+    );
+    h.finish(ctx);
+    // The next is still cold here, and the over-limit cache knows the key is exhausted.
+    let (ctx, action) = h.request(&[("k", "a")]);
+    assert_eq!(action, Action::Continue, "spent from the lease, not denied");
+    h.finish(ctx);
+    for _ in 0..6 {
+        let (ctx, action) = h.request(&[("k", "a")]);
+        assert_eq!(action, Action::Continue);
+        h.finish(ctx);
+    }
+    assert_eq!(units_held(&h, &id), 0);
+    let (ctx, _) = h.request(&[("k", "a")]);
+    assert_eq!(h.status_of(ctx), Some(429), "then denied");
+}
+
 #[test]
 fn leases_can_be_switched_off() {
     let mut h = Harness::new(&cfg(
@@ -1732,6 +1872,102 @@ fn leases_never_admit_past_the_limit_under_random_interleavings() {
         }
     }
     assert!(spent > 0, "the runs spend leases");
+}
+
+/// Every unit charged in Redis is admitted, held in a lease record, or counted as dropped:
+/// leases lose nothing silently, under random traffic, answers (all within the timeout),
+/// ticks and contention between workers.
+fn run_lease_accounting_once(seed: u64) -> Result<(), String> {
+    let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let coalesce = rng.below(3) != 0;
+    let mut h = Harness::new(&cfg(&format!(
+        r#""coalesce": {coalesce}, "failure_mode": "deny", "leases": {{"max_units": {}}},
+        "rules": [{{"name": "fw", "descriptors": ["header:k"], "limit": 30, "window": "1s"}}]"#,
+        1 + rng.below(20)
+    )));
+    let mut sent = Vec::new();
+    for _ in 0..600 {
+        match rng.below(100) {
+            // Another worker of this gateway stores units Redis granted it as this one reads.
+            0..=4 if h.host.w().racing_grant.is_none() => {
+                let key = *rng.pick(&["a", "b"]);
+                let id = key_identity(&mut h, &[("k", key)]);
+                let now = h.now();
+                let (theirs, _) = lease::merge(
+                    None,
+                    &id,
+                    lease::Grant {
+                        units: 1 + rng.below(5),
+                        since_ms: now,
+                        lease_ms: 200,
+                        remaining: 10,
+                        reset_ms: 200,
+                    },
+                    now,
+                );
+                h.host.w().racing_grant = Some((lease::slot(&id), lease::encode(&theirs)));
+            }
+            5..=54 => {
+                let key = *rng.pick(&["a", "a", "a", "b"]);
+                h.host.w().cas_conflicts = rng.below(3) as usize;
+                let (ctx, _) = h.request(&[("k", key)]);
+                h.host.w().cas_conflicts = 0;
+                sent.push(ctx);
+            }
+            55..=84 => {
+                let callouts = h.check_callouts();
+                if !callouts.is_empty() {
+                    let c = rng.pick(&callouts).token;
+                    h.answer(c, Shim::Ok);
+                }
+            }
+            _ => {
+                // Nothing outlives the timeout: a late answer is a loss the test does not count.
+                while h.check_callouts().iter().any(|c| h.now() - c.sent_ms > 50) {
+                    h.answer_first(Shim::Ok);
+                }
+                h.tick(*rng.pick(&[0, 1, 3, 10, 20]));
+            }
+        }
+    }
+    h.answer_everything();
+    h.answer_everything();
+    // What the other worker stored was charged in Redis too.
+    let charged = h.redis.counters.values().map(|c| c.0).sum::<u64>() + h.host.w().racing_landed;
+    let admitted = sent
+        .iter()
+        .filter(|&&c| h.status_of(c) == Some(200))
+        .count() as u64;
+    let held: u64 = (0..lease::SLOTS)
+        .filter_map(|n| {
+            h.host
+                .w()
+                .shared
+                .get(&format!("tollgate.lease.{n}"))
+                .cloned()
+        })
+        .filter_map(|b| lease::decode(&b))
+        .map(|r| r.units)
+        .sum();
+    let dropped = h.metric(Counter::LeaseUnitsDropped) as u64;
+    if charged != admitted + held + dropped {
+        return Err(format!(
+            "charged {charged} != admitted {admitted} + held {held} + dropped {dropped}"
+        ));
+    }
+    if h.metric(Counter::LeaseUnitsGranted) == 0 {
+        return Err("no lease was granted".into());
+    }
+    Ok(())
+}
+
+#[test]
+fn leases_lose_no_unit_silently_under_random_interleavings() {
+    for seed in 1..=100 {
+        if let Err(e) = run_lease_accounting_once(seed) {
+            panic!("seed {seed}: {e}");
+        }
+    }
 }
 
 #[test]

@@ -38,9 +38,11 @@ def test_exact_admission_with_leases_across_two_gateways_of_two_workers(clean, t
             t.join()
         leased = sum(g.stat("wasmcustom.tollgate_lease_admitted_total") for g in (a, b))
         made = sum(callouts(g) for g in (a, b))
+        dropped = sum(g.stat("wasmcustom.tollgate_lease_units_dropped_total") for g in (a, b))
+        granted = sum(g.stat("wasmcustom.tollgate_lease_units_granted_total") for g in (a, b))
     admitted = sum(c[200] for c in counts)
     print(f"leases: {admitted} of 1200 admitted (limit {LIMIT}), {leased} from leases, "
-          f"{made} callouts; per gateway {[dict(c) for c in counts]}")
+          f"{made} callouts, {granted} units granted, {dropped} dropped; per gateway {[dict(c) for c in counts]}")
     assert admitted == LIMIT, "never more than the limit; leases shrink to none near it"
     assert sum(c[429] for c in counts) == 1200 - LIMIT
     assert leased > 0, "the hot key was spent from leases"
