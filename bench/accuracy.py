@@ -28,7 +28,6 @@ import collections
 import contextlib
 import json
 import re
-import socket
 import subprocess
 import threading
 import time
@@ -37,7 +36,7 @@ from pathlib import Path
 
 from envoy_harness import Envoy, envoy_command, envoy_config, plugin, rule, static_cluster, upstream_route, wait_ready
 from envoy_harness import stop as stop_popen
-from shim_harness import _read_reply, _resp_command
+from shim_harness import RedisConnection
 
 RULE = "accuracy"
 HOT_KEY = "hot"
@@ -138,14 +137,9 @@ class WindowCounters:
 
     def _run(self):
         try:
-            with socket.create_connection((self.host, self.port), timeout=5) as s:
-                f = s.makefile("rwb")
+            with RedisConnection(self.port, self.host) as redis:
                 while not self._stop.is_set():
-                    f.write(_resp_command(("EVAL", READ_COUNTERS, "0", self.pattern)))
-                    f.flush()
-                    reply = _read_reply(f)
-                    if isinstance(reply, Exception):
-                        raise reply
+                    reply = redis.call("EVAL", READ_COUNTERS, "0", self.pattern)
                     for key, value in zip(reply[::2], reply[1::2]):
                         m = self.shape.match(key)
                         if m and value is not None:
@@ -166,11 +160,8 @@ class WindowCounters:
 def expired_keys(addr: tuple) -> int:
     """Redis's count of keys expired so far (INFO stats): each window counter expires once, so
     more expirations than windows means counters re-created after their window had ended."""
-    with socket.create_connection(addr, timeout=5) as s:
-        f = s.makefile("rwb")
-        f.write(_resp_command(("INFO", "stats")))
-        f.flush()
-        info = _read_reply(f).decode()
+    with RedisConnection(addr[1], addr[0]) as redis:
+        info = redis.call("INFO", "stats").decode()
     return int(re.search(r"^expired_keys:(\d+)", info, re.M).group(1))
 
 

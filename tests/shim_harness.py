@@ -84,21 +84,41 @@ def _wait_until(proc: Proc, ready, what: str) -> None:
 
 # --- Redis ----------------------------------------------------------------------------------
 
+class RedisConnection:
+    """One connection to a Redis, for commands sent one after another (a poller, a session).
+    `call` returns the reply as `redis_cli` does and raises an error reply as RedisError."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout_s: float = 5.0):
+        self._sock = socket.create_connection((host, port), timeout=timeout_s)
+        self._f = self._sock.makefile("rwb")
+
+    def call(self, *args):
+        self._f.write(_resp_command(args))
+        self._f.flush()
+        reply = _read_reply(self._f)
+        if isinstance(reply, RedisError):
+            raise reply
+        return reply
+
+    def close(self):
+        self._f.close()
+        self._sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        self.close()
+
+
 def redis_cli(port: int, *args, db: int = 0, timeout_s: float = 5.0):
     """Runs one command on a new connection (after SELECT db when db != 0) and returns its
     reply: str for a status, int, bytes or None for a bulk string, list for an array. An error
     reply raises RedisError."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as s:
-        f = s.makefile("rwb")
-        commands = ([("SELECT", db)] if db else []) + [args]
-        for command in commands:
-            f.write(_resp_command(command))
-        f.flush()
-        replies = [_read_reply(f) for _ in commands]
-    for r in replies:
-        if isinstance(r, RedisError):
-            raise r
-    return replies[-1]
+    with RedisConnection(port, timeout_s=timeout_s) as r:
+        if db:
+            r.call("SELECT", db)
+        return r.call(*args)
 
 
 def _resp_command(args) -> bytes:
