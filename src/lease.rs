@@ -45,7 +45,8 @@ pub fn slot(id: &str) -> String {
     slot_name(crate::cache::fnv(id) % SLOTS)
 }
 
-fn slot_name(n: u64) -> String {
+/// The name of slot `n` (0 ≤ n < [`SLOTS`]).
+pub fn slot_name(n: u64) -> String {
     format!("tollgate.lease.{n}")
 }
 

@@ -402,13 +402,33 @@ impl Harness {
         (ctx, action)
     }
 
+    /// The checks request `ctx` makes, built at corrected ms `now_ms`.
+    fn checks_at(&self, ctx: u32, now_ms: u64) -> Vec<Check> {
+        self.host.w().effective = ctx;
+        let checks = checks_for(self.engine.config(), &self.host, now_ms, "probe");
+        self.host.w().effective = ROOT;
+        checks
+    }
+
+    /// The checks request `ctx` makes now.
+    fn checks_of(&self, ctx: u32) -> Vec<Check> {
+        self.checks_at(ctx, self.engine.corrected(self.engine.gateway_ms()))
+    }
+
+    /// `n` requests with these headers, each checked in Redis (answered) and finished: the
+    /// third of a key makes it hot on this worker and asks a lease.
+    fn checked_in_redis(&mut self, headers: &[(&str, &str)], n: usize) {
+        for _ in 0..n {
+            let (ctx, _) = self.request(headers);
+            self.answer_first(Shim::Ok);
+            self.finish(ctx);
+        }
+    }
+
     /// The over-limit cache just denied `ctx`: the model of Redis must deny it too.
     fn check_cache_denial(&mut self, ctx: u32) {
-        self.host.w().effective = ctx;
-        let corrected = self.engine.corrected(self.engine.gateway_ms());
         let gateway = self.engine.gateway_ms();
-        let checks = checks_for(self.engine.config(), &self.host, corrected, "probe");
-        self.host.w().effective = ROOT;
+        let checks = self.checks_of(ctx);
         if std::env::var("TOLLGATE_DEBUG").is_ok() {
             for c in &checks {
                 let id = cache::identity(c);
@@ -783,9 +803,7 @@ fn cache_entries_count_from_when_the_checks_were_built_not_from_the_reply() {
     h.advance(400);
     h.answer_first(Shim::Ok);
     assert_eq!(h.status_of(b), Some(429));
-    h.host.w().effective = b;
-    let checks = checks_for(h.engine.config(), &h.host, built, "x");
-    h.host.w().effective = ROOT;
+    let checks = h.checks_at(b, built);
     let now = h.now();
     let until = h
         .engine
@@ -1503,11 +1521,7 @@ fn a_lease_reports_what_redis_said_minus_what_was_spent() {
     let mut h = Harness::new(&cfg(
         r#""rules": [{"name": "r", "descriptors": ["header:k"], "limit": 1000, "window": "1m"}]"#,
     ));
-    for _ in 0..3 {
-        let (ctx, _) = h.request(&[("k", "a")]);
-        h.answer_first(Shim::Ok);
-        h.finish(ctx);
-    }
+    h.checked_in_redis(&[("k", "a")], 3);
     // The third asked a lease: 997 left, so at most 249 granted.
     let granted = h.metric(Counter::LeaseUnitsGranted);
     assert!(granted > 0);
@@ -1531,11 +1545,7 @@ fn a_refill_is_asked_from_the_root_before_the_units_run_out_and_a_failed_one_fal
     let mut h = Harness::new(&cfg(
         r#""leases": {"max_units": 8}, "rules": [{"name": "r", "descriptors": ["header:k"], "limit": 1000, "window": "1m"}]"#,
     ));
-    for _ in 0..3 {
-        let (ctx, _) = h.request(&[("k", "a")]);
-        h.answer_first(Shim::Ok);
-        h.finish(ctx);
-    }
+    h.checked_in_redis(&[("k", "a")], 3);
     assert_eq!(h.metric(Counter::LeaseUnitsGranted), 8);
     // Spending down to half the grant asks a refill, once, from the root.
     for _ in 0..4 {
@@ -1599,11 +1609,7 @@ fn hot_key_holding_a_lease() -> (Harness, String) {
     // Well inside a window: the test's few seconds never reach its end.
     let into = h.redis_now() % 60_000;
     h.tick((65_000 - into) % 60_000);
-    for _ in 0..3 {
-        let (ctx, _) = h.request(&[("k", "a")]);
-        h.answer_first(Shim::Ok);
-        h.finish(ctx);
-    }
+    h.checked_in_redis(&[("k", "a")], 3);
     assert_eq!(h.metric(Counter::LeaseUnitsGranted), 8);
     let id = key_identity(&mut h, &[("k", "a")]);
     (h, id)
@@ -1621,11 +1627,7 @@ fn key_identity(h: &mut Harness, headers: &[(&str, &str)]) -> String {
             .chain([(":path".to_string(), "/".to_string())])
             .collect(),
     );
-    h.host.w().effective = ctx;
-    let corrected = h.engine.corrected(h.engine.gateway_ms());
-    let checks = checks_for(h.engine.config(), &h.host, corrected, "probe");
-    h.host.w().effective = ROOT;
-    cache::identity(&checks[0])
+    cache::identity(&h.checks_of(ctx)[0])
 }
 
 /// Another gateway spends the rest of the key in Redis.
@@ -1650,11 +1652,7 @@ fn two_workers_storing_their_first_grants_of_a_key_at_once_keep_both() {
         r#""leases": {"max_units": 8}, "rules": [{"name": "r", "descriptors": ["header:k"], "limit": 1000, "window": "1m"}]"#,
     ));
     let id = key_identity(&mut h, &[("k", "a")]);
-    for _ in 0..2 {
-        let (ctx, _) = h.request(&[("k", "a")]);
-        h.answer_first(Shim::Ok);
-        h.finish(ctx);
-    }
+    h.checked_in_redis(&[("k", "a")], 2);
     // The third asks a lease. While its answer is stored, another worker of this gateway
     // stores the 50 units Redis granted it: it too found no record of the key.
     let (ctx, _) = h.request(&[("k", "a")]);
@@ -1786,10 +1784,7 @@ fn run_leases_once(seed: u64) -> Result<i64, String> {
                 let now = h.now();
                 let (ctx, _) = h.request(&[(":path", path), ("k", key)]);
                 h.host.w().cas_conflicts = 0;
-                h.host.w().effective = ctx;
-                let corrected = h.engine.corrected(now);
-                let checks = checks_for(h.engine.config(), &h.host, corrected, "p");
-                h.host.w().effective = ROOT;
+                let checks = h.checks_of(ctx);
                 sent.push((ctx, now, checks));
                 live.push(ctx);
             }
@@ -1939,13 +1934,7 @@ fn run_lease_accounting_once(seed: u64) -> Result<(), String> {
         .filter(|&&c| h.status_of(c) == Some(200))
         .count() as u64;
     let held: u64 = (0..lease::SLOTS)
-        .filter_map(|n| {
-            h.host
-                .w()
-                .shared
-                .get(&format!("tollgate.lease.{n}"))
-                .cloned()
-        })
+        .filter_map(|n| h.host.w().shared.get(&lease::slot_name(n)).cloned())
         .filter_map(|b| lease::decode(&b))
         .map(|r| r.units)
         .sum();
@@ -1979,11 +1968,7 @@ fn a_bounded_sliding_window_lease_ends_with_its_sub_window() {
     // Start 100 ms into a sub-window of 500 ms.
     let into = h.redis_now() % 500;
     h.tick((600 - into) % 500);
-    for _ in 0..3 {
-        let (ctx, _) = h.request(&[("k", "a")]);
-        h.answer_first(Shim::Ok);
-        h.finish(ctx);
-    }
+    h.checked_in_redis(&[("k", "a")], 3);
     assert!(h.metric(Counter::LeaseUnitsGranted) > 0);
     let (ctx, action) = h.request(&[("k", "a")]);
     assert_eq!(action, Action::Continue, "spent within its sub-window");
@@ -2032,11 +2017,7 @@ fn engine_paths_cost() {
         "leased",
         rule,
         &|h| {
-            for _ in 0..3 {
-                let (ctx, _) = h.request(&[("k", "a")]);
-                h.answer_first(Shim::Ok);
-                h.finish(ctx);
-            }
+            h.checked_in_redis(&[("k", "a")], 3);
             h.host.w().callouts.clear();
         },
         &[("k", "a")],
